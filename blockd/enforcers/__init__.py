@@ -1,0 +1,1 @@
+"""Enforcers: one small interface (`base.Enforcer`), one module per backend."""
