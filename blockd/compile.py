@@ -1,0 +1,330 @@
+"""(policies, catalog, settings, now) -> Compilation: the RuleSet to enforce, and why.
+
+Pure: no clock, no files, no logging; the same input gives the same digest. Steps, in order:
+
+1. window   policies outside [not_before, not_after] contribute nothing (pending / expired);
+            of several policies of one issuer only the highest serial counts
+2. expand   services and ASNs -> names and prefixes (unknown ones are errors)
+3. guards   each block rule passes every guard, or is refused with a Finding, unless the
+            order's signed `allow_collateral` names it (the Finding then says so)
+4. growth   new orders that would grow the set past `growth_factor` x the last accepted size
+            are refused whole (orders already enforced are never refused by this guard)
+5. merge    names deduplicated (exact and subtree kept apart); prefixes cut into disjoint
+            intervals, each carrying exactly the orders that cover it
+6. subtract unblock orders, then the operator allowlist (splitting intervals as needed)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Literal
+
+from blockd import ranges
+from blockd.expand import Expanded, expand_order
+from blockd.guards import Guards
+from blockd.model import Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet
+from blockd.names import display, parents
+
+Status = Literal["enforced", "partially_refused", "refused", "pending", "expired", "superseded", "unblock"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompileSettings:
+    guards: Guards
+    growth_factor: float = 2.0
+    #: The growth guard only applies once the accepted set has at least this many rules.
+    growth_floor: int = 1000
+    #: Operator allowlist, never blocked: names (`*.name` = subtree) and prefixes.
+    allow_domains: tuple[str, ...] = ()
+    allow_cidrs: tuple[Cidr, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OrderResult:
+    key: str  # "<issuer>/<order id>", the provenance key used in rules
+    status: Status
+    rules: int = 0  # rules this order contributes after guards
+    refused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Compilation:
+    ruleset: RuleSet
+    findings: tuple[Finding, ...]
+    orders: Mapping[str, OrderResult]
+    warnings: tuple[str, ...] = ()
+    policies: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # source -> status
+
+    @property
+    def refused(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if not f.allowed)
+
+
+def order_key(policy: Policy, order: Order) -> str:
+    return f"{policy.issuer}/{order.id}"
+
+
+def compile_policies(
+    policies: Sequence[Policy],
+    catalog: Catalog,
+    settings: CompileSettings,
+    now: datetime,
+    *,
+    previous: RuleSet | None = None,
+) -> Compilation:
+    results: dict[str, OrderResult] = {}
+    policy_status: dict[str, str] = {}
+    active = _active(policies, now, results, policy_status)
+
+    findings: list[Finding] = []
+    warnings: list[str] = []
+    infos: dict[str, OrderInfo] = {}
+    blocks: list[tuple[str, Expanded]] = []
+    unblocks: list[tuple[str, Expanded]] = []
+    for policy in active:
+        for i, order in enumerate(policy.orders):
+            key = order_key(policy, order)
+            infos[key] = _info(policy, order)
+            expanded = expand_order(policy, i, order, catalog)
+            if order.action == "unblock":
+                unblocks.append((key, expanded))
+                results[key] = OrderResult(key, "unblock")
+            else:
+                kept, order_findings = _guard(key, order, expanded, settings.guards)
+                findings.extend(order_findings)
+                blocks.append((key, kept))
+
+    block_keys = [key for key, _ in blocks]
+    blocks = _growth(blocks, order_lookup(active), previous, settings, findings)
+
+    domains: dict[tuple[str, bool], set[str]] = {}
+    nets: dict[int, list[tuple[int, int, str]]] = {4: [], 6: []}
+    for key, exp in blocks:
+        for d in exp.domains:
+            name, subtree = (d[2:], True) if d.startswith("*.") else (d, False)
+            domains.setdefault((name, subtree), set()).add(key)
+        for c in exp.cidrs:
+            nets[c.version].append((c.first, c.last, key))
+
+    removed_names = [(d, f"unblock order {key}") for key, exp in unblocks for d in exp.domains]
+    removed_names += [(d, "operator allowlist") for d in settings.allow_domains]
+    warnings += _remove_names(domains, removed_names)
+    remove = {v: ranges.merge((c.first, c.last) for _, exp in unblocks for c in exp.cidrs if c.version == v)
+              for v in (4, 6)}
+    for v in (4, 6):
+        allow = [(c.first, c.last) for c in settings.allow_cidrs if c.version == v]
+        remove[v] = ranges.merge(remove[v] + allow)
+
+    interned: dict[frozenset[str], frozenset[str]] = {}
+    domain_rules = [DomainRule(n, s, _intern(interned, frozenset(k))) for (n, s), k in domains.items()]
+    v4 = subtract_rules(segment(nets[4], interned), remove[4])
+    v6 = subtract_rules(segment(nets[6], interned), remove[6])
+    ruleset = RuleSet.build(domain_rules, v4, v6, infos)
+
+    counts = _rule_counts(ruleset)
+    refused_by_order: dict[str, int] = {}
+    for order_id, _ in {(f.order_id, f.rule) for f in findings if not f.allowed}:
+        refused_by_order[order_id] = refused_by_order.get(order_id, 0) + 1
+    for key in block_keys:
+        n, bad = counts.get(key, 0), refused_by_order.get(key, 0)
+        status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
+        results[key] = OrderResult(key, status, n, bad)
+    return Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
+                       MappingProxyType(policy_status))
+
+
+def _active(policies: Iterable[Policy], now: datetime, results: dict[str, OrderResult],
+            policy_status: dict[str, str]) -> list[Policy]:
+    newest: dict[str, Policy] = {}
+    for p in policies:
+        if p.issuer not in newest or p.serial > newest[p.issuer].serial:
+            newest[p.issuer] = p
+    active = []
+    for p in sorted(policies, key=lambda p: (p.issuer, p.serial)):
+        if newest[p.issuer] is not p:
+            status: Status = "superseded"
+        elif now < p.not_before:
+            status = "pending"
+        elif now > p.not_after:
+            status = "expired"
+        else:
+            active.append(p)
+            policy_status[p.source] = "active"
+            continue
+        policy_status[p.source] = status
+        for o in p.orders:
+            results[order_key(p, o)] = OrderResult(order_key(p, o), status)
+    return active
+
+
+def _info(p: Policy, o: Order) -> OrderInfo:
+    b = o.legal_basis
+    return OrderInfo(o.id, p.issuer, p.serial, b.authority, b.reference, b.url, o.action, o.dns_answer,
+                     o.deadline, p.issued_at)
+
+
+def order_lookup(policies: Iterable[Policy]) -> dict[str, Order]:
+    """Provenance key -> the order it names."""
+    return {order_key(p, o): o for p in policies for o in p.orders}
+
+
+def _guard(key: str, order: Order, exp: Expanded, guards: Guards) -> tuple[Expanded, list[Finding]]:
+    """Drop the rules a guard refuses; return what is kept and every finding."""
+    allow = {(a.rule, a.guard): a.reason for a in order.allow_collateral}
+    findings: list[Finding] = []
+
+    def verdict(rule: str, guard: str, reason: str) -> bool:
+        why = allow.get((rule, guard)) or allow.get(("*", guard))
+        src = exp.via.get(rule)
+        text = f"{reason} (via {src})" if src else reason
+        if why is not None:
+            findings.append(Finding(key, rule, guard, f"{text}; allowed: {why}", allowed=True))
+            return True
+        findings.append(Finding(key, rule, guard, text))
+        return False
+
+    domains = []
+    for d in exp.domains:
+        name = d[2:] if d.startswith("*.") else d
+        reason = guards.check_name(name)
+        if reason is None or verdict(d, "public_suffix", reason):
+            domains.append(d)
+    cidrs = []
+    for c in exp.cidrs:
+        problems = guards.check_cidr(c)
+        if problems:
+            text = str(c)
+            ok = [verdict(text, g, r) for g, r in problems]
+            if not all(ok):
+                continue
+        cidrs.append(c)
+    return Expanded(tuple(domains), tuple(cidrs), exp.via), findings
+
+
+def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], previous: RuleSet | None,
+            settings: CompileSettings, findings: list[Finding]) -> list[tuple[str, Expanded]]:
+    if previous is None or len(previous) < settings.growth_floor:
+        return blocks
+    limit = int(len(previous) * settings.growth_factor)
+    size = lambda exp: len(exp.domains) + len(exp.cidrs)  # noqa: E731
+    total = sum(size(exp) for _, exp in blocks)
+    if total <= limit:
+        return blocks
+    kept = []
+    # Orders already enforced keep their place; new ones are admitted in id order while they fit.
+    old = [(k, e) for k, e in blocks if k in previous.orders]
+    new = sorted((k, e) for k, e in blocks if k not in previous.orders)
+    running = sum(size(e) for _, e in old)
+    for key, exp in new:
+        allowed = next((a.reason for a in orders[key].allow_collateral if a.guard == "growth"), None)
+        if running + size(exp) <= limit or allowed is not None:
+            running += size(exp)
+            kept.append((key, exp))
+            if allowed is not None and running > limit:
+                findings.append(Finding(key, "*", "growth", f"rule set grows past {limit}; allowed: {allowed}", True))
+            continue
+        findings.append(Finding(
+            key, "*", "growth",
+            f"adding {size(exp)} rules would grow the rule set from {len(previous)} to {running + size(exp)}, "
+            f"more than {settings.growth_factor}x; the whole order is refused",
+        ))
+    return old + kept
+
+
+def _remove_names(domains: dict[tuple[str, bool], set[str]], removals: list[tuple[str, str]]) -> list[str]:
+    """Apply name removals in place; warn where an exact removal sits under a blocked subtree."""
+    if not removals:
+        return []
+    warnings = []
+    subtrees = [d[2:] for d, _ in removals if d.startswith("*.")]
+    if subtrees:
+        cut = set(subtrees)
+        for name, subtree in list(domains):
+            if any(p in cut for p in parents(name)):
+                del domains[(name, subtree)]
+    for d, why in removals:
+        if d.startswith("*."):
+            continue
+        domains.pop((d, False), None)
+        covering = next((p for p in parents(d) if (p, True) in domains), None)
+        if covering is not None:
+            warnings.append(f"{why}: {d} stays blocked: it lies under {display(covering, True)}, blocked by "
+                            f"{', '.join(sorted(domains[(covering, True)]))}")
+    return warnings
+
+
+def _intern(cache: dict[frozenset[str], frozenset[str]], value: frozenset[str]) -> frozenset[str]:
+    return cache.setdefault(value, value)
+
+
+def segment(entries: list[tuple[int, int, str]], interned: dict[frozenset[str], frozenset[str]]) -> list[NetRule]:
+    """(first, last, order) triples -> disjoint NetRules with exactly the orders covering each.
+
+    Adjacent pieces with the same orders are joined. One order (the common bulk case) is a
+    plain sort-and-merge; several orders use a sweep over interval boundaries.
+    """
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for first, last, key in entries:
+        by_key.setdefault(key, []).append((first, last))
+    if not by_key:
+        return []
+    if len(by_key) == 1:
+        key, intervals = next(iter(by_key.items()))
+        orders = _intern(interned, frozenset((key,)))
+        return [NetRule(a, b, orders) for a, b in ranges.merge(intervals)]
+    events: list[tuple[int, int, str]] = []
+    for key, intervals in by_key.items():
+        for a, b in ranges.merge(intervals):
+            events.append((a, 1, key))
+            events.append((b + 1, -1, key))
+    events.sort()
+    out: list[NetRule] = []
+    active: set[str] = set()
+    i, n = 0, len(events)
+    while i < n:
+        pos = events[i][0]
+        while i < n and events[i][0] == pos:
+            _, delta, key = events[i]
+            if delta > 0:
+                active.add(key)
+            else:
+                active.discard(key)
+            i += 1
+        if active and i < n:
+            orders = _intern(interned, frozenset(active))
+            end = events[i][0] - 1
+            if out and out[-1].last + 1 == pos and out[-1].orders is orders:
+                out[-1] = NetRule(out[-1].first, end, orders)
+            else:
+                out.append(NetRule(pos, end, orders))
+    return out
+
+
+def subtract_rules(rules: list[NetRule], remove: list[tuple[int, int]]) -> list[NetRule]:
+    """Cut the sorted disjoint intervals `remove` out of `rules`, keeping provenance."""
+    if not remove:
+        return rules
+    out: list[NetRule] = []
+    for orders, pieces in _group_runs(rules):
+        out.extend(NetRule(a, b, orders) for a, b in ranges.subtract(pieces, remove))
+    out.sort()
+    return out
+
+
+def _group_runs(rules: list[NetRule]) -> Iterable[tuple[frozenset[str], list[tuple[int, int]]]]:
+    groups: dict[frozenset[str], list[tuple[int, int]]] = {}
+    for a, b, orders in rules:
+        groups.setdefault(orders, []).append((a, b))
+    return groups.items()
+
+
+def _rule_counts(ruleset: RuleSet) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rules in (ruleset.domains, ruleset.v4, ruleset.v6):
+        for r in rules:
+            for key in r.orders:
+                counts[key] = counts.get(key, 0) + 1
+    return counts
