@@ -113,8 +113,8 @@ class Guards:
         out = []
         limit = self.min_prefix_v4 if cidr.version == 4 else self.min_prefix_v6
         if cidr.prefixlen < limit:
-            size = cidr.last - cidr.first + 1
-            out.append(("min_prefix", f"/{cidr.prefixlen} covers {size:,} addresses; the limit is /{limit}"))
+            size = f"{1 << (32 - cidr.prefixlen):,}" if cidr.version == 4 else f"2^{128 - cidr.prefixlen}"
+            out.append(("min_prefix", f"/{cidr.prefixlen} covers {size} addresses; the limit is /{limit}"))
         hits = self.infra.hits(cidr)
         if hits:
             shown = ", ".join(f"{name} {c}" for name, c in hits[:3])

@@ -1,0 +1,314 @@
+"""`blockd` command line: parse arguments, call the pipeline, print, exit.
+
+Exit codes: 0 clean; 1 something was refused or is invalid; 2 usage error.
+Every command takes `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from blockd import minisign, trust
+from blockd.compile import Compilation, compile_policies
+from blockd.errors import BlockdError
+from blockd.fsutil import atomic_write
+from blockd.intake import Context, Intake, load_context, policy_files, read_policies
+from blockd.model import RuleSet, diff
+from blockd.names import display
+from blockd.policy import check_window, read_signed
+from blockd.ranges import format_addr, to_cidrs
+from blockd.settings import Settings, load_settings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except BlockdError as e:
+        _emit_error(args, e)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _emit_error(args: argparse.Namespace, e: BlockdError) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+    else:
+        print(f"blockd: error: {e}", file=sys.stderr)
+
+
+def _now(args: argparse.Namespace) -> datetime:
+    if args.now:
+        when = datetime.fromisoformat(args.now)
+        if when.tzinfo is None:
+            raise SystemExit("blockd: error: --now needs a time zone, e.g. 2026-11-29T12:00:00Z")
+        return when.astimezone(timezone.utc)
+    return datetime.now(timezone.utc)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = load_settings(Path(args.config) if args.config else None)
+    over = {k: Path(v) for k in ("trust_store", "catalog_dir", "state_dir", "policy_dir") if (v := getattr(args, k, None))}
+    if over:
+        from dataclasses import replace
+
+        s = replace(s, **over)
+    return s
+
+
+# -- keys and signatures ---------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    pub, sec = Path(args.pub), Path(args.sec)
+    for p in (pub, sec):
+        if p.exists() and not args.force:
+            raise SystemExit(f"blockd: error: {p} exists; use --force to overwrite")
+    key = minisign.generate()
+    atomic_write(sec, key.to_text().encode(), mode=0o600)
+    atomic_write(pub, key.public.to_text(args.comment).encode())
+    _out(args, {"key_id": key.public.id_hex, "public_key": str(pub), "secret_key": str(sec)},
+         f"key {key.public.id_hex}: public {pub}, secret {sec} (mode 0600, unencrypted like `minisign -W`)")
+    return EXIT_OK
+
+
+def _secret_key(path: str) -> minisign.SecretKey:
+    password = os.environ.get("BLOCKD_KEY_PASSWORD")
+    return minisign.parse_secret_key(Path(path).read_text(), where=path,
+                                     password=password.encode() if password is not None else None)
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    key = _secret_key(args.sec)
+    written = []
+    for name in args.files:
+        path = Path(name)
+        data = path.read_bytes()
+        comment = args.trusted_comment or f"timestamp:{int(datetime.now().timestamp())}\tfile:{path.name}"
+        text = minisign.sign(data, key, trusted_comment=comment, prehash=not args.legacy)
+        out = path.with_name(f"{path.name}.{args.name}.minisig" if args.name else f"{path.name}.minisig")
+        atomic_write(out, text.encode())
+        written.append(str(out))
+    _out(args, {"key_id": key.public.id_hex, "signatures": written},
+         "\n".join(f"signed {w} with key {key.public.id_hex}" for w in written))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = trust.load_trust_store(_settings(args).trust_store)
+    results, worst = [], EXIT_OK
+    for name in args.files:
+        try:
+            _, v = read_signed(Path(name), store, role=args.role, max_bytes=1 << 30)
+            results.append({"file": name, "ok": True, "issuer": v.issuer, "signers": list(v.signers)})
+        except BlockdError as e:
+            results.append({"file": name, "ok": False, "error": str(e)})
+            worst = EXIT_REFUSED
+    text = "\n".join(
+        f"{r['file']}: OK, issuer {r['issuer']}, keys {', '.join(r['signers'])}" if r["ok"] else f"{r['error']}"
+        for r in results
+    )
+    _out(args, {"ok": worst == EXIT_OK, "files": results}, text)
+    return worst
+
+
+# -- check, plan, accept --------------------------------------------------------------------
+
+
+def _intake(args: argparse.Namespace) -> tuple[Context, Intake, datetime]:
+    settings = _settings(args)
+    ctx = load_context(settings)
+    paths = [Path(p) for p in args.policies] or policy_files(settings.policy_dir)
+    now = _now(args)
+    return ctx, read_policies(paths, ctx, now), now
+
+
+def _accepted_ruleset(ctx: Context, now: datetime) -> tuple[list, RuleSet | None]:
+    """The policies recorded in the state directory and what they compile to (None if none)."""
+    from blockd.policy import load_policy
+
+    policies = [load_policy(p, ctx.store) for p in ctx.state.accepted_paths() if p.exists()]
+    if not policies:
+        return [], None
+    return policies, compile_policies(policies, ctx.catalog, ctx.compile, now).ruleset
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    ctx, intake, now = _intake(args)
+    _, previous = _accepted_ruleset(ctx, now)
+    comp = compile_policies(intake.accepted, ctx.catalog, ctx.compile, now, previous=previous)
+    refused = bool(intake.rejected or intake.pending or comp.refused)
+    report = _report(intake, comp, now)
+    _out(args, report, _report_text(report, args.verbose))
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    ctx, intake, now = _intake(args)
+    old_policies, previous = _accepted_ruleset(ctx, now)
+    # The new state: each issuer's newest file replaces its accepted policy.
+    by_issuer = {p.issuer: p for p in old_policies}
+    by_issuer.update({p.issuer: p for p in intake.accepted})
+    comp = compile_policies(list(by_issuer.values()), ctx.catalog, ctx.compile, now, previous=previous)
+    plan = diff(previous or RuleSet.empty(), comp.ruleset)
+    fmt = lambda v, ivs: [f"{format_addr(v, n)}/{p}" for n, p in to_cidrs(v, ivs)]  # noqa: E731
+    data = {
+        "from_digest": (previous or RuleSet.empty()).digest,
+        "to_digest": comp.ruleset.digest,
+        "add": {"domains": [display(*d) for d in plan.add_domains], "ipv4": fmt(4, plan.add_v4), "ipv6": fmt(6, plan.add_v6)},
+        "remove": {"domains": [display(*d) for d in plan.del_domains], "ipv4": fmt(4, plan.del_v4), "ipv6": fmt(6, plan.del_v6)},
+        "rejected": [{"file": r.path, "error": str(r.error)} for r in intake.rejected],
+        "refused": [str(f) for f in comp.refused],
+    }
+    lines = [f"plan {data['from_digest'][:12]} -> {data['to_digest'][:12]}: "
+             f"+{plan.added} -{plan.removed} (domains, IPv4 and IPv6 ranges)"]
+    for verb, sign in (("add", "+"), ("remove", "-")):
+        for kind in ("domains", "ipv4", "ipv6"):
+            items = data[verb][kind]  # type: ignore[index]
+            shown = items if args.verbose else items[:20]
+            lines += [f"  {sign} {kind}: {x}" for x in shown]
+            if len(items) > len(shown):
+                lines.append(f"  {sign} {kind}: … {len(items) - len(shown)} more (--verbose)")
+    lines += [f"rejected: {r['error']}" for r in data["rejected"]]  # type: ignore[index]
+    lines += [f"refused: {f}" for f in data["refused"]]  # type: ignore[union-attr]
+    _out(args, data, "\n".join(lines))
+    return EXIT_REFUSED if intake.rejected or comp.refused else EXIT_OK
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    """Record policies as accepted (replay protection and restore copies); the daemon does this too."""
+    ctx, intake, now = _intake(args)
+    done = []
+    for policy in intake.accepted:
+        path = Path(policy.source)
+        data = path.read_bytes()
+        sigs = [(str(p), p.read_bytes()) for p in trust.signature_paths(path)]
+        rec = ctx.state.record(policy, data, sigs, now)
+        done.append({"issuer": rec.issuer, "serial": rec.serial, "digest": rec.digest})
+    text = "\n".join([f"accepted {d['issuer']} serial {d['serial']}" for d in done] +
+                     [f"rejected: {r.error}" for r in intake.rejected] +
+                     [f"pending: {p.source}: not before {p.not_before:%Y-%m-%dT%H:%M:%SZ}" for p in intake.pending])
+    _out(args, {"accepted": done, "rejected": [str(r.error) for r in intake.rejected]}, text)
+    return EXIT_REFUSED if intake.rejected or intake.pending else EXIT_OK
+
+
+def _report(intake: Intake, comp: Compilation, now: datetime) -> dict[str, object]:
+    rs = comp.ruleset
+    pending = []
+    for p in intake.pending:
+        try:
+            check_window(p, now)
+        except BlockdError as e:
+            pending.append({"file": p.source, "error": str(e)})
+    return {
+        "ok": not (intake.rejected or intake.pending or comp.refused),
+        "digest": rs.digest,
+        "counts": rs.counts(),
+        "policies": [{"file": p.source, "issuer": p.issuer, "serial": p.serial, "orders": len(p.orders),
+                      "signers": list(p.signers)} for p in intake.accepted],
+        "rejected": [{"file": r.path, "reason": r.reason, "error": str(r.error)} for r in intake.rejected] + pending,
+        "orders": [{"order": k, "status": o.status, "rules": o.rules, "refused": o.refused}
+                   for k, o in sorted(comp.orders.items())],
+        "findings": [{"order": f.order_id, "rule": f.rule, "guard": f.guard, "allowed": f.allowed,
+                      "reason": f.reason} for f in comp.findings],
+        "warnings": list(comp.warnings),
+    }
+
+
+def _report_text(r: dict, verbose: bool) -> str:
+    c = r["counts"]
+    lines = [f"rule set {r['digest'][:16]}: {c['domain_exact']} exact names, {c['domain_subtree']} subtrees, "
+             f"{c['ipv4_ranges']} IPv4 ranges, {c['ipv6_ranges']} IPv6 ranges"]
+    lines += [f"policy {p['file']}: issuer {p['issuer']} serial {p['serial']}, {p['orders']} orders, "
+              f"signed by {', '.join(p['signers'])}" for p in r["policies"]]
+    lines += [f"order {o['order']}: {o['status']}, {o['rules']} rules" + (f", {o['refused']} refused" if o["refused"] else "")
+              for o in r["orders"]][: None if verbose else 50]
+    if len(r["orders"]) > 50 and not verbose:
+        lines.append(f"… {len(r['orders']) - 50} more orders (--verbose)")
+    findings = r["findings"] if verbose else r["findings"][:100]
+    for f in findings:
+        verdict = "ALLOWED" if f["allowed"] else "REFUSED"
+        lines.append(f"{verdict} {f['guard']}: order {f['order']}: {f['rule']}: {f['reason']}")
+    if len(r["findings"]) > len(findings):
+        lines.append(f"… {len(r['findings']) - len(findings)} more findings (--verbose or --json)")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines += [f"REJECTED {x['error']}" for x in r["rejected"]]
+    lines.append("OK" if r["ok"] else "REFUSED: see above")
+    return "\n".join(lines)
+
+
+def _out(args: argparse.Namespace, data: object, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    elif text:
+        print(text)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blockd.demo import run_demo
+
+    return run_demo(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockd", description=__doc__.splitlines()[0] if __doc__ else None)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help="blockd.yaml (default: the checkout's policies/ layout)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("keygen", cmd_keygen, "create an Ed25519 key pair in minisign format")
+    sp.add_argument("--pub", "-p", required=True, help="public key file to write (.pub)")
+    sp.add_argument("--sec", "-s", required=True, help="secret key file to write (mode 0600)")
+    sp.add_argument("--comment", help="untrusted comment for the public key")
+    sp.add_argument("--force", "-f", action="store_true", help="overwrite existing files")
+
+    sp = add("sign", cmd_sign, "write detached minisign signatures (FILE.minisig) for files")
+    sp.add_argument("--sec", "-s", required=True, help="secret key (password in $BLOCKD_KEY_PASSWORD if encrypted)")
+    sp.add_argument("--trusted-comment", "-t", help="signed comment (default: timestamp and file name)")
+    sp.add_argument("--name", help="write FILE.NAME.minisig, for several signers of one file")
+    sp.add_argument("--legacy", action="store_true", help="legacy 'Ed' signature of the raw file (not prehashed)")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+
+    sp = add("verify", cmd_verify, "verify files' signatures against the trust store (k of n)")
+    sp.add_argument("--trust-store", dest="trust_store", help="trust store directory")
+    sp.add_argument("--role", choices=trust.ROLES, default="policy", help="role the signers must hold")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+
+    for name, func, help in (
+        ("check", cmd_check, "verify, compile and report findings for policies (exit 1 if anything is refused)"),
+        ("plan", cmd_plan, "show what would change against the last accepted state"),
+        ("accept", cmd_accept, "record policies as accepted (replay protection, restore copies)"),
+    ):
+        sp = add(name, func, help)
+        sp.add_argument("policies", nargs="*", metavar="POLICY", help="policy files (default: the policy directory)")
+        sp.add_argument("--trust-store", dest="trust_store", help="trust store directory")
+        sp.add_argument("--catalog", dest="catalog_dir", help="service catalog directory")
+        sp.add_argument("--state-dir", dest="state_dir", help="state directory")
+        sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+        sp.add_argument("--verbose", "-v", action="store_true", help="list every order, finding and change")
+
+    sp = add("demo", cmd_demo, "run the pipeline on the embedded sample policy and show the result")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""blockd.yaml -> Settings (frozen), validated once, every problem reported together.
+
+Relative paths are resolved against the config file's directory. Without a config file the
+defaults point into a source checkout (`policies/…`), which is what `make demo` uses.
+See `systemd/blockd.yaml` for the installed default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blockd import ranges, strictyaml
+from blockd.errors import ConfigError, InputError
+from blockd.model import DNS_ANSWERS, Cidr
+from blockd.names import display, normalise
+from blockd.schema import Reader, join
+
+
+@dataclass(frozen=True, slots=True)
+class GuardSettings:
+    min_prefix_v4: int = 16
+    min_prefix_v6: int = 32
+    growth_factor: float = 2.0
+    growth_floor: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    trust_store: Path
+    policy_dir: Path
+    catalog_dir: Path
+    prefix_table: Path | None
+    shared_infra_dir: Path | None
+    state_dir: Path
+    guards: GuardSettings = field(default_factory=GuardSettings)
+    allow_domains: tuple[str, ...] = ()
+    allow_cidrs: tuple[Cidr, ...] = ()
+    dns_default_answer: str = "nxdomain"
+    max_policy_bytes: int = 64 << 20
+    source: str = "(defaults)"
+
+
+def defaults(base: Path = Path(".")) -> Settings:
+    pol = base / "policies"
+    return Settings(
+        trust_store=pol / "trust",
+        policy_dir=pol / "examples",
+        catalog_dir=pol / "catalog",
+        prefix_table=pol / "asn" / "prefix2as.txt",
+        shared_infra_dir=pol / "shared-infra",
+        state_dir=base / "var" / "state",
+    )
+
+
+_PATHS = ("trust_store", "policy_dir", "catalog_dir", "prefix_table", "shared_infra_dir", "state_dir")
+
+
+def load_settings(path: Path | None) -> Settings:
+    if path is None:
+        return defaults()
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config: {e.strerror}", where=source) from None
+    try:
+        doc = strictyaml.load(data, source, max_bytes=1 << 20)
+    except InputError as e:
+        raise ConfigError(e.message, where=e.where) from None
+    r = Reader(source)
+    m = r.mapping(doc, "", 1, required=("trust_store", "policy_dir", "catalog_dir", "state_dir"),
+                  optional=("prefix_table", "shared_infra_dir", "guards", "allowlist", "dns_default_answer",
+                            "max_policy_bytes"))
+    if m is None:
+        r.raise_if_any(ConfigError)
+        raise AssertionError("unreachable")
+    base = path.parent
+    paths: dict[str, Path | None] = {}
+    for key in _PATHS:
+        value = r.optional_string(m.get(key), key, m.lines.get(key))
+        paths[key] = (base / value) if value else None
+    guards = GuardSettings()
+    if "guards" in m:
+        g = r.mapping(m["guards"], "guards", m.lines["guards"],
+                      optional=("min_prefix_v4", "min_prefix_v6", "growth_factor", "growth_floor"))
+        if g is not None:
+            def num(key: str, default: int, lo: int, hi: int) -> int:
+                if key not in g:
+                    return default
+                value = r.integer(g[key], join("guards", key), g.lines[key], minimum=lo)
+                if value is not None and value > hi:
+                    r.error(join("guards", key), g.lines[key], f"{value} is above the maximum {hi}")
+                return value if value is not None else default
+            factor = guards.growth_factor
+            if "growth_factor" in g:
+                try:
+                    factor = float(str(g["growth_factor"]))
+                    if factor < 1.0:
+                        raise ValueError
+                except ValueError:
+                    r.error("guards.growth_factor", g.lines["growth_factor"],
+                            f"bad value {g['growth_factor']!r}; expected a number >= 1.0")
+            guards = GuardSettings(num("min_prefix_v4", 16, 0, 32), num("min_prefix_v6", 32, 0, 128), factor,
+                                   num("growth_floor", 1000, 0, 1 << 40))
+    allow_domains: list[str] = []
+    allow_cidrs: list[Cidr] = []
+    if "allowlist" in m:
+        a = r.mapping(m["allowlist"], "allowlist", m.lines["allowlist"], optional=("domains", "cidrs"))
+        if a is not None:
+            allow_domains = r.each(a.get("domains"), "allowlist.domains", a.lines.get("domains"),
+                                   lambda s: display(*normalise(s)), "a domain name")
+            allow_cidrs = r.each(a.get("cidrs"), "allowlist.cidrs", a.lines.get("cidrs"), ranges.parse_cidr, "a prefix")
+    answer = "nxdomain"
+    if "dns_default_answer" in m:
+        answer = r.choice(m["dns_default_answer"], "dns_default_answer", m.lines["dns_default_answer"],
+                          DNS_ANSWERS) or answer
+    max_bytes = 64 << 20
+    if "max_policy_bytes" in m:
+        max_bytes = r.integer(m["max_policy_bytes"], "max_policy_bytes", m.lines["max_policy_bytes"], minimum=1024) or max_bytes
+    r.raise_if_any(ConfigError)
+    return Settings(
+        trust_store=paths["trust_store"],  # type: ignore[arg-type]
+        policy_dir=paths["policy_dir"],  # type: ignore[arg-type]
+        catalog_dir=paths["catalog_dir"],  # type: ignore[arg-type]
+        prefix_table=paths["prefix_table"],
+        shared_infra_dir=paths["shared_infra_dir"],
+        state_dir=paths["state_dir"],  # type: ignore[arg-type]
+        guards=guards,
+        allow_domains=tuple(allow_domains),
+        allow_cidrs=tuple(allow_cidrs),
+        dns_default_answer=answer,
+        max_policy_bytes=max_bytes,
+        source=source,
+    )
