@@ -28,13 +28,14 @@ class SinkholeEnforcer:
 
     async def apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        plan = diff(self._held, desired)
-        if plan.empty and self.server.table.digest == desired.digest:
+        want = RuleSet.build(desired.domains, (), (), desired.orders)  # the sinkhole holds names only
+        plan = diff(self._held, want)
+        if plan.empty and self.server.table.digest == want.digest:
             table = self.server.table
         else:
             try:
                 # Built in a worker thread: the event loop keeps answering from the old table.
-                table = await asyncio.to_thread(Table.build, desired, self.server.answer_settings)
+                table = await asyncio.to_thread(Table.build, want, self.server.answer_settings)
             except (ValueError, KeyError, UnicodeError) as e:
                 raise EnforcerError(self.name, f"cannot build the lookup table: {e}") from e
             self.server.swap(table)
@@ -44,7 +45,7 @@ class SinkholeEnforcer:
         applied = Applied(
             enforcer=self.name,
             digest=served.digest,
-            desired_digest=desired.digest,
+            desired_digest=want.digest,  # names only: addresses are the kernel's
             added=plan.added,
             removed=plan.removed,
             duration_s=time.perf_counter() - t0,

@@ -1,0 +1,296 @@
+"""RuleSet -> RPZ zone (draft-vixie-dnsop-dns-rpz): owners, wire RRs, IXFR journal, zone file.
+
+Layout of zone Z (default `rpz.blockd.`), every trigger with action `CNAME .` (NXDOMAIN):
+    name.Z    CNAME .     exact rule, and the apex of a subtree rule
+    *.name.Z  CNAME .     subtree rule (our subtree includes the apex, RPZ wildcards do not)
+    P.<reversed address>.rpz-ip.Z  CNAME .   IP triggers (optional), one per CIDR
+Order ids are carried as comments in the zone file (`; orders=...`), and an `; order` header
+lists each order's authority and reference.
+
+A `ZoneVersion` is immutable: serial + the set of owner names served. The `Journal` keeps the
+owner-set differences between consecutive versions for IXFR (RFC 1995).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import struct
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from blockd.dns import wire
+from blockd.model import DomainRule, NetRule, RuleSet
+from blockd.ranges import to_cidrs
+
+MAX_MESSAGE = 60_000  # bytes of RRs per AXFR/IXFR message (TCP messages may be up to 65535)
+_CNAME_ROOT_TAIL = b"\xc0\x0c"  # owner suffix: pointer to the zone name in the question
+
+
+@dataclass(frozen=True, slots=True)
+class TsigKey:
+    name: str
+    secret: str  # base64
+    algorithm: str = "hmac-sha256"
+
+
+@dataclass(frozen=True, slots=True)
+class RpzSettings:
+    zone: str = "rpz.blockd."
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
+    notify: tuple[tuple[str, int], ...] = ()
+    allow_transfer: tuple[str, ...] = ()  # prefixes allowed to AXFR/IXFR, in addition to loopback
+    allow_loopback: bool = True
+    tsig: TsigKey | None = None  # when set, transfers must be signed with this key
+    zone_file: str | None = None  # also write the zone here (atomically) for file-loading resolvers
+    state_file: str | None = None  # persists the SOA serial across restarts
+    ip_triggers: bool = False
+    ttl: int = 60
+    refresh: int = 3600  # the fallback when NOTIFY is lost
+    retry: int = 60
+    expire: int = 1_209_600  # two weeks: a secondary keeps blocking if the primary is down
+    minimum: int = 60
+    mname: str = "localhost."
+    rname: str = "hostmaster.blockd.invalid."
+    journal_versions: int = 32
+    notify_retries: int = 3
+    notify_timeout_s: float = 2.0
+
+    @property
+    def origin(self) -> str:
+        return self.zone.rstrip(".").lower() + "."
+
+
+# ---- owners ---------------------------------------------------------------------------------
+def owners(rs: RuleSet, ip_triggers: bool) -> frozenset[str]:
+    """Relative owner names (lowercase, no trailing dot) that the zone serves for `rs`."""
+    out: set[str] = set()
+    for name, subtree, _ in rs.domains:
+        out.add(name)
+        if subtree:
+            out.add("*." + name)
+    if ip_triggers:
+        out.update(ip_owners(rs))
+    return frozenset(out)
+
+
+def ip_owners(rs: RuleSet) -> Iterator[str]:
+    from blockd.model import union_intervals
+
+    for version, rules in ((4, rs.v4), (6, rs.v6)):
+        for net, plen in to_cidrs(version, union_intervals(rules)):
+            yield ip_trigger(version, net, plen)
+
+
+def ip_trigger(version: int, net: int, plen: int) -> str:
+    """`10.1.0.0/16` -> `16.0.0.1.10.rpz-ip`; `2001:db8::/32` -> `32.zz.db8.2001.rpz-ip`."""
+    if version == 4:
+        parts = str(ipaddress.IPv4Address(net)).split(".")
+    else:
+        text = ipaddress.IPv6Address(net).compressed
+        if "::" in text:
+            left, right = text.split("::")
+            parts = (left.split(":") if left else []) + ["zz"] + (right.split(":") if right else [])
+        else:
+            parts = text.split(":")
+    return f"{plen}." + ".".join(reversed(parts)) + ".rpz-ip"
+
+
+def parse_ip_trigger(owner: str) -> tuple[int, int, int]:
+    """Inverse of `ip_trigger`: -> (version, first, last)."""
+    labels = owner.split(".")[:-1]
+    plen, parts = int(labels[0]), list(reversed(labels[1:]))
+    if len(parts) == 4 and "zz" not in parts:
+        version, net = 4, int(ipaddress.IPv4Address(".".join(parts)))
+    else:
+        if "zz" in parts:
+            i = parts.index("zz")
+            text = ":".join(parts[:i]) + "::" + ":".join(parts[i + 1 :])
+        else:
+            text = ":".join(parts)
+        version, net = 6, int(ipaddress.IPv6Address(text))
+    bits = 32 if version == 4 else 128
+    return version, net, net | ((1 << (bits - plen)) - 1)
+
+
+def ruleset_from_owners(own: Iterable[str]) -> RuleSet:
+    """What a zone holding these owners enforces (no provenance): the RPZ read-back."""
+    own = set(own)
+    doms, v4, v6 = [], [], []
+    none: frozenset[str] = frozenset()
+    for o in own:
+        if o.endswith(".rpz-ip"):
+            version, first, last = parse_ip_trigger(o)
+            (v4 if version == 4 else v6).append(NetRule(first, last, none))
+        elif o.startswith("*."):
+            doms.append(DomainRule(o[2:], True, none))
+        elif "*." + o not in own:
+            doms.append(DomainRule(o, False, none))
+    return RuleSet.build(doms, v4, v6)
+
+
+# ---- wire -----------------------------------------------------------------------------------
+def owner_rr(owner: str, ttl: int) -> bytes:
+    """`owner CNAME .` with the owner relative to the zone name at offset 12 of the message."""
+    rel = b"".join([bytes((len(p),)) + p for p in owner.encode("ascii").split(b".")])
+    return rel + _CNAME_ROOT_TAIL + struct.pack("!HHIH", wire.T_CNAME, 1, ttl, 1) + b"\x00"
+
+
+def soa_rr(s: RpzSettings, serial: int) -> bytes:
+    rdata = wire.soa_rdata(s.mname.rstrip("."), s.rname.rstrip("."), serial, s.refresh, s.retry, s.expire, s.minimum)
+    return wire.rr(b"\xc0\x0c", wire.T_SOA, s.ttl, rdata)
+
+
+def ns_rr(s: RpzSettings) -> bytes:
+    return wire.rr(b"\xc0\x0c", wire.T_NS, s.ttl, wire.name_to_wire(s.mname.rstrip(".")))
+
+
+def chunk(rrs: Iterable[bytes]) -> list[tuple[int, bytes]]:
+    """RRs -> message bodies of at most MAX_MESSAGE bytes: [(rr count, bytes)]."""
+    out: list[tuple[int, bytes]] = []
+    cur: list[bytes] = []
+    size = 0
+    for r in rrs:
+        if size + len(r) > MAX_MESSAGE and cur:
+            out.append((len(cur), b"".join(cur)))
+            cur, size = [], 0
+        cur.append(r)
+        size += len(r)
+    if cur:
+        out.append((len(cur), b"".join(cur)))
+    return out
+
+
+class ZoneVersion:
+    """One served version of the zone. AXFR bodies are rendered on first use and kept."""
+
+    def __init__(self, settings: RpzSettings, serial: int, owner_set: frozenset[str], ruleset: RuleSet) -> None:
+        self.settings = settings
+        self.serial = serial
+        self.owners = owner_set
+        self.ruleset = ruleset
+        self.soa = soa_rr(settings, serial)
+        self._axfr: list[tuple[int, bytes]] | None = None
+
+    def axfr_bodies(self) -> list[tuple[int, bytes]]:
+        """SOA, NS, every trigger, SOA (RFC 5936), cut into message bodies."""
+        if self._axfr is None:
+            ttl = self.settings.ttl
+            rrs = [self.soa, ns_rr(self.settings)]
+            rrs += [owner_rr(o, ttl) for o in sorted(self.owners)]
+            rrs.append(self.soa)
+            self._axfr = chunk(rrs)
+        return self._axfr
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    old: int
+    new: int
+    deleted: tuple[str, ...]
+    added: tuple[str, ...]
+
+
+class Journal:
+    """The last N deltas; `ixfr_bodies` bridges from a client's serial, or returns None."""
+
+    def __init__(self, keep: int) -> None:
+        self.deltas: deque[Delta] = deque(maxlen=keep)
+
+    def record(self, old: ZoneVersion, new: ZoneVersion) -> Delta:
+        d = Delta(old.serial, new.serial, tuple(sorted(old.owners - new.owners)),
+                  tuple(sorted(new.owners - old.owners)))
+        self.deltas.append(d)
+        return d
+
+    def path(self, since: int, to: int) -> list[Delta] | None:
+        chain = []
+        serial = since
+        for d in self.deltas:
+            if d.old == serial:
+                chain.append(d)
+                serial = d.new
+        return chain if chain and serial == to else None
+
+    def ixfr_bodies(self, s: RpzSettings, since: int, current: ZoneVersion) -> list[tuple[int, bytes]] | None:
+        chain = self.path(since, current.serial)
+        if chain is None:
+            return None
+        ttl = s.ttl
+        rrs = [current.soa]
+        for d in chain:  # RFC 1995 4: old SOA, deletions, new SOA, additions
+            rrs.append(soa_rr(s, d.old))
+            rrs += [owner_rr(o, ttl) for o in d.deleted]
+            rrs.append(soa_rr(s, d.new))
+            rrs += [owner_rr(o, ttl) for o in d.added]
+        rrs.append(current.soa)
+        return chunk(rrs)
+
+
+def next_serial(serial: int) -> int:
+    """RFC 1982 increment, skipping 0 (some tools treat serial 0 as 'no zone')."""
+    n = (serial + 1) & 0xFFFFFFFF
+    return n or 1
+
+
+# ---- files ----------------------------------------------------------------------------------
+def atomic_write(path: str, chunks: Iterable[str]) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", errors="backslashreplace") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_state(path: str | None) -> dict[str, object]:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def save_state(path: str | None, serial: int, digest: str) -> None:
+    if path:
+        atomic_write(path, [json.dumps({"serial": serial, "digest": digest}) + "\n"])
+
+
+def zone_text(s: RpzSettings, v: ZoneVersion) -> Iterator[str]:
+    """The zone in master-file format, relative owners, order ids as comments."""
+    rs = v.ruleset
+    yield f"; RPZ zone written by blockd; serial {v.serial}; ruleset digest {rs.digest}\n"
+    for oid, info in sorted(rs.orders.items()):
+        yield f"; order {oid}: {info.authority} {info.reference} {info.url or ''}\n".replace("\n ", " ")
+    yield f"$ORIGIN {s.origin}\n$TTL {s.ttl}\n"
+    yield f"@ SOA {s.mname} {s.rname} {v.serial} {s.refresh} {s.retry} {s.expire} {s.minimum}\n"
+    yield f"@ NS {s.mname}\n"
+    lines: list[str] = []
+    prev = None
+    for name, subtree, orders in rs.domains:
+        note = ",".join(sorted(orders))
+        if name != prev:  # an exact and a subtree rule for one name share the apex record
+            lines.append(f"{name} CNAME . ; orders={note}\n")
+        prev = name
+        if subtree:
+            lines.append(f"*.{name} CNAME . ; orders={note}\n")
+        if len(lines) >= 10_000:
+            yield "".join(lines)
+            lines = []
+    yield "".join(lines)
+    if s.ip_triggers:
+        yield "".join(f"{o} CNAME .\n" for o in sorted(ip_owners(rs)))

@@ -1,0 +1,76 @@
+"""RPZ enforcer: RuleSet -> next zone version (serial + 1), journal delta, zone file, NOTIFY.
+
+The serial is persisted in `state_file` before the new version is served, so a restart never
+serves different content under an old serial. `readback` parses the owner names being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from blockd.dns import rpz
+from blockd.dns.rpzserver import RpzServer
+from blockd.errors import EnforcerError
+from blockd.model import Applied, RuleSet
+
+log = structlog.get_logger("blockd.enforcers.rpz")
+
+
+class RpzEnforcer:
+    def __init__(self, server: RpzServer, name: str = "rpz") -> None:
+        self.name = name
+        self.server = server
+        state = rpz.load_state(server.settings.state_file)
+        serial = state.get("serial", 0)
+        self._serial = serial if isinstance(serial, int) else 0
+
+    @property
+    def serial(self) -> int:
+        return self._serial
+
+    def enforced(self, rs: RuleSet) -> RuleSet:
+        """The part of `rs` this zone carries (names; addresses only with ip_triggers)."""
+        if self.server.settings.ip_triggers:
+            return rs
+        return RuleSet.build(rs.domains, (), (), rs.orders)
+
+    async def apply(self, desired: RuleSet) -> Applied:
+        t0 = time.perf_counter()
+        s = self.server.settings
+        want = self.enforced(desired)
+        cur = self.server.version
+        new_owners = await asyncio.to_thread(rpz.owners, want, s.ip_triggers)
+        added = removed = 0
+        if cur is None or new_owners != cur.owners:
+            serial = rpz.next_serial(self._serial)
+            version = rpz.ZoneVersion(s, serial, new_owners, want)
+            try:
+                await asyncio.to_thread(rpz.save_state, s.state_file, serial, want.digest)
+                if s.zone_file:
+                    await asyncio.to_thread(rpz.atomic_write, s.zone_file, rpz.zone_text(s, version))
+            except OSError as e:
+                raise EnforcerError(self.name, f"cannot write {e.filename!r}: {e.strerror}", errno=e.errno) from e
+            if cur is not None:
+                d = self.server.journal.record(cur, version)
+                added, removed = len(d.added), len(d.deleted)
+            else:
+                added = len(new_owners)
+            self._serial = serial
+            self.server.version = version  # the swap: the next SOA/AXFR/IXFR sees the new serial
+            self.server.notify_all()
+            log.debug("rpz_zone_updated", enforcer=self.name, serial=serial, owners=len(new_owners))
+        served = await self.readback()
+        return Applied(enforcer=self.name, digest=served.digest, desired_digest=want.digest, added=added,
+                       removed=removed, duration_s=time.perf_counter() - t0, counts=served.counts())
+
+    async def readback(self) -> RuleSet:
+        v = self.server.version
+        if v is None:
+            return RuleSet.empty()
+        return await asyncio.to_thread(rpz.ruleset_from_owners, v.owners)
+
+    async def aclose(self) -> None:
+        await self.server.aclose()
