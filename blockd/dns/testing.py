@@ -1,0 +1,113 @@
+"""Test and benchmark helpers: an event loop in a thread, and a tiny authoritative upstream.
+
+`Upstream` stands in for the internet on loopback: every name under `zone` has an A record
+(TTL 300), `big.<zone>` has 60 A records (for truncation), other names are NXDOMAIN. It
+counts the queries it received, so tests can tell a cache hit from a forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Runs an asyncio loop in a daemon thread; `run(coro)` from the test thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dns-test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def _drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(_drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
+
+
+class Upstream:
+    def __init__(self, zone: str = "example.net", host: str = "127.0.0.1") -> None:
+        self.zone = DNSLabel(zone)
+        self.host = host
+        self.port = 0
+        self.queries = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.base_events.Server | None = None
+
+    def reply(self, data: bytes, limit: int | None) -> bytes:
+        self.queries += 1
+        req = DNSRecord.parse(data)
+        rep = req.reply(ra=1, aa=1)
+        rep.header.ad = 0
+        qn = req.q.qname
+        if qn.matchSuffix(self.zone):
+            if req.q.qtype in (QTYPE.A, QTYPE.ANY):
+                n = 60 if str(qn).lower().startswith("big.") else 1
+                for i in range(n):
+                    rep.add_answer(RR(qn, QTYPE.A, ttl=300, rdata=A(f"192.0.2.{i + 1}")))
+        else:
+            rep.header.rcode = RCODE.NXDOMAIN
+        if not rep.rr:
+            rep.add_auth(RR(self.zone, QTYPE.SOA, ttl=60, rdata=SOA("ns." + str(self.zone), "h." + str(self.zone),
+                                                                    (1, 3600, 600, 86400, 60))))
+        out = bytes(rep.pack())
+        if limit is not None and len(out) > limit:
+            rep = req.reply(ra=1, aa=1)
+            rep.header.tc = 1
+            rep.header.ad = 0
+            out = bytes(rep.pack())
+        return out
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        up = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, t: asyncio.BaseTransport) -> None:
+                self.t = t
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                req = DNSRecord.parse(data)
+                limit = max(512, req.ar[0].rclass if req.ar and req.ar[0].rtype == QTYPE.OPT else 512)
+                self.t.sendto(up.reply(data, limit), addr)  # type: ignore[attr-defined]
+
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, 0))  # type: ignore[assignment]
+        self.port = self._udp.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+
+        async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    n = int.from_bytes(await reader.readexactly(2), "big")
+                    out = self.reply(await reader.readexactly(n), None)
+                    writer.write(len(out).to_bytes(2, "big") + out)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self._tcp = await asyncio.start_server(tcp, self.host, self.port)
+
+    async def aclose(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
