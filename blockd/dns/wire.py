@@ -97,7 +97,7 @@ def parse(data: bytes) -> Query:
                 root = False
                 pos = skip_name(data, pos)
             rtype, rclass, ttl, rdlen = _RR.unpack_from(data, pos)
-        except (IndexError, struct.error):
+        except (IndexError, ValueError, struct.error):
             raise _FORMERR from None
         pos += 10 + rdlen
         if pos > n:
