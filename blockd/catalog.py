@@ -12,7 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from blockd import ranges, strictyaml, trust
-from blockd.errors import CatalogError, InputError, Problem, Problems
+from blockd.errors import CatalogError, InputError, Problem, raise_problems
 from blockd.model import Catalog, Cidr, Service
 from blockd.policy import SERVICE_NAME, read_signed, targets_of
 from blockd.schema import Reader
@@ -85,5 +85,5 @@ def parse_prefix_table(data: bytes, source: str) -> dict[int, tuple[Cidr, ...]]:
             problems.append(Problem(f"{source}:{lineno}", str(e)))
             continue
         table.setdefault(int(fields[1]), []).append(cidr)
-    Problems.raise_if_any(problems, CatalogError)
+    raise_problems(problems, CatalogError)
     return {asn: tuple(sorted(set(cidrs))) for asn, cidrs in table.items()}

@@ -12,7 +12,7 @@
     └── EnforcerError                a kernel or DNS backend could not apply or read back;
                                      the previous state is still in force
 
-`Problems` collects every error of one pass so that they are reported together.
+`raise_problems` reports every error of one pass together.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class BlockdError(Exception):
 class InputError(BlockdError):
     """Bad input. `where` is `file` or `file:line` plus a path such as `orders[2].targets.cidrs[5]`."""
 
-    def __init__(self, message: str, *, where: str = "") -> None:
+    def __init__(self, message: str, *, where: str = "", problems: Sequence[Problem] = ()) -> None:
         self.where = where
         self.message = message
+        self.problems = tuple(problems)
         super().__init__(f"{where}: {message}" if where else message)
 
 
@@ -80,17 +81,11 @@ class Problem:
         return f"{self.where}: {self.message}" if self.where else self.message
 
 
-class Problems(InputError):
-    """Several input errors found in one pass, reported at once."""
-
-    def __init__(self, problems: Sequence[Problem], kind: type[InputError] = InputError) -> None:
-        self.problems = tuple(problems)
-        self.kind = kind
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s):\n{lines}")
-
-    @classmethod
-    def raise_if_any(cls, problems: Iterable[Problem], kind: type[InputError] = InputError) -> None:
-        found = list(problems)
-        if found:
-            raise cls(found, kind)
+def raise_problems(problems: Iterable[Problem], kind: type[InputError] = InputError) -> None:
+    """Raise `kind` for the problems found in one pass (all of them at once); nothing if none."""
+    found = list(problems)
+    if len(found) == 1:
+        raise kind(found[0].message, where=found[0].where)
+    if found:
+        lines = "\n".join(f"  {p}" for p in found)
+        raise kind(f"{len(found)} problem(s):\n{lines}", problems=found)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blockd.errors import PolicyError, Problem, Problems
+from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.model import Catalog, Cidr, Order, Policy
 
 
@@ -50,5 +50,5 @@ def expand_order(policy: Policy, index: int, order: Order, catalog: Catalog) -> 
         for c in prefixes:
             via.setdefault(str(c), f"AS{asn}")
         cidrs.extend(prefixes)
-    Problems.raise_if_any(problems, PolicyError)
+    raise_problems(problems, PolicyError)
     return Expanded(tuple(dict.fromkeys(domains)), tuple(dict.fromkeys(cidrs)), via)

@@ -18,7 +18,7 @@ from pathlib import Path
 from publicsuffixlist import PublicSuffixList
 
 from blockd import ranges
-from blockd.errors import CatalogError, Problem, Problems
+from blockd.errors import CatalogError, Problem, raise_problems
 from blockd.model import Cidr
 
 
@@ -91,7 +91,7 @@ def load_shared_infra(directory: Path | None) -> SharedInfra:
             except ValueError as e:
                 problems.append(Problem(f"{path}:{lineno}", str(e)))
         providers.append(Provider(name, source, tuple(sorted(set(cidrs)))))
-    Problems.raise_if_any(problems, CatalogError)
+    raise_problems(problems, CatalogError)
     return SharedInfra.build(tuple(providers))
 
 

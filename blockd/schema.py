@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from blockd.errors import InputError, Problem, Problems
+from blockd.errors import InputError, Problem, raise_problems
 from blockd.strictyaml import YMap, YSeq
 
 T = TypeVar("T")
@@ -35,10 +35,7 @@ class Reader:
         self.problems.append(Problem(f"{where}: {path}" if path else where, message))
 
     def raise_if_any(self, kind: type[InputError]) -> None:
-        if len(self.problems) == 1:
-            p = self.problems[0]
-            raise kind(p.message, where=p.where)
-        Problems.raise_if_any(self.problems, kind)
+        raise_problems(self.problems, kind)
 
     # -- containers ---------------------------------------------------------------------
     def mapping(

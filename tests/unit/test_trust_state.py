@@ -1,0 +1,136 @@
+"""Trust store (k of n, roles, issuer binding) and replay protection (rollback, same-serial swap)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from blockd import trust
+from blockd.errors import ConfigError, ReplayError, SignatureError
+from blockd.policy import load_policy
+from blockd.state import StateStore
+from tests.conftest import make_trust
+
+POLICY = """\
+issuer: {issuer}
+serial: {serial}
+issued_at: 2026-11-01T00:00:00Z
+not_before: 2026-11-01T00:00:00Z
+not_after: 2030-01-01T00:00:00Z
+orders:
+  - id: o1
+    legal_basis: {{authority: Court, reference: R-{serial}}}
+    action: block
+    targets: {{domains: [t.me]}}
+"""
+NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
+
+
+def _policy(tmp: Path, serial: int = 1, issuer: str = "reg", name: str = "p.yaml") -> Path:
+    path = tmp / name
+    path.write_text(POLICY.format(issuer=issuer, serial=serial))
+    return path
+
+
+@pytest.mark.parametrize(
+    "signers, threshold, ok",
+    [([0], 1, True), ([0], 2, False), ([0, 1], 2, True), ([0, 0], 2, False), ([0, 1, 2], 2, True), ([], 1, False)],
+    ids=["1of3-one", "2of3-one", "2of3-two", "2of3-same-key-twice", "2of3-three", "no-signature"],
+)
+def test_k_of_n(tmp_path: Path, signers: list[int], threshold: int, ok: bool) -> None:
+    keys = make_trust(tmp_path, regulators=3, threshold=threshold)
+    store = trust.load_trust_store(keys.trust)
+    path = _policy(tmp_path)
+    for n, i in enumerate(signers):
+        keys.sign(path, keys.regulator[i], name=f"s{n}")
+    if ok:
+        assert load_policy(path, store).signers
+    else:
+        with pytest.raises(SignatureError, match="threshold not met|no signature"):
+            load_policy(path, store)
+
+
+def test_unknown_key_and_tampered_file_are_named(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = _policy(tmp_path)
+    from blockd import minisign
+
+    keys.sign(path, minisign.generate(), name="stranger")
+    keys.sign(path, keys.regulator[0])
+    path.write_text(path.read_text().replace("t.me", "x.me"))
+    with pytest.raises(SignatureError) as e:
+        load_policy(path, store)
+    assert "is not in the trust store" in str(e.value)
+    assert "does not match the file's contents" in str(e.value)
+
+
+def test_role_and_issuer_binding(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = _policy(tmp_path)
+    keys.sign(path, keys.operator)  # operator holds only the catalog role
+    with pytest.raises(SignatureError, match="may not sign policy files"):
+        load_policy(path, store)
+    other = _policy(tmp_path, issuer="someone-else", name="q.yaml")
+    keys.sign(other)
+    with pytest.raises(SignatureError, match="says issuer 'someone-else' but is signed by keys of issuer 'reg'"):
+        load_policy(other, store)
+
+
+def test_signature_checked_before_parsing(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    path = tmp_path / "bomb.yaml"
+    path.write_bytes(b"a: &a [x]\nb: [*a, *a]\n")
+    with pytest.raises(SignatureError, match="no signature"):
+        load_policy(path, trust.load_trust_store(keys.trust))
+
+
+def test_bad_trust_store(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    (keys.trust / "reg" / "issuer.yaml").write_text("threshold: 5\n")
+    with pytest.raises(ConfigError, match="threshold 5 is more than the 1 key"):
+        trust.load_trust_store(keys.trust)
+
+
+def test_replay_rules(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    state = StateStore(tmp_path / "state")
+    p5 = _policy(tmp_path, 5, name="p5.yaml")
+    keys.sign(p5)
+    pol5 = load_policy(p5, store)
+    state.record(pol5, p5.read_bytes(), [("s", p5.with_name("p5.yaml.minisig").read_bytes())], NOW)
+    state.check_replay(pol5)  # the same bytes again are fine
+
+    p4 = _policy(tmp_path, 4, name="p4.yaml")
+    keys.sign(p4)
+    with pytest.raises(ReplayError, match="rollback refused: serial 4 is lower than serial 5"):
+        state.check_replay(load_policy(p4, store))
+
+    p5b = _policy(tmp_path, 5, name="p5b.yaml")
+    p5b.write_text(p5b.read_text().replace("t.me", "x.me"))
+    keys.sign(p5b)
+    with pytest.raises(ReplayError, match="serial 5 of issuer 'reg' was accepted with other content.*needs serial 6"):
+        state.check_replay(load_policy(p5b, store))
+
+    index = json.loads((tmp_path / "state" / "accepted.json").read_text())
+    assert index["reg"]["serial"] == 5
+    # the stored copy verifies on its own: a restart can restore it
+    (copy,) = state.accepted_paths()
+    assert load_policy(copy, store).serial == 5
+
+
+def test_record_replaces_older_copies(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    state = StateStore(tmp_path / "state")
+    for serial in (1, 2):
+        p = _policy(tmp_path, serial, name=f"p{serial}.yaml")
+        sig = keys.sign(p)
+        state.record(load_policy(p, store), p.read_bytes(), [(str(sig), sig.read_bytes())], NOW)
+    files = sorted(f.name for f in (tmp_path / "state" / "policies" / "reg").iterdir())
+    assert files == ["2.yaml", "2.yaml.0.minisig"]
