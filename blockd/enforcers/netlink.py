@@ -1,0 +1,263 @@
+"""Raw nfnetlink for the kernel enforcers: bytes in -> one sendmsg, ACKs or dump payloads out.
+
+pyroute2's message encoder costs ~125 us per set element (27 s per 1M prefixes) and its sync
+classes refuse to run inside an asyncio loop, so the hot path packs TLVs with `struct` and
+talks to a plain AF_NETLINK socket; the kernel then dominates the cost (see
+docs/kernel.md). pyroute2 is used only to enter a named network namespace.
+
+    attr/nest/msg            pack netlink attributes and nfnetlink messages
+    attrs(buf)               walk attributes -> {type: payload}
+    NetlinkSocket.transact   send messages in one datagram, return (seq, errno, text) of failures
+    NetlinkSocket.dump       one NLM_F_DUMP request -> iterator of message payloads
+    KernelStats              element and counter figures the metrics collector reads
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLM_F_DUMP = 0x300
+NLM_F_ACK_TLVS = 0x200  # on an NLMSG_ERROR: extended-ACK attributes follow
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSGERR_ATTR_MSG = 1
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
+NFNL_SUBSYS_IPSET, NFNL_SUBSYS_NFTABLES = 6, 10
+SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian value)
+_ATTR = struct.Struct("=HH")
+_RECV = 1 << 20
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return _ATTR.pack(n, kind) + payload + b"\0" * (-n % 4)
+
+
+def nest(kind: int, *children: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(children))
+
+
+def attr_str(kind: int, text: str) -> bytes:
+    return attr(kind, text.encode() + b"\0")
+
+
+def attr_be32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def msg(kind: int, flags: int, family: int, payload: bytes, res_id: int = 0, seq: int = 0) -> bytes:
+    """One nfnetlink message; `seq` is normally filled in later by `NetlinkSocket.transact`."""
+    body = _NFGEN.pack(family, 0, socket.htons(res_id)) + payload
+    return _HDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
+
+
+def attrs(buf: bytes | memoryview, start: int = 0, end: int | None = None) -> dict[int, memoryview]:
+    """Attributes of one level, type (flags masked off) -> payload; the last one of a type wins."""
+    view = memoryview(buf)
+    end = len(view) if end is None else end
+    out: dict[int, memoryview] = {}
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(view, start)
+        if n < 4:
+            break
+        out[kind & 0x3FFF] = view[start + 4 : start + n]
+        start += (n + 3) & ~3
+    return out
+
+
+def iter_attrs(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Every attribute of one level in order (for lists such as NFTA_LIST_ELEM)."""
+    start, end = 0, len(buf)
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(buf, start)
+        if n < 4:
+            return
+        yield kind & 0x3FFF, buf[start + 4 : start + n]
+        start += (n + 3) & ~3
+
+
+def be(view: memoryview) -> int:
+    return int.from_bytes(view, "big")
+
+
+def text(view: memoryview) -> str:
+    return bytes(view).split(b"\0", 1)[0].decode(errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The kernel refused message `index` (0-based, in the order given to `transact`)."""
+
+    index: int
+    errno: int
+    text: str
+
+    def describe(self) -> str:
+        detail = f": {self.text}" if self.text else ""
+        return f"message {self.index}: {errno_mod.errorcode.get(self.errno, self.errno)} ({os.strerror(self.errno)}){detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStats:
+    """What metrics need from a kernel enforcer (shared by nft and ipset).
+
+    `elements`: set name -> elements held. `counters`: rule or counter name -> (packets, bytes).
+    """
+
+    enforcer: str
+    elements: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    counters: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class NetlinkSocket:
+    """A NETLINK_NETFILTER socket in the caller's network namespace, or in `netns` if given.
+
+    A netlink socket belongs to the namespace of the thread that creates it, for its whole
+    life; a throwaway thread enters `netns` to create it, so the rest of the process (and the
+    event loop) never changes namespace.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._seq = 1
+        if netns is None:
+            self._sock = self._open()
+        else:
+            self._sock = self._open_in(netns)
+        self._sock.settimeout(300)  # a kernel that never answers must not hang the daemon
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # ACKs don't echo 64 KiB payloads
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)  # kernel's reason text on errors
+        self._rcvbuf = 0
+        self._ensure_rcvbuf(8 << 20)
+
+    @staticmethod
+    def _open() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        return sock
+
+    @classmethod
+    def _open_in(cls, netns: str) -> socket.socket:
+        from pyroute2 import netns as pr2netns
+
+        result: list[socket.socket | BaseException] = []
+
+        def enter_and_open() -> None:
+            try:
+                pr2netns.setns(netns, flags=0)  # flags=0: never create a missing namespace
+                result.append(cls._open())
+            except BaseException as exc:  # handed to the caller's thread below
+                result.append(exc)
+
+        t = threading.Thread(target=enter_and_open, name=f"netns-{netns}")
+        t.start()
+        t.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _ensure_rcvbuf(self, size: int) -> None:
+        if size > self._rcvbuf:
+            # FORCE ignores rmem_max (needs CAP_NET_ADMIN): ACKs for a 1M-element batch must
+            # all fit, or recv fails with ENOBUFS although the kernel committed (notes §4).
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+            self._rcvbuf = size
+
+    def _number(self, msgs: list[bytes], ack: range = range(0)) -> tuple[bytes, int]:
+        """Concatenate `msgs`, giving them consecutive sequence numbers; ACK those in `ack`."""
+        first = self._seq
+        out = bytearray(b"".join(msgs))
+        off = 0
+        for i in range(len(msgs)):
+            n, _kind, flags = struct.unpack_from("=IHH", out, off)
+            struct.pack_into("=HI", out, off + 6, flags | (NLM_F_ACK if i in ack else 0), first + i)
+            off += n
+        self._seq += len(msgs)
+        return bytes(out), first
+
+    def transact(self, msgs: list[bytes], batch_subsys: int | None = None) -> list[Failure]:
+        """Send `msgs` in ONE datagram, each with NLM_F_ACK, and collect every ACK.
+
+        With `batch_subsys`, the messages are wrapped in BATCH_BEGIN/END: nfnetlink applies
+        them as one transaction and, if any fails, aborts all of them. Returns the failures
+        in message order (empty on success).
+        """
+        if batch_subsys is not None:
+            begin = msg(NFNL_MSG_BATCH_BEGIN, 0, socket.AF_UNSPEC, b"", res_id=batch_subsys)
+            end = msg(NFNL_MSG_BATCH_END, 0, socket.AF_UNSPEC, b"", res_id=batch_subsys)
+            data, first = self._number([begin, *msgs, end], range(1, len(msgs) + 1))
+            first += 1
+        else:
+            data, first = self._number(msgs, range(len(msgs)))
+        # One sendmsg: a batch must arrive in one skb, so the send buffer must hold all of it.
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 20))
+        self._ensure_rcvbuf(len(msgs) * 2048 + (8 << 20))
+        self._sock.sendall(data)
+        pending = set(range(first, first + len(msgs)))
+        failures: list[Failure] = []
+        while pending:
+            for kind, seq, body in self._recv():
+                if kind != NLMSG_ERROR:
+                    continue
+                code = -struct.unpack_from("=i", body, 0)[0]
+                if seq in pending:
+                    pending.discard(seq)
+                    if code:
+                        failures.append(Failure(seq - first, code, _ext_ack_text(body)))
+                elif code and first - 1 <= seq <= first + len(msgs):
+                    # BEGIN or END refused (e.g. EPERM): nothing was applied, no more ACKs come.
+                    return [Failure(-1, code, _ext_ack_text(body))]
+        return sorted(failures, key=lambda f: f.index)
+
+    def dump(self, request: bytes) -> Iterator[memoryview]:
+        """Payloads (after nfgenmsg) of the answers to one dump request; OSError on failure."""
+        data, seq = self._number([request])
+        self._sock.sendall(data)
+        while True:
+            for kind, rseq, body in self._recv():
+                if rseq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body, 0)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code) + _suffix(_ext_ack_text(body)))
+                    return
+                yield body[4:]
+
+    def _recv(self) -> Iterator[tuple[int, int, memoryview]]:
+        data = memoryview(self._sock.recv(_RECV))
+        off = 0
+        while off + 16 <= len(data):
+            n, kind, _flags, seq, _pid = _HDR.unpack_from(data, off)
+            if n < 16:
+                return
+            yield kind, seq, data[off + 16 : off + n]
+            off += (n + 3) & ~3
+
+
+def _ext_ack_text(body: memoryview) -> str:
+    # nlmsgerr = error (4) + the request's nlmsghdr (16, payload capped by NETLINK_CAP_ACK);
+    # then the extended-ACK attributes.
+    found = attrs(body, 20).get(NLMSGERR_ATTR_MSG)
+    return text(found) if found is not None else ""
+
+
+def _suffix(detail: str) -> str:
+    return f": {detail}" if detail else ""
