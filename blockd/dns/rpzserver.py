@@ -162,7 +162,7 @@ class RpzServer:
 
     def _sign(self, msg: bytes, m: dns.message.Message, ctx: object, multi: bool) -> tuple[bytes, object]:
         key = self._keyring[m.keyname]  # type: ignore[index]
-        tmpl = dns.renderer._make_tsig(key.name, key.algorithm, 0, 300, b"", struct.unpack("!H", msg[:2])[0], 0, b"")
+        tmpl = dns.renderer._make_tsig(key.name, key.algorithm, 0, 300, b"", struct.unpack("!H", msg[:2])[0], 0, b"")[0]
         rdata, ctx = dns.tsig.sign(msg, key, tmpl, int(time.time()), m.mac if ctx is None else None, ctx, multi)
         rd = rdata.to_wire()
         tsig_rr = key.name.to_wire() + struct.pack("!HHIH", dns.rdatatype.TSIG, dns.rdataclass.ANY, 0, len(rd)) + rd
