@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import structlog
 
@@ -342,7 +343,7 @@ class NftEnforcer:
         held = self._held or {4: set(), 6: set()}
         # nftables exports no element count; these are the ACKed (or last read back) contents.
         elements = {"ipv4": len(held[4]), "ipv6": len(held[6])}
-        return nl.KernelStats(self.name, elements, counters)
+        return nl.KernelStats(self.name, MappingProxyType(elements), MappingProxyType(counters))
 
     # -- layout -----------------------------------------------------------------------------
 

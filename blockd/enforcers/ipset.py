@@ -1,0 +1,319 @@
+"""ipset enforcer: desired RuleSet -> two hash:net sets (`blockd4`, `blockd6`) for iptables `-m set`.
+
+ipset has no transactions, so atomicity comes from swapping whole sets:
+
+    full replace   create shadow sets sized for the rule count, fill them (thousands of
+                   entries per netlink message, IPSET_ATTR_ADT + LINENO), swap each with the
+                   live set, destroy the old contents. If anything fails before the swaps, the
+                   shadows are destroyed and the live sets were never touched.
+    incremental    add then delete only the CIDR diff, all messages in one sendmsg. A failure
+                   part-way is rolled back by a full replace with the previous contents.
+
+hash:net holds CIDRs, so intervals go through `ranges.to_cidrs`; `readback` dumps the sets
+(a linear kernel dump) and merges the CIDRs back into intervals. Matching traffic is left to
+the operator's iptables rules (`-m set --match-set blockd4 dst -j DROP`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import structlog
+
+from blockd.enforcers import netlink as nl
+from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
+from blockd.enforcers.nft import Commit, addresses
+from blockd.errors import ConfigError, EnforcerError
+from blockd.model import Applied, NetRule, RuleSet, union_intervals
+from blockd.ranges import BITS, merge, to_cidrs
+
+log = structlog.get_logger("blockd.enforcers.ipset")
+
+PROTOCOL = 7
+CMD_CREATE, CMD_DESTROY, CMD_RENAME, CMD_SWAP, CMD_LIST, CMD_ADD, CMD_DEL, CMD_TYPE = 2, 3, 5, 6, 7, 9, 10, 13
+A_PROTOCOL, A_SETNAME, A_TYPENAME, A_REVISION, A_FAMILY, A_FLAGS, A_DATA, A_ADT, A_LINENO = 1, 2, 3, 4, 5, 6, 7, 8, 9
+D_IP, D_CIDR, D_HASHSIZE, D_MAXELEM, D_ELEMENTS, D_MEMSIZE = 1, 3, 18, 19, 24, 26
+FLAG_LIST_HEADER = 1 << 2
+NFPROTO = {4: socket.AF_INET, 6: socket.AF_INET6}  # NFPROTO_IPV4 = 2, NFPROTO_IPV6 = 10
+#: entries per ADD/DEL message: the ADT attribute has a u16 length (24 / 36 bytes per entry).
+CHUNK = {4: 2000, 6: 1500}
+ENOENT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class IpsetSettings:
+    prefix: str = "blockd"  # sets are <prefix>4 and <prefix>6; shadows <prefix>4-new ...
+    min_maxelem: int = 65536
+    growth: float = 2.0  # maxelem = count * growth (rounded up to a power of two)
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.prefix) <= 26:  # IPSET_MAXNAMELEN is 32 with the NUL and "6-new"
+            raise ConfigError(f"ipset.prefix: {self.prefix!r} must be 1-26 characters")
+        if self.growth < 1.0 or self.min_maxelem < 1:
+            raise ConfigError(f"ipset.growth {self.growth!r} must be >= 1 and min_maxelem {self.min_maxelem!r} >= 1")
+
+    def name(self, version: int, shadow: bool = False) -> str:
+        return f"{self.prefix}{version}{'-new' if shadow else ''}"
+
+    def maxelem(self, count: int) -> int:
+        return max(self.min_maxelem, 1 << (max(1, int(count * self.growth)) - 1).bit_length())
+
+
+def _entry_struct(version: int) -> tuple[struct.Struct, bytes, bytes]:
+    """One IPSET_ATTR_DATA { IP { IPADDR_IPVx }, CIDR } entry: constant headers + address + cidr."""
+    alen = BITS[version] // 8
+    hdr = struct.Struct("=HH").pack
+    head = hdr(20 + alen, A_DATA | nl.NLA_F_NESTED) + hdr(8 + alen, D_IP | nl.NLA_F_NESTED) \
+        + hdr(4 + alen, (1 if version == 4 else 2) | nl.NLA_F_NET_BYTEORDER)
+    return struct.Struct(f"=12s{alen}s4sB3x"), head, hdr(5, D_CIDR)
+
+
+_ENTRY = {4: _entry_struct(4), 6: _entry_struct(6)}
+_ENTRY_RE = {
+    v: re.compile(b"." + b"\\x00\\x07[\\x00\\x80]." + b"\\x00\\x01[\\x00\\x80]." + b"\\x00[\\x01\\x02][\\x00\\x40](.{"
+                  + str(BITS[v] // 8).encode() + b"})\\x05\\x00\\x03[\\x00\\x40](.)\\x00\\x00\\x00", re.DOTALL)
+    for v in (4, 6)
+}
+
+
+def _parse_entries(version: int, adt: memoryview) -> Iterator[tuple[int, int]]:
+    """ADT payload -> (network, prefixlen); fast path checked to cover every byte."""
+    raw = bytes(adt)
+    hits = _ENTRY_RE[version].findall(raw)
+    if len(hits) * (20 + BITS[version] // 8) == len(raw):
+        for addr, cidr in hits:
+            yield int.from_bytes(addr, "big"), cidr[0]
+        return
+    for _, entry in nl.iter_attrs(adt):  # entries with extensions (counters, nomatch, ...)
+        a = nl.attrs(entry)
+        ip = next(iter(nl.attrs(a[D_IP]).values()))
+        yield nl.be(ip), a[D_CIDR][0] if D_CIDR in a else BITS[version]
+
+
+class IpsetEnforcer:
+    """Holds `addresses(desired)` in two ipset hash:net sets; see the module docstring."""
+
+    def __init__(self, settings: IpsetSettings | None = None, *, netns: str | None = None, name: str = "ipset") -> None:
+        self.name = name
+        self.settings = settings or IpsetSettings()
+        self.last_commit: Commit | None = None
+        self._sock = nl.NetlinkSocket(netns)
+        self._lock = asyncio.Lock()
+        # CIDRs per family after our last successful change or readback; None: unknown.
+        self._held: dict[int, set[tuple[int, int]]] | None = None
+        self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
+        self._revision = {v: self._type_revision(v) for v in (4, 6)}
+
+    async def apply(self, desired: RuleSet) -> Applied:
+        async with self._lock:
+            return await asyncio.to_thread(self._apply, addresses(desired))
+
+    async def readback(self) -> RuleSet:
+        async with self._lock:
+            return await asyncio.to_thread(self._readback)
+
+    async def stats(self) -> nl.KernelStats:
+        async with self._lock:
+            return await asyncio.to_thread(self._stats)
+
+    async def aclose(self) -> None:
+        self._sock.close()
+
+    @staticmethod
+    def enforced(desired: RuleSet) -> RuleSet:
+        return addresses(desired)
+
+    # -- work, run in a thread --------------------------------------------------------------
+
+    def _apply(self, desired: RuleSet) -> Applied:
+        t0 = time.perf_counter()
+        want = {v: set(to_cidrs(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
+        if self._held is None:
+            self._read_kernel()
+        held = self._held or {4: set(), 6: set()}
+        full = any(self._maxelem[v] < max(len(want[v]), 1) for v in (4, 6))
+        if full:
+            self._replace(want)
+            added, removed = len(want[4]) + len(want[6]), len(held[4]) + len(held[6])
+        else:
+            adds = {v: want[v] - held[v] for v in (4, 6)}
+            dels = {v: held[v] - want[v] for v in (4, 6)}
+            added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
+            # Adds before deletes: a prefix that is re-split stays blocked in between.
+            msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
+            msgs += [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
+            if msgs:
+                self._incremental(msgs, added + removed, held)
+        self._held = want
+        applied = Applied(
+            enforcer=self.name, digest=desired.digest, desired_digest=desired.digest,
+            added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_cidrs": len(want[4]), "ipv6_cidrs": len(want[6])},
+        )
+        log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, replaced=full,
+                 duration_s=round(applied.duration_s, 4))
+        return applied
+
+    def _incremental(self, msgs: list[bytes], elements: int, held: dict[int, set[tuple[int, int]]]) -> None:
+        t0 = time.perf_counter()
+        failures = self._transact(msgs)
+        if failures:
+            first = failures[0]
+            try:  # put the previous contents back, atomically per set
+                self._replace(held)
+            except EnforcerError:
+                self._held = None
+                raise
+            raise _error(self.name, first.errno, f"incremental update rolled back to the previous sets; {first.describe()}")
+        self._record(len(msgs), elements, sum(map(len, msgs)), t0)
+
+    def _replace(self, want: dict[int, set[tuple[int, int]]]) -> None:
+        """Fill shadow sets, then swap both in; on any failure the live sets are unchanged."""
+        t0 = time.perf_counter()
+        s = self.settings
+        msgs = []
+        for v in (4, 6):
+            self._destroy_quietly(s.name(v, shadow=True))
+            count = len(want[v])
+            msgs.append(self._msg(CMD_CREATE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, v,
+                                  attr_str(A_SETNAME, s.name(v, True)) + attr_str(A_TYPENAME, "hash:net")
+                                  + attr(A_REVISION, bytes([self._revision[v]])) + attr(A_FAMILY, bytes([NFPROTO[v]]))
+                                  + nest(A_DATA, _be32(D_HASHSIZE, 1 << max(10, (count // 2).bit_length())),
+                                         _be32(D_MAXELEM, s.maxelem(count)))))
+            msgs += self._adt_msgs(CMD_ADD, v, s.name(v, True), want[v])
+        failures = self._transact(msgs)
+        if failures:
+            self._drop_shadows()
+            raise _error(self.name, failures[0].errno, f"filling shadow sets; live sets unchanged; {failures[0].describe()}")
+        swapped: list[int] = []
+        for v in (4, 6):
+            live, shadow = s.name(v), s.name(v, True)
+            if self._maxelem.get(v, 0) or self._exists(live):
+                cmd, payload = CMD_SWAP, attr_str(A_SETNAME, live) + attr_str(A_TYPENAME, shadow)
+            else:
+                cmd, payload = CMD_RENAME, attr_str(A_SETNAME, shadow) + attr_str(A_TYPENAME, live)
+            failures = self._transact([self._msg(cmd, 0, v, payload)])
+            if failures:
+                for u in swapped:  # swap is its own inverse
+                    self._transact([self._msg(CMD_SWAP, 0, u, attr_str(A_SETNAME, s.name(u)) + attr_str(A_TYPENAME, s.name(u, True)))])
+                self._drop_shadows()
+                raise _error(self.name, failures[0].errno, f"swapping {shadow} into {live}; live sets unchanged; {failures[0].describe()}")
+            swapped.append(v)
+        self._drop_shadows()
+        self._maxelem = {v: s.maxelem(len(want[v])) for v in (4, 6)}
+        self._record(len(msgs), len(want[4]) + len(want[6]), sum(map(len, msgs)), t0)
+
+    def _readback(self) -> RuleSet:
+        self._read_kernel()
+        held = self._held or {4: set(), 6: set()}
+        none: frozenset[str] = frozenset()
+        rules = {}
+        for v in (4, 6):
+            host = BITS[v]
+            rules[v] = [NetRule(a, b, none) for a, b in merge((n, n + (1 << (host - p)) - 1) for n, p in held[v])]
+        return RuleSet.build(v4=rules[4], v6=rules[6])
+
+    def _read_kernel(self) -> None:
+        held: dict[int, set[tuple[int, int]]] = {}
+        for v in (4, 6):
+            held[v] = set()
+            self._maxelem[v] = 0
+            try:
+                for payload in self._sock.dump(self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, self.settings.name(v)))):
+                    a = nl.attrs(payload)
+                    if A_DATA in a:  # the header: only our own type and family count as "present"
+                        ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
+                        self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
+                    if A_ADT in a:
+                        held[v].update(_parse_entries(v, a[A_ADT]))
+            except OSError as exc:
+                if exc.errno != ENOENT:
+                    raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
+        self._held = held
+
+    def _stats(self) -> nl.KernelStats:
+        elements = {}
+        for v in (4, 6):
+            name = self.settings.name(v)
+            req = self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, name) + attr_be32(A_FLAGS, FLAG_LIST_HEADER))
+            try:
+                for payload in self._sock.dump(req):
+                    data = nl.attrs(payload).get(A_DATA)
+                    if data is not None:
+                        elements[name] = nl.be(nl.attrs(data)[D_ELEMENTS])
+            except OSError as exc:
+                if exc.errno != ENOENT:
+                    raise _error(self.name, exc.errno, f"list {name}: {exc.strerror}") from exc
+        # Packet counters live in the operator's iptables rules, not in the sets.
+        return nl.KernelStats(self.name, MappingProxyType(elements))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _msg(self, cmd: int, flags: int, version: int, payload: bytes) -> bytes:
+        return nl.msg((nl.NFNL_SUBSYS_IPSET << 8) | cmd, flags, NFPROTO[version], attr(A_PROTOCOL, bytes([PROTOCOL])) + payload)
+
+    def _adt_msgs(self, cmd: int, version: int, setname: str, cidrs: Iterable[tuple[int, int]]) -> list[bytes]:
+        packer, head, cidr_hdr = _ENTRY[version]
+        pack, alen = packer.pack, BITS[version] // 8
+        items = sorted(cidrs)
+        # LINENO is mandatory whenever ADT carries entries; 0 = "not from a file".
+        prefix = attr_str(A_SETNAME, setname) + attr(A_LINENO, struct.pack("=I", 0))
+        out = []
+        for k in range(0, len(items), CHUNK[version]):
+            body = b"".join([pack(head, n.to_bytes(alen, "big"), cidr_hdr, p) for n, p in items[k:k + CHUNK[version]]])
+            # No NLM_F_EXCL: re-adding a present entry is a no-op rather than an error.
+            out.append(self._msg(cmd, 0, version, prefix + nest(A_ADT, body)))
+        return out
+
+    def _transact(self, msgs: list[bytes]) -> list[nl.Failure]:
+        try:
+            return self._sock.transact(msgs)
+        except OSError as exc:
+            self._held = None
+            raise _error(self.name, exc.errno, f"ipset request: {exc.strerror}") from exc
+
+    def _type_revision(self, version: int) -> int:
+        req = self._msg(CMD_TYPE, 0, version, attr_str(A_TYPENAME, "hash:net") + attr(A_FAMILY, bytes([NFPROTO[version]])))
+        try:
+            for payload in self._sock.dump(req):
+                return int(nl.attrs(payload)[A_REVISION][0])
+        except OSError as exc:
+            raise _error(self.name, exc.errno, f"ipset type hash:net: {exc.strerror}") from exc
+        raise _error(self.name, None, "the kernel did not report a hash:net revision")
+
+    def _exists(self, setname: str) -> bool:
+        req = self._msg(CMD_LIST, nl.NLM_F_DUMP, 4, attr_str(A_SETNAME, setname) + attr_be32(A_FLAGS, FLAG_LIST_HEADER))
+        try:
+            return any(True for _ in self._sock.dump(req))
+        except OSError as exc:
+            if exc.errno == ENOENT:
+                return False
+            raise _error(self.name, exc.errno, f"list {setname}: {exc.strerror}") from exc
+
+    def _destroy_quietly(self, setname: str) -> None:
+        self._transact([self._msg(CMD_DESTROY, 0, 4, attr_str(A_SETNAME, setname))])  # ENOENT is fine
+
+    def _drop_shadows(self) -> None:
+        for v in (4, 6):
+            self._destroy_quietly(self.settings.name(v, shadow=True))
+
+    def _record(self, messages: int, elements: int, size: int, t0: float) -> None:
+        self.last_commit = Commit(messages, elements, size, time.perf_counter() - t0)
+        log.debug("ipset_commit", enforcer=self.name, messages=messages, elements=elements, bytes=size,
+                  duration_s=round(self.last_commit.duration_s, 4))
+
+
+def _be32(kind: int, value: int) -> bytes:
+    return attr(kind | nl.NLA_F_NET_BYTEORDER, struct.pack(">I", value))
+
+
+def _error(enforcer: str, code: int | None, message: str) -> EnforcerError:
+    """The one place kernel/socket errors become EnforcerError (by errno, never by text)."""
+    return EnforcerError(enforcer, message, errno=code)
