@@ -12,14 +12,57 @@ The checks are pure; `load_shared_infra` is the one I/O step (operators refresh 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from publicsuffixlist import PublicSuffixList
+import idna
+from publicsuffixlist import PSLFILE
 
 from blockd import ranges
 from blockd.errors import CatalogError, Problem, raise_problems
 from blockd.model import Cidr
+
+_HOST = {4: ranges.HOST4, 6: ranges.HOST6}
+
+
+@dataclass(frozen=True, slots=True)
+class PublicSuffixes:
+    """The Public Suffix List as three sets of A-labels; `is_public` is O(1).
+
+    Equivalent to `publicsuffixlist.PublicSuffixList().is_public` (a test checks every rule),
+    but about 5x faster, which matters at a million names.
+    """
+
+    exact: frozenset[str]
+    wildcard: frozenset[str]  # "*.ck" is stored as "ck"
+    exception: frozenset[str]  # "!www.ck" is stored as "www.ck"
+
+    @classmethod
+    def load(cls, path: str = PSLFILE) -> PublicSuffixes:
+        exact, wildcard, exception = set(), set(), set()
+        with open(path, encoding="utf-8") as f:
+            for raw in f:
+                rule = raw.strip()
+                if not rule or rule.startswith("//"):
+                    continue
+                target = exact
+                if rule.startswith("!"):
+                    rule, target = rule[1:], exception
+                elif rule.startswith("*."):
+                    rule, target = rule[2:], wildcard
+                if not rule.isascii():
+                    rule = idna.encode(rule, uts46=True).decode("ascii")
+                target.add(rule.lower())
+        return cls(frozenset(exact), frozenset(wildcard), frozenset(exception))
+
+    def is_public(self, name: str) -> bool:
+        if name in self.exact:
+            return name not in self.exception
+        parent = name.partition(".")[2]
+        if not parent:
+            return True  # the list's default rule "*": any unlisted TLD is public
+        return parent in self.wildcard and name not in self.exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +125,7 @@ def load_shared_infra(directory: Path | None) -> SharedInfra:
                 if key.strip() == "provider":
                     name = value.strip()
                 elif key.strip() == "source":
-                    source = value.strip()
+                    source = f"{source}; {value.strip()}" if source else value.strip()
                 continue
             if not line:
                 continue
@@ -97,7 +140,7 @@ def load_shared_infra(directory: Path | None) -> SharedInfra:
 
 @dataclass(frozen=True, slots=True)
 class Guards:
-    psl: PublicSuffixList
+    psl: PublicSuffixes
     infra: SharedInfra
     min_prefix_v4: int = 16
     min_prefix_v6: int = 32
@@ -108,22 +151,34 @@ class Guards:
             return f"{name!r} is a public suffix; blocking it blocks every domain registered under it"
         return None
 
-    def check_cidr(self, cidr: Cidr) -> list[tuple[str, str]]:
-        """(guard, reason) pairs for `cidr`; empty when it passes."""
+    def check_cidrs(self, cidrs: tuple[Cidr, ...]) -> list[tuple[Cidr, list[tuple[str, str]]]]:
+        """The prefixes a guard stops, each with its (guard, reason) pairs; hot at 1M prefixes."""
         out = []
-        limit = self.min_prefix_v4 if cidr.version == 4 else self.min_prefix_v6
-        if cidr.prefixlen < limit:
-            size = f"{1 << (32 - cidr.prefixlen):,}" if cidr.version == 4 else f"2^{128 - cidr.prefixlen}"
-            out.append(("min_prefix", f"/{cidr.prefixlen} covers {size} addresses; the limit is /{limit}"))
-        hits = self.infra.hits(cidr)
-        if hits:
-            shown = ", ".join(f"{name} {c}" for name, c in hits[:3])
-            more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
-            out.append(("shared_infra", f"overlaps shared cloud/CDN ranges: {shown}{more}"))
+        limits = {4: self.min_prefix_v4, 6: self.min_prefix_v6}
+        index = {4: self.infra._v4, 6: self.infra._v6}
+        bisect_right = bisect.bisect_right
+        for cidr in cidrs:
+            version, first, plen = cidr
+            last = first | _HOST[version][plen]
+            idx = index[version]
+            i = bisect_right(idx.starts, last) - 1
+            hit = i >= 0 and idx.ends[i] >= first
+            if plen >= limits[version] and not hit:
+                continue
+            problems = []
+            if plen < limits[version]:
+                size = f"{1 << (32 - plen):,}" if version == 4 else f"2^{128 - plen}"
+                problems.append(("min_prefix", f"/{plen} covers {size} addresses; the limit is /{limits[version]}"))
+            if hit:
+                hits = self.infra.hits(cidr)
+                shown = ", ".join(f"{name} {c}" for name, c in hits[:3])
+                more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
+                problems.append(("shared_infra", f"overlaps shared cloud/CDN ranges: {shown}{more}"))
+            out.append((cidr, problems))
         return out
 
 
-def default_psl() -> PublicSuffixList:
-    """The list shipped inside `publicsuffixlist` (works offline)."""
-    return PublicSuffixList()
+def default_psl() -> PublicSuffixes:
+    """The list shipped inside the `publicsuffixlist` package (works offline)."""
+    return PublicSuffixes.load()
 

@@ -12,8 +12,11 @@ turns them into prefixes for ipset and RPZ.
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from datetime import datetime
 from types import MappingProxyType
 from typing import Literal, NamedTuple
@@ -225,17 +228,19 @@ def union_intervals(rules: Iterable[NetRule]) -> list[tuple[int, int]]:
 def content_digest(
     domains: tuple[DomainRule, ...], v4: tuple[NetRule, ...], v6: tuple[NetRule, ...]
 ) -> str:
-    """SHA-256 over the canonical text of what is enforced; see `RuleSet`."""
+    """SHA-256 over the canonical form of what is enforced; see `RuleSet`.
+
+    Layout: a version tag; sorted exact names, then sorted subtree names, newline-separated;
+    then the union intervals of each family as big-endian (first, last) pairs.
+    """
     h = hashlib.sha256(b"blockd-ruleset-v1\n")
-    seen: set[tuple[str, bool]] = set()
-    lines = []
-    for name, subtree, _ in domains:
-        if (name, subtree) not in seen:
-            seen.add((name, subtree))
-            lines.append(f"{'S' if subtree else 'D'} {name}\n")
-    h.update("".join(lines).encode())
-    for tag, rules in (("4", v4), ("6", v6)):
-        h.update("".join(f"{tag} {a:x}-{b:x}\n" for a, b in union_intervals(rules)).encode())
+    h.update(b"D\n" + "\n".join([n for n, sub, _ in domains if not sub]).encode())
+    h.update(b"\nS\n" + "\n".join([n for n, sub, _ in domains if sub]).encode())
+    pairs = array("I", chain.from_iterable(union_intervals(v4)))
+    if sys.byteorder == "little":
+        pairs.byteswap()
+    h.update(b"\n4\n" + pairs.tobytes())
+    h.update(b"\n6\n" + b"".join(a.to_bytes(16, "big") + b.to_bytes(16, "big") for a, b in union_intervals(v6)))
     return h.hexdigest()
 
 

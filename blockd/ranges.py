@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator
 from blockd.model import Cidr
 
 BITS = {4: 32, 6: 128}
-_V4_HOST = [(1 << (32 - p)) - 1 for p in range(33)]
-_V6_HOST = [(1 << (128 - p)) - 1 for p in range(129)]
+#: host-part masks by prefix length: `network | HOST4[plen]` is the last address
+HOST4 = [(1 << (32 - p)) - 1 for p in range(33)]
+HOST6 = [(1 << (128 - p)) - 1 for p in range(129)]
 
 
 class CidrSyntaxError(ValueError):
@@ -28,9 +29,9 @@ def parse_cidr(text: str) -> Cidr:
     """
     addr, sep, plen_s = text.partition("/")
     if ":" in addr:
-        version, family, host = 6, socket.AF_INET6, _V6_HOST
+        version, family, host = 6, socket.AF_INET6, HOST6
     else:
-        version, family, host = 4, socket.AF_INET, _V4_HOST
+        version, family, host = 4, socket.AF_INET, HOST4
     try:
         packed = socket.inet_pton(family, addr)
     except OSError:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockd import ranges
-from blockd.compile import CompileSettings, compile_policies, segment
+from blockd.compile import CompileSettings, Provenance, compile_policies, segment
 from blockd.errors import PolicyError
 from blockd.guards import Guards, Provider, SharedInfra, default_psl
 from blockd.model import Catalog, RuleSet, Service, diff
@@ -186,9 +186,19 @@ def test_merge_and_subtract_match_netaddr(keep, remove) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(cidr4, st.sampled_from("abc")), max_size=30))
 def test_segment_keeps_exact_provenance(entries) -> None:
-    rules = segment([(n, n | ((1 << (32 - p)) - 1), k) for (n, p), k in entries], {})
+    rules = segment([(n, n | ((1 << (32 - p)) - 1), k) for (n, p), k in entries], Provenance())
     for key in "abc":
         mine = [(n, p) for (n, p), k in entries if k == key]
         covered = netaddr.IPSet(netaddr.IPRange(a, b) for a, b, o in rules if key in o)
         assert covered == _netaddr(mine)
     assert all(a.last < b.first for a, b in zip(rules, rules[1:]))
+
+
+def test_public_suffix_sets_agree_with_publicsuffixlist() -> None:
+    from publicsuffixlist import PublicSuffixList
+
+    reference = PublicSuffixList()
+    names = set(PSL.exact) | set(PSL.exception) | {f"x.{w}" for w in PSL.wildcard} | set(PSL.wildcard)
+    names |= {f"a.{n}" for n in list(PSL.exact)[:3000]} | {"com", "t.me", "foo", "example.org", "www.ck"}
+    for name in sorted(names):
+        assert PSL.is_public(name) == reference.is_public(name), name
