@@ -57,7 +57,9 @@ class PublicSuffixes:
         return cls(frozenset(exact), frozenset(wildcard), frozenset(exception))
 
     def is_public(self, name: str) -> bool:
-        if name in self.exact:
+        # The parent of a wildcard rule counts as public too (as publicsuffixlist reads it):
+        # `*.compute.amazonaws.com` makes `compute.amazonaws.com` unregistrable in practice.
+        if name in self.exact or name in self.wildcard:
             return name not in self.exception
         parent = name.partition(".")[2]
         if not parent:
