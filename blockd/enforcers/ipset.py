@@ -6,8 +6,9 @@ ipset has no transactions, so atomicity comes from swapping whole sets:
                    entries per netlink message, IPSET_ATTR_ADT + LINENO), swap each with the
                    live set, destroy the old contents. If anything fails before the swaps, the
                    shadows are destroyed and the live sets were never touched.
-    incremental    add then delete only the CIDR diff, all messages in one sendmsg. A failure
-                   part-way is rolled back by a full replace with the previous contents.
+    incremental    add then delete only the CIDR diff, all messages in one sendmsg. The kernel
+                   applies them one by one; a failure part-way is undone with the inverse
+                   operations (the datapath may see the partial diff for that moment).
 
 hash:net holds CIDRs, so intervals go through `ranges.to_cidrs`; `readback` dumps the sets
 (a linear kernel dump) and merges the CIDRs back into intervals. Matching traffic is left to
@@ -146,11 +147,7 @@ class IpsetEnforcer:
             adds = {v: want[v] - held[v] for v in (4, 6)}
             dels = {v: held[v] - want[v] for v in (4, 6)}
             added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
-            # Adds before deletes: a prefix that is re-split stays blocked in between.
-            msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
-            msgs += [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
-            if msgs:
-                self._incremental(msgs, added + removed, held)
+            self._incremental(adds, dels)
         self._held = want
         applied = Applied(
             enforcer=self.name, digest=desired.digest, desired_digest=desired.digest,
@@ -161,18 +158,25 @@ class IpsetEnforcer:
                  duration_s=round(applied.duration_s, 4))
         return applied
 
-    def _incremental(self, msgs: list[bytes], elements: int, held: dict[int, set[tuple[int, int]]]) -> None:
+    def _incremental(self, adds: dict[int, set[tuple[int, int]]], dels: dict[int, set[tuple[int, int]]]) -> None:
         t0 = time.perf_counter()
+        msgs = self._diff_msgs(adds, dels)
+        if not msgs:
+            return
         failures = self._transact(msgs)
         if failures:
-            first = failures[0]
-            try:  # put the previous contents back, atomically per set
-                self._replace(held)
-            except EnforcerError:
-                self._held = None
-                raise
-            raise _error(self.name, first.errno, f"incremental update rolled back to the previous sets; {first.describe()}")
-        self._record(len(msgs), elements, sum(map(len, msgs)), t0)
+            # Undo with the inverse operations; without NLM_F_EXCL, deleting an entry that was
+            # never added and re-adding one that was never deleted are no-ops.
+            self._transact(self._diff_msgs(dels, adds))
+            self._held = None
+            raise _error(self.name, failures[0].errno,
+                         f"incremental update failed and was undone; {failures[0].describe()}")
+        self._record(len(msgs), sum(len(x) for x in (*adds.values(), *dels.values())), sum(map(len, msgs)), t0)
+
+    def _diff_msgs(self, adds: dict[int, set[tuple[int, int]]], dels: dict[int, set[tuple[int, int]]]) -> list[bytes]:
+        # Adds before deletes: a prefix that is re-split stays blocked in between.
+        msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
+        return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
 
     def _replace(self, want: dict[int, set[tuple[int, int]]]) -> None:
         """Fill shadow sets, then swap both in; on any failure the live sets are unchanged."""
