@@ -84,7 +84,14 @@ _ENTRY_RE = {
 }
 
 
-def _parse_entries(version: int, adt: memoryview) -> Iterator[tuple[int, int]]:
+def pack_entries(version: int, cidrs: list[tuple[int, int]]) -> bytes:
+    """(network, prefixlen) -> the IPSET_ATTR_DATA entries of one ADT attribute."""
+    packer, head, cidr_hdr = _ENTRY[version]
+    pack, alen = packer.pack, BITS[version] // 8
+    return b"".join([pack(head, n.to_bytes(alen, "big"), cidr_hdr, p) for n, p in cidrs])
+
+
+def parse_entries(version: int, adt: memoryview) -> Iterator[tuple[int, int]]:
     """ADT payload -> (network, prefixlen); fast path checked to cover every byte."""
     raw = bytes(adt)
     hits = _ENTRY_RE[version].findall(raw)
@@ -236,7 +243,7 @@ class IpsetEnforcer:
                         ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
                         self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
                     if A_ADT in a:
-                        held[v].update(_parse_entries(v, a[A_ADT]))
+                        held[v].update(parse_entries(v, a[A_ADT]))
             except OSError as exc:
                 if exc.errno != ENOENT:
                     raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
@@ -264,14 +271,12 @@ class IpsetEnforcer:
         return nl.msg((nl.NFNL_SUBSYS_IPSET << 8) | cmd, flags, NFPROTO[version], attr(A_PROTOCOL, bytes([PROTOCOL])) + payload)
 
     def _adt_msgs(self, cmd: int, version: int, setname: str, cidrs: Iterable[tuple[int, int]]) -> list[bytes]:
-        packer, head, cidr_hdr = _ENTRY[version]
-        pack, alen = packer.pack, BITS[version] // 8
         items = sorted(cidrs)
         # LINENO is mandatory whenever ADT carries entries; 0 = "not from a file".
         prefix = attr_str(A_SETNAME, setname) + attr(A_LINENO, struct.pack("=I", 0))
         out = []
         for k in range(0, len(items), CHUNK[version]):
-            body = b"".join([pack(head, n.to_bytes(alen, "big"), cidr_hdr, p) for n, p in items[k:k + CHUNK[version]]])
+            body = pack_entries(version, items[k:k + CHUNK[version]])
             # No NLM_F_EXCL: re-adding a present entry is a no-op rather than an error.
             out.append(self._msg(cmd, 0, version, prefix + nest(A_ADT, body)))
         return out

@@ -1,0 +1,51 @@
+"""Pure parts of the kernel enforcers: shard cutting, element packing and parsing, set sizing."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blockd.enforcers import netlink as nl
+from blockd.enforcers.ipset import IpsetSettings, pack_entries, parse_entries
+from blockd.enforcers.nft import _pack_elements, _parse_elements, pieces, shard
+from blockd.ranges import merge
+
+intervals4 = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=60).map(
+    lambda xs: merge((a, min(a + n, 2**32 - 1)) for a, n in xs))
+intervals6 = st.lists(st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 2**118)), max_size=40).map(
+    lambda xs: merge((a, min(a + n, 2**128 - 1)) for a, n in xs))
+
+
+def _as_dump(payload: bytes) -> memoryview:
+    """What the kernel would send: the element list inside NFTA_SET_ELEM_LIST_ELEMENTS."""
+    return memoryview(nl.attr(3, payload))
+
+
+@given(st.sampled_from([4, 6]).flatmap(lambda v: st.tuples(st.just(v), intervals4 if v == 4 else intervals6)))
+def test_pieces_pack_parse_roundtrip(case: tuple[int, list[tuple[int, int]]]) -> None:
+    version, ivs = case
+    cut = list(pieces(version, ivs))
+    assert merge(cut) == ivs
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for first, last in cut:
+        assert shard(version, first) == shard(version, last)
+        by_shard.setdefault(shard(version, first), []).append((first, last))
+    back = [iv for items in by_shard.values() for iv in _parse_elements(version, [_as_dump(_pack_elements(version, items))])]
+    assert merge(back) == ivs
+
+
+def test_shard_spreads_v6_allocations() -> None:
+    assert [shard(6, p << 112) for p in (0x2A00, 0x2A10, 0x2400, 0x2600)] == [0xA0, 0xA1, 0x40, 0x60]
+    assert shard(4, 0x0A000001) == 0x0A
+
+
+def test_ipset_entries_roundtrip() -> None:
+    cidrs = [(0x0A000000, 8), (0xC0000201, 32), (0, 1)]
+    assert list(parse_entries(4, memoryview(pack_entries(4, cidrs)))) == cidrs
+    v6 = [(0x2A01 << 112, 48), ((1 << 128) - 1, 128)]
+    assert list(parse_entries(6, memoryview(pack_entries(6, v6)))) == v6
+
+
+def test_ipset_maxelem_grows_with_the_rule_count() -> None:
+    s = IpsetSettings()
+    assert s.maxelem(10) == 65536 and s.maxelem(1_000_000) == 2**21
