@@ -76,37 +76,56 @@ class Provider:
 
 @dataclass(frozen=True, slots=True)
 class _Index:
-    """Sorted disjoint union of all providers' ranges, for one family; hits are named afterwards."""
+    """Sorted disjoint intervals of one family, searchable by bisection."""
 
     starts: list[int]
     ends: list[int]
+
+    @classmethod
+    def of(cls, intervals: list[tuple[int, int]]) -> _Index:
+        return cls([a for a, _ in intervals], [b for _, b in intervals])
+
+    def meeting(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The intervals that meet [first, last]."""
+        i = bisect.bisect_right(self.starts, last) - 1
+        out = []
+        while i >= 0 and self.ends[i] >= first:
+            out.append((self.starts[i], self.ends[i]))
+            i -= 1
+        return out[::-1]
 
 
 @dataclass(frozen=True, slots=True)
 class SharedInfra:
     providers: tuple[Provider, ...]
-    _v4: _Index = field(repr=False)
-    _v6: _Index = field(repr=False)
+    #: (family) -> union of every provider's ranges: the one bisect most prefixes cost
+    _union: dict[int, _Index] = field(repr=False)
+    #: (provider name, family) -> that provider's merged ranges, to name what a hit meets
+    _each: dict[tuple[str, int], _Index] = field(repr=False)
 
     @classmethod
     def build(cls, providers: tuple[Provider, ...]) -> SharedInfra:
-        idx = {}
+        union, each = {}, {}
         for version in (4, 6):
-            merged = ranges.merge((c.first, c.last) for p in providers for c in p.cidrs if c.version == version)
-            idx[version] = _Index([a for a, _ in merged], [b for _, b in merged])
-        return cls(providers, idx[4], idx[6])
+            union[version] = _Index.of(
+                ranges.merge((c.first, c.last) for p in providers for c in p.cidrs if c.version == version))
+            for p in providers:
+                each[(p.name, version)] = _Index.of(
+                    ranges.merge((c.first, c.last) for c in p.cidrs if c.version == version))
+        return cls(providers, union, each)
 
-    def hits(self, cidr: Cidr) -> list[tuple[str, Cidr]]:
-        """Providers' ranges that `cidr` meets, as (provider name, range); empty when none."""
-        index = self._v4 if cidr.version == 4 else self._v6
+    def hits(self, cidr: Cidr) -> list[tuple[str, str]]:
+        """Providers' ranges that `cidr` meets, as (provider name, range text); empty when none."""
         first, last = cidr.first, cidr.last
-        if ranges.overlaps(index.starts, index.ends, first, last) is None:
-            return []  # the common case costs one bisect
+        if not self._union[cidr.version].meeting(first, last):
+            return []
         out = []
         for p in self.providers:
-            for c in p.cidrs:
-                if c.version == cidr.version and c.first <= last and first <= c.last:
-                    out.append((p.name, c))
+            for a, b in self._each[(p.name, cidr.version)].meeting(first, last):
+                text = ", ".join(ranges.format_cidr(cidr.version, n, plen)
+                                 for n, plen in ranges.interval_to_cidrs(cidr.version, a, b))
+                out.append((p.name, text if text.count(",") < 2 else
+                            f"{ranges.format_addr(cidr.version, a)}-{ranges.format_addr(cidr.version, b)}"))
         return out
 
 
@@ -157,7 +176,7 @@ class Guards:
         """The prefixes a guard stops, each with its (guard, reason) pairs; hot at 1M prefixes."""
         out = []
         limits = {4: self.min_prefix_v4, 6: self.min_prefix_v6}
-        index = {4: self.infra._v4, 6: self.infra._v6}
+        index = self.infra._union
         bisect_right = bisect.bisect_right
         for cidr in cidrs:
             version, first, plen = cidr

@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import idna
 import yaml
 
+from blockd.names import display, normalise
 from blockd.ranges import CidrSyntaxError, parse_cidr
 
 __all__ = ["Imported", "list_to_policy", "normalise_domain", "zi_to_policy"]
 
-_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _ZI_FIELDS = ("ip", "domain", "url", "org", "number", "date")
 _ID_MAX = 64
 
@@ -79,34 +78,9 @@ _Dumper.add_representer(datetime, _represent_datetime)
 def normalise_domain(raw: str) -> str:
     """`'*.Пример.РФ.'` -> `'*.xn--e1afmkfd.xn--p1ai'`; raises ValueError saying what is wrong.
 
-    A leading `*.` means the name and everything below it. Unicode names become A-labels via
-    UTS #46; ASCII names are only lowercased (so `_dmarc`-style labels stay valid).
+    The same rules as policy files (`blockd.names.normalise`), so an imported list loads back.
     """
-    name = raw.strip()
-    prefix = ""
-    if name.startswith("*."):
-        prefix, name = "*.", name[2:]
-    name = name.rstrip(".")
-    if not name:
-        raise ValueError("empty name")
-    if "*" in name:
-        raise ValueError("'*' is only valid as the whole first label ('*.example.com')")
-    if name.isascii():
-        name = name.lower()
-    else:
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except idna.IDNAError as e:
-            raise ValueError(f"not a valid IDN: {e}") from None
-    if len(name) > 253:
-        raise ValueError(f"name is {len(name)} characters; at most 253")
-    labels = name.split(".")
-    bad = [label for label in labels if not _LABEL.fullmatch(label)]
-    if bad:
-        raise ValueError(f"label {bad[0]!r} is not 1-63 characters of [a-z0-9_-]")
-    if labels[-1].isdigit():
-        raise ValueError("an IP address or numeric name, not a domain")
-    return prefix + name
+    return display(*normalise(raw))
 
 
 def _timestamps(issued_at: datetime, not_before: datetime, not_after: datetime) -> None:

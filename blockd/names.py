@@ -49,6 +49,8 @@ def normalise(text: str) -> tuple[str, bool]:
         raise DomainNameError(
             f"bad label {bad!r}: labels are 1-63 of a-z 0-9 - _ and do not start or end with '-'"
         )
+    if lowered.rpartition(".")[2].isdigit():
+        raise DomainNameError("looks like an IP address, not a domain name; put addresses in cidrs")
     if lowered.startswith("xn--") or ".xn--" in lowered:
         for label in lowered.split("."):
             if label.startswith("xn--"):
