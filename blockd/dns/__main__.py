@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -44,10 +45,10 @@ async def main(args: argparse.Namespace) -> None:
                                 ede_code=args.ede, cache_size=args.cache_size)
     server = SinkholeServer(settings)
     await server.start()
-    rs = load_names(args.names) if args.names else RuleSet.empty()
     enf = SinkholeEnforcer(server)
     t0 = time.perf_counter()
-    await enf.apply(rs)
+    await enf.apply(load_names(args.names) if args.names else RuleSet.empty())
+    gc.collect()
     print(f"ready {server.addresses[0][1]} {enf.last_load_s:.3f} {time.perf_counter() - t0:.3f}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

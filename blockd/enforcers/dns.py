@@ -14,7 +14,7 @@ import structlog
 from blockd.dns.server import SinkholeServer
 from blockd.dns.table import Table
 from blockd.errors import EnforcerError
-from blockd.model import Applied, RuleSet, diff
+from blockd.model import Applied, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.dns")
 
@@ -23,39 +23,46 @@ class SinkholeEnforcer:
     def __init__(self, server: SinkholeServer, name: str = "dns") -> None:
         self.name = name
         self.server = server
-        self._held = server.table.to_ruleset()
         self.last_load_s = 0.0
 
     async def apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        want = RuleSet.build(desired.domains, (), (), desired.orders)  # the sinkhole holds names only
-        plan = diff(self._held, want)
-        if plan.empty and self.server.table.digest == want.digest:
-            table = self.server.table
-        else:
+        # The sinkhole holds names only; the addresses are the kernel enforcers' job.
+        want = desired if not (desired.v4 or desired.v6) else RuleSet.build(desired.domains, (), (), desired.orders)
+        old = self.server.table
+        added = removed = 0
+        if old.digest != want.digest:
             try:
                 # Built in a worker thread: the event loop keeps answering from the old table.
                 table = await asyncio.to_thread(Table.build, want, self.server.answer_settings)
             except (ValueError, KeyError, UnicodeError) as e:
                 raise EnforcerError(self.name, f"cannot build the lookup table: {e}") from e
             self.server.swap(table)
-        self.last_load_s = time.perf_counter() - t0
-        served = await asyncio.to_thread(table.to_ruleset)
-        self._held = served
-        applied = Applied(
+            self.last_load_s = time.perf_counter() - t0
+            added, removed = await asyncio.to_thread(_changes, old, table)
+        # No RuleSet is kept here: at 1M names it would double the daemon's memory.
+        served = await self.readback()
+        log.debug("dns_table_swapped", enforcer=self.name, names=len(self.server.table),
+                  load_s=round(self.last_load_s, 3))
+        return Applied(
             enforcer=self.name,
             digest=served.digest,
-            desired_digest=want.digest,  # names only: addresses are the kernel's
-            added=plan.added,
-            removed=plan.removed,
+            desired_digest=want.digest,
+            added=added,
+            removed=removed,
             duration_s=time.perf_counter() - t0,
             counts=served.counts(),
         )
-        log.debug("dns_table_swapped", enforcer=self.name, names=len(table), load_s=round(self.last_load_s, 3))
-        return applied
 
     async def readback(self) -> RuleSet:
         return await asyncio.to_thread(self.server.table.to_ruleset)
 
     async def aclose(self) -> None:
         await self.server.aclose()
+
+
+def _changes(old: Table, new: Table) -> tuple[int, int]:
+    """(added, removed) rules between two tables, from their keys."""
+    added = len(new.exact.keys() - old.exact.keys()) + len(new.subtree.keys() - old.subtree.keys())
+    removed = len(old.exact.keys() - new.exact.keys()) + len(old.subtree.keys() - new.subtree.keys())
+    return added, removed
