@@ -19,10 +19,10 @@ from blockd.compile import Compilation, compile_policies
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write
 from blockd.intake import Context, Intake, load_context, policy_files, read_policies
-from blockd.model import RuleSet, diff
+from blockd.model import RuleSet, diff, union_intervals
 from blockd.names import display
 from blockd.policy import check_window, read_signed
-from blockd.ranges import format_addr, to_cidrs
+from blockd.ranges import format_addr, subtract, to_cidrs
 from blockd.settings import Settings, load_settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -163,18 +163,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     by_issuer = {p.issuer: p for p in old_policies}
     by_issuer.update({p.issuer: p for p in intake.accepted})
     comp = compile_policies(list(by_issuer.values()), ctx.catalog, ctx.compile, now, previous=previous)
-    plan = diff(previous or RuleSet.empty(), comp.ruleset)
-    fmt = lambda v, ivs: [f"{format_addr(v, n)}/{p}" for n, p in to_cidrs(v, ivs)]  # noqa: E731
+    old = previous or RuleSet.empty()
+    plan = diff(old, comp.ruleset)
+    # Show addresses, not enforcer elements: /24 -> /25 reads as "remove the other /25".
+    def addrs(v: int, a: RuleSet, b: RuleSet) -> list[str]:
+        fam = "v4" if v == 4 else "v6"
+        only = subtract(union_intervals(getattr(a, fam)), union_intervals(getattr(b, fam)))
+        return [f"{format_addr(v, n)}/{p}" for n, p in to_cidrs(v, only)]
+
     data = {
-        "from_digest": (previous or RuleSet.empty()).digest,
+        "from_digest": old.digest,
         "to_digest": comp.ruleset.digest,
-        "add": {"domains": [display(*d) for d in plan.add_domains], "ipv4": fmt(4, plan.add_v4), "ipv6": fmt(6, plan.add_v6)},
-        "remove": {"domains": [display(*d) for d in plan.del_domains], "ipv4": fmt(4, plan.del_v4), "ipv6": fmt(6, plan.del_v6)},
+        "add": {"domains": [display(*d) for d in plan.add_domains], "ipv4": addrs(4, comp.ruleset, old),
+                "ipv6": addrs(6, comp.ruleset, old)},
+        "remove": {"domains": [display(*d) for d in plan.del_domains], "ipv4": addrs(4, old, comp.ruleset),
+                   "ipv6": addrs(6, old, comp.ruleset)},
         "rejected": [{"file": r.path, "error": str(r.error)} for r in intake.rejected],
         "refused": [str(f) for f in comp.refused],
     }
-    lines = [f"plan {data['from_digest'][:12]} -> {data['to_digest'][:12]}: "
-             f"+{plan.added} -{plan.removed} (domains, IPv4 and IPv6 ranges)"]
+    lines = [f"plan {data['from_digest'][:12]} -> {data['to_digest'][:12]}"]
     for verb, sign in (("add", "+"), ("remove", "-")):
         for kind in ("domains", "ipv4", "ipv6"):
             items = data[verb][kind]  # type: ignore[index]
