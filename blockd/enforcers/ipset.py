@@ -32,8 +32,8 @@ from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.enforcers.nft import Commit, addresses
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, NetRule, RuleSet, union_intervals
-from blockd.ranges import BITS, merge, to_cidrs
+from blockd.model import Applied, RuleSet, union_intervals
+from blockd.ranges import BITS, interval_to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.ipset")
 
@@ -82,6 +82,17 @@ _ENTRY_RE = {
                   + str(BITS[v] // 8).encode() + b"})\\x05\\x00\\x03[\\x00\\x40](.)\\x00\\x00\\x00", re.DOTALL)
     for v in (4, 6)
 }
+
+
+def cidrs(version: int, intervals: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """`ranges.to_cidrs` with a fast path for the common case: the interval is one CIDR."""
+    bits = BITS[version]
+    for first, last in intervals:
+        size = last - first + 1
+        if size & (size - 1) == 0 and first & (size - 1) == 0:
+            yield first, bits + 1 - size.bit_length()
+        else:
+            yield from interval_to_cidrs(version, first, last)
 
 
 def pack_entries(version: int, cidrs: list[tuple[int, int]]) -> bytes:
@@ -142,7 +153,7 @@ class IpsetEnforcer:
 
     def _apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        want = {v: set(to_cidrs(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
+        want = {v: set(cidrs(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
         if self._held is None:
             self._read_kernel()
         held = self._held or {4: set(), 6: set()}
@@ -224,12 +235,7 @@ class IpsetEnforcer:
     def _readback(self) -> RuleSet:
         self._read_kernel()
         held = self._held or {4: set(), 6: set()}
-        none: frozenset[str] = frozenset()
-        rules = {}
-        for v in (4, 6):
-            host = BITS[v]
-            rules[v] = [NetRule(a, b, none) for a, b in merge((n, n + (1 << (host - p)) - 1) for n, p in held[v])]
-        return RuleSet.build(v4=rules[4], v6=rules[6])
+        return nl.held_ruleset(_spans(4, held[4]), _spans(6, held[6]))
 
     def _read_kernel(self) -> None:
         held: dict[int, set[tuple[int, int]]] = {}
@@ -317,6 +323,17 @@ class IpsetEnforcer:
         self.last_commit = Commit(messages, elements, size, time.perf_counter() - t0)
         log.debug("ipset_commit", enforcer=self.name, messages=messages, elements=elements, bytes=size,
                   duration_s=round(self.last_commit.duration_s, 4))
+
+
+def _spans(version: int, held: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """CIDRs -> {first: last}; of nested CIDRs (only someone else adds those) keep the widest."""
+    host = BITS[version]
+    out: dict[int, int] = {}
+    for n, p in held:
+        last = n + (1 << (host - p)) - 1
+        if out.get(n, -1) < last:
+            out[n] = last
+    return out
 
 
 def _be32(kind: int, value: int) -> bytes:

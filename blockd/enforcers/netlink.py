@@ -10,6 +10,7 @@ docs/kernel.md). pyroute2 is used only to enter a named network namespace.
     NetlinkSocket.transact   send messages in one datagram, return (seq, errno, text) of failures
     NetlinkSocket.dump       one NLM_F_DUMP request -> iterator of message payloads
     KernelStats              element and counter figures the metrics collector reads
+    held_ruleset             intervals read back from the kernel -> RuleSet
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import struct
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import MappingProxyType
+
+from blockd.model import NetRule, RuleSet
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
@@ -95,6 +99,30 @@ def be(view: memoryview) -> int:
 
 def text(view: memoryview) -> str:
     return bytes(view).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def held_ruleset(v4: Mapping[int, int], v6: Mapping[int, int]) -> RuleSet:
+    """Intervals read from the kernel, {first: last} (disjoint, any order) -> a RuleSet.
+
+    Sorting the int keys instead of (first, last) tuples is ~4x faster at 1M.
+    """
+    none: frozenset[str] = frozenset()
+    rules = []
+    for spans in (v4, v6):
+        firsts: list[int] = []
+        lasts: list[int] = []
+        end = -2
+        for first in sorted(spans):
+            last = spans[first]
+            if first <= end + 1:  # touching pieces (shard cuts, adjacent CIDRs) merge
+                if last > end:
+                    lasts[-1] = end = last
+            else:
+                firsts.append(first)
+                lasts.append(last)
+                end = last
+        rules.append(list(map(NetRule, firsts, lasts, repeat(none))))
+    return RuleSet.build(v4=rules[0], v6=rules[1])
 
 
 @dataclass(frozen=True, slots=True)

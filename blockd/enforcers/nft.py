@@ -35,8 +35,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, NetRule, RuleSet, union_intervals
-from blockd.ranges import merge
+from blockd.model import Applied, RuleSet, union_intervals
 
 log = structlog.get_logger("blockd.enforcers.nft")
 
@@ -297,11 +296,7 @@ class NftEnforcer:
     def _readback(self) -> RuleSet:
         self._read_kernel()
         held = self._held if self._layout_ok and self._held is not None else {4: set(), 6: set()}
-        none: frozenset[str] = frozenset()
-        return RuleSet.build(
-            v4=[NetRule(a, b, none) for a, b in merge(held[4])],
-            v6=[NetRule(a, b, none) for a, b in merge(held[6])],
-        )
+        return nl.held_ruleset(dict(held[4]), dict(held[6]))
 
     def _read_kernel(self) -> None:
         """Dump blockd's table: layout check (rules per chain), then every shard set."""

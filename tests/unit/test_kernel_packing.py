@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockd.enforcers import netlink as nl
-from blockd.enforcers.ipset import IpsetSettings, pack_entries, parse_entries
+from blockd.enforcers.ipset import IpsetSettings, cidrs, pack_entries, parse_entries
 from blockd.enforcers.nft import _pack_elements, _parse_elements, pieces, shard
-from blockd.ranges import merge
+from blockd.ranges import merge, to_cidrs
 
 intervals4 = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=60).map(
     lambda xs: merge((a, min(a + n, 2**32 - 1)) for a, n in xs))
@@ -49,3 +49,8 @@ def test_ipset_entries_roundtrip() -> None:
 def test_ipset_maxelem_grows_with_the_rule_count() -> None:
     s = IpsetSettings()
     assert s.maxelem(10) == 65536 and s.maxelem(1_000_000) == 2**21
+
+
+@given(intervals4)
+def test_fast_cidrs_equal_ranges_to_cidrs(ivs: list[tuple[int, int]]) -> None:
+    assert list(cidrs(4, ivs)) == list(to_cidrs(4, ivs))
