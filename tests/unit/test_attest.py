@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -311,3 +312,16 @@ def test_timing_with_no_enforcers_is_never_enforced() -> None:
     t = tte.timing(issued_at=T1, received_at=None, verified_at=None, deadline=None, status="enforced",
                    enforced_at={"nft": T1}, enforcers=[], now=NOW)
     assert (t.enforced_everywhere_at, t.issued_to_enforced_s, dict(t.enforced_at)) == (None, None, {})
+
+
+def test_the_example_in_docs_verifies(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "attestation.md").read_text()
+    blocks = re.findall(r"```(?:json)?\n(.*?)```", doc, re.S)
+    pub = next(b for b in blocks if b.startswith("untrusted comment: minisign public key"))
+    statement = next(b for b in blocks if b.startswith('{\n  "_type"'))
+    sig = next(b for b in blocks if b.startswith("untrusted comment: blockd attestation"))
+    path = tmp_path / "example.json"
+    path.write_text(statement)
+    path.with_name("example.json.minisig").write_text(sig)
+    got = attest.verify(path, minisign.parse_public_key(pub))
+    assert got["predicate"]["orders"]["by_deadline_status"] == {"met": 1, "refused": 1}
