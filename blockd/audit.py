@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -79,6 +79,7 @@ class Verified:
     #: bytes of a torn last line, only when `allow_torn` (open moves them aside)
     torn: bytes = b""
     events: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: key id whose signature of audit.head was verified (only when verify got a public key)
     head_signed_by: str | None = None
 
 
@@ -169,6 +170,7 @@ def verify(
     want = {h.seq for h in anchor_list} | ({recorded[0].seq} if recorded else set())
     events: dict[str, int] = {}
     prev, seq, torn = GENESIS, 0, b""
+    f: BinaryIO | None
     try:
         f = path.open("rb")
     except FileNotFoundError:
@@ -229,7 +231,7 @@ def verify(
             where=f"{where}:{at + 1}", line=at + 1, seq=at + 1,
         )
     return Verified(seq, Head(seq, prev), recorded[0] if recorded else None, seq - at, torn,
-                    MappingProxyType(events), recorded[1] if recorded else None)
+                    MappingProxyType(events), recorded[1] if recorded and public_key is not None else None)
 
 
 def _check_anchor(name: str, h: Head, hashes: Mapping[int, str], last: int, where: str) -> None:

@@ -133,6 +133,12 @@ def test_signed_head_resists_a_forged_head(tmp_path: Path) -> None:
     path = make_log(tmp_path, key=key)
     result = verify(path, public_key=key.public)
     assert result.head_signed_by == key.public.id_hex
+    assert verify(path).head_signed_by is None  # not checked, so not claimed
+    with AuditLog.open(path, clock=clock(), key=key) as log:  # reopening checks the signed head
+        log.append("attestation_issued", id="x")
+    with pytest.raises(SignatureError, match="does not match public key"):
+        AuditLog.open(path, clock=clock(), key=minisign.generate())
+    assert verify(path, public_key=key.public).entries == 7
     ls = lines(path)[:4]
     path.write_bytes(b"".join(ls))
     head = json.loads(head_path(path).read_bytes())
