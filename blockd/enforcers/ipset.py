@@ -30,7 +30,6 @@ import structlog
 
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
-from blockd.enforcers.nft import Commit, addresses
 from blockd.errors import ConfigError, EnforcerError
 from blockd.model import Applied, RuleSet, union_intervals
 from blockd.ranges import BITS, interval_to_cidrs
@@ -117,12 +116,12 @@ def parse_entries(version: int, adt: memoryview) -> Iterator[tuple[int, int]]:
 
 
 class IpsetEnforcer:
-    """Holds `addresses(desired)` in two ipset hash:net sets; see the module docstring."""
+    """Holds `nl.addresses(desired)` in two ipset hash:net sets; see the module docstring."""
 
     def __init__(self, settings: IpsetSettings | None = None, *, netns: str | None = None, name: str = "ipset") -> None:
         self.name = name
         self.settings = settings or IpsetSettings()
-        self.last_commit: Commit | None = None
+        self.last_commit: nl.Commit | None = None
         self._sock = nl.NetlinkSocket(netns)
         self._lock = asyncio.Lock()
         # CIDRs per family after our last successful change or readback; None: unknown.
@@ -132,7 +131,7 @@ class IpsetEnforcer:
 
     async def apply(self, desired: RuleSet) -> Applied:
         async with self._lock:
-            return await asyncio.to_thread(self._apply, addresses(desired))
+            return await asyncio.to_thread(self._apply, nl.addresses(desired))
 
     async def readback(self) -> RuleSet:
         async with self._lock:
@@ -147,7 +146,7 @@ class IpsetEnforcer:
 
     @staticmethod
     def enforced(desired: RuleSet) -> RuleSet:
-        return addresses(desired)
+        return nl.addresses(desired)
 
     # -- work, run in a thread --------------------------------------------------------------
 
@@ -320,7 +319,7 @@ class IpsetEnforcer:
             self._destroy_quietly(self.settings.name(v, shadow=True))
 
     def _record(self, messages: int, elements: int, size: int, t0: float) -> None:
-        self.last_commit = Commit(messages, elements, size, time.perf_counter() - t0)
+        self.last_commit = nl.Commit(messages, elements, size, time.perf_counter() - t0)
         log.debug("ipset_commit", enforcer=self.name, messages=messages, elements=elements, bytes=size,
                   duration_s=round(self.last_commit.duration_s, 4))
 

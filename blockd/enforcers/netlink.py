@@ -11,16 +11,18 @@ docs/kernel.md). pyroute2 is used only to enter a named network namespace.
     NetlinkSocket.dump       one NLM_F_DUMP request -> iterator of message payloads
     KernelStats              element and counter figures the metrics collector reads
     held_ruleset             intervals read back from the kernel -> RuleSet
+    pack/parse_intervals     nft interval-set elements <-> (first, last), packed with struct
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
 import os
+import re
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from types import MappingProxyType
@@ -136,6 +138,21 @@ class Failure:
     def describe(self) -> str:
         detail = f": {self.text}" if self.text else ""
         return f"message {self.index}: {errno_mod.errorcode.get(self.errno, self.errno)} ({os.strerror(self.errno)}){detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What the last transaction sent: netlink messages, set elements and bytes."""
+
+    messages: int
+    elements: int
+    bytes: int
+    duration_s: float
+
+
+def addresses(desired: RuleSet) -> RuleSet:
+    """The part of a RuleSet a kernel enforcer holds: the address intervals, no names."""
+    return desired if not desired.domains else RuleSet.build(v4=desired.v4, v6=desired.v6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,3 +306,76 @@ def _ext_ack_text(body: memoryview) -> str:
 
 def _suffix(detail: str) -> str:
     return f": {detail}" if detail else ""
+
+
+# --- nft interval-set elements -------------------------------------------------------------
+
+def _elem_struct(klen: int) -> tuple[struct.Struct, bytes, bytes, bytes]:
+    """Packer for one interval: start element, then end element (last + 1, INTERVAL_END)."""
+    hdr = struct.Struct("=HH").pack
+    start = hdr(12 + klen, 0x8001) + hdr(8 + klen, 0x8001) + hdr(4 + klen, 1)
+    end = hdr(20 + klen, 0x8001) + hdr(8 + klen, 0x8001) + hdr(4 + klen, 1)
+    return struct.Struct(f">12s{klen}s12s{klen}s8s"), start, end, hdr(8, 3) + struct.pack(">I", 1)
+
+
+_PACK = {32: _elem_struct(4), 128: _elem_struct(16)}
+
+
+def pack_intervals(bits: int, items: list[tuple[int, int]]) -> bytes:
+    """Intervals -> nft set elements (NFTA_LIST_ELEMs) for an interval set of `bits`-bit keys."""
+    top, klen = (1 << bits) - 1, bits // 8
+    packer, start, end, flag = _PACK[bits]
+    pack = packer.pack
+    out = []
+    for first, last in items:
+        if last == top:  # no end element past the top of the address space: open interval
+            out.append(start + first.to_bytes(klen, "big"))
+        else:
+            out.append(pack(start, first.to_bytes(klen, "big"), end, (last + 1).to_bytes(klen, "big"), flag))
+    return b"".join(out)
+
+
+def parse_intervals(bits: int, payloads: Iterable[memoryview]) -> list[tuple[int, int]]:
+    """NEWSETELEM dump payloads of one interval set -> sorted (first, last) intervals."""
+    klen = bits // 8
+    starts: list[int] = []
+    ends: list[int] = []
+    for payload in payloads:
+        found = attrs(payload).get(3)  # NFTA_SET_ELEM_LIST_ELEMENTS
+        if found is None:
+            continue
+        raw = bytes(found)
+        hits = _elem_re(klen).findall(raw)
+        if sum(12 + klen + (8 if end else 0) for end, _, _ in hits) != len(raw):
+            hits = list(_slow_elements(found))  # an element carries more than key and flags
+        for end, key, flags in hits:
+            (ends if end and flags == b"\0\0\0\1" else starts).append(int.from_bytes(key, "big"))
+    starts.sort()
+    ends.sort()
+    top = (1 << bits) - 1
+    return [(s, (ends[i] - 1) if i < len(ends) else top) for i, s in enumerate(starts)]
+
+
+_ELEM_RE: dict[int, re.Pattern[bytes]] = {}
+
+
+def _elem_re(klen: int) -> re.Pattern[bytes]:
+    # One element as the kernel dumps it: LIST_ELEM { KEY { VALUE }, [FLAGS] }; group 1 is
+    # set for an element with FLAGS. Matches are checked to cover the whole buffer.
+    if klen not in _ELEM_RE:
+        n = 12 + klen
+        _ELEM_RE[klen] = re.compile(
+            b"(?:" + re.escape(bytes([n])) + b"|(" + re.escape(bytes([n + 8])) + b"))\\x00\\x01[\\x00\\x80]"
+            + re.escape(bytes([8 + klen])) + b"\\x00\\x01[\\x00\\x80]" + re.escape(bytes([4 + klen]))
+            + b"\\x00\\x01\\x00(.{" + str(klen).encode() + b"})(?(1)\\x08\\x00\\x03\\x00(.{4}))",
+            re.DOTALL,
+        )
+    return _ELEM_RE[klen]
+
+
+def _slow_elements(elements: memoryview) -> Iterator[tuple[bytes, bytes, bytes]]:
+    for _, elem in iter_attrs(elements):
+        a = attrs(elem)
+        key = attrs(a[1])[1]
+        flags = bytes(a[3]) if 3 in a else b""
+        yield (b"e" if flags else b""), bytes(key), flags

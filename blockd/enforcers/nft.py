@@ -21,9 +21,7 @@ diff. Either way the batch is all-or-nothing (NFNL_MSG_BATCH_BEGIN ... END).
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -101,21 +99,6 @@ class NftSettings:
         return ("daddr", "saddr") if self.match_saddr else ("daddr",)
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """What the last transaction sent: netlink messages, set elements and bytes."""
-
-    messages: int
-    elements: int
-    bytes: int
-    duration_s: float
-
-
-def addresses(desired: RuleSet) -> RuleSet:
-    """The part of a RuleSet a kernel enforcer holds: the address intervals, no names."""
-    return desired if not desired.domains else RuleSet.build(v4=desired.v4, v6=desired.v6)
-
-
 # --- message packing -----------------------------------------------------------------------
 
 def _expr(name: str, *data: bytes) -> bytes:
@@ -131,84 +114,13 @@ def _verdict(code: int, chain: str | None = None) -> bytes:
     return nest(2, nest(2, inner))  # NFTA_IMMEDIATE_DATA / NFTA_SET_ELEM_DATA -> DATA_VERDICT
 
 
-def _elem_struct(klen: int) -> tuple[struct.Struct, bytes, bytes, bytes]:
-    """Packer for one interval: start element, then end element (last + 1, INTERVAL_END)."""
-    hdr = struct.Struct("=HH").pack
-    start = hdr(12 + klen, 0x8001) + hdr(8 + klen, 0x8001) + hdr(4 + klen, 1)
-    end = hdr(20 + klen, 0x8001) + hdr(8 + klen, 0x8001) + hdr(4 + klen, 1)
-    return struct.Struct(f">12s{klen}s12s{klen}s8s"), start, end, hdr(8, 3) + struct.pack(">I", 1)
-
-
-_PACK = {4: _elem_struct(4), 6: _elem_struct(16)}
-
-
-def _pack_elements(version: int, items: list[tuple[int, int]]) -> bytes:
-    bits = FAMILY[version][0]
-    top, klen = (1 << bits) - 1, bits // 8
-    packer, start, end, flag = _PACK[version]
-    pack = packer.pack
-    out = []
-    for first, last in items:
-        if last == top:  # no end element past the top of the address space: open interval
-            out.append(start + first.to_bytes(klen, "big"))
-        else:
-            out.append(pack(start, first.to_bytes(klen, "big"), end, (last + 1).to_bytes(klen, "big"), flag))
-    return b"".join(out)
-
-
-def _parse_elements(version: int, payloads: Iterable[memoryview]) -> list[tuple[int, int]]:
-    """NEWSETELEM dump payloads of one interval set -> sorted (first, last) intervals."""
-    klen = FAMILY[version][0] // 8
-    starts: list[int] = []
-    ends: list[int] = []
-    for payload in payloads:
-        found = nl.attrs(payload).get(3)  # NFTA_SET_ELEM_LIST_ELEMENTS
-        if found is None:
-            continue
-        raw = bytes(found)
-        hits = _elem_re(klen).findall(raw)
-        if sum(12 + klen + (8 if end else 0) for end, _, _ in hits) != len(raw):
-            hits = list(_slow_elements(found))  # an element carries more than key and flags
-        for end, key, flags in hits:
-            (ends if end and flags == b"\0\0\0\1" else starts).append(int.from_bytes(key, "big"))
-    starts.sort()
-    ends.sort()
-    top = (1 << FAMILY[version][0]) - 1
-    return [(s, (ends[i] - 1) if i < len(ends) else top) for i, s in enumerate(starts)]
-
-
-_ELEM_RE: dict[int, re.Pattern[bytes]] = {}
-
-
-def _elem_re(klen: int) -> re.Pattern[bytes]:
-    # One element as the kernel dumps it: LIST_ELEM { KEY { VALUE }, [FLAGS] }; group 1 is
-    # set for an element with FLAGS. Matches are checked to cover the whole buffer.
-    if klen not in _ELEM_RE:
-        n = 12 + klen
-        _ELEM_RE[klen] = re.compile(
-            b"(?:" + re.escape(bytes([n])) + b"|(" + re.escape(bytes([n + 8])) + b"))\\x00\\x01[\\x00\\x80]"
-            + re.escape(bytes([8 + klen])) + b"\\x00\\x01[\\x00\\x80]" + re.escape(bytes([4 + klen]))
-            + b"\\x00\\x01\\x00(.{" + str(klen).encode() + b"})(?(1)\\x08\\x00\\x03\\x00(.{4}))",
-            re.DOTALL,
-        )
-    return _ELEM_RE[klen]
-
-
-def _slow_elements(elements: memoryview) -> Iterator[tuple[bytes, bytes, bytes]]:
-    for _, elem in nl.iter_attrs(elements):
-        a = nl.attrs(elem)
-        key = nl.attrs(a[1])[1]
-        flags = bytes(a[3]) if 3 in a else b""
-        yield (b"e" if flags else b""), bytes(key), flags
-
-
 class NftEnforcer:
-    """Holds `addresses(desired)` in nftables; see the module docstring for the layout."""
+    """Holds `nl.addresses(desired)` in nftables; see the module docstring for the layout."""
 
     def __init__(self, settings: NftSettings | None = None, *, netns: str | None = None, name: str = "nft") -> None:
         self.name = name
         self.settings = settings or NftSettings()
-        self.last_commit: Commit | None = None
+        self.last_commit: nl.Commit | None = None
         self._sock = nl.NetlinkSocket(netns)
         self._lock = asyncio.Lock()
         # What the kernel held after our last ACKed commit or readback: {4: pieces, 6: pieces};
@@ -220,7 +132,7 @@ class NftEnforcer:
 
     async def apply(self, desired: RuleSet) -> Applied:
         async with self._lock:
-            return await asyncio.to_thread(self._apply, addresses(desired))
+            return await asyncio.to_thread(self._apply, nl.addresses(desired))
 
     async def readback(self) -> RuleSet:
         async with self._lock:
@@ -235,7 +147,7 @@ class NftEnforcer:
 
     @staticmethod
     def enforced(desired: RuleSet) -> RuleSet:
-        return addresses(desired)
+        return nl.addresses(desired)
 
     # -- work, run in a thread --------------------------------------------------------------
 
@@ -289,7 +201,7 @@ class NftEnforcer:
                          f"nftables transaction of {len(msgs)} messages aborted, kernel state unchanged; "
                          f"{first.describe()}")
         size = sum(map(len, msgs))
-        self.last_commit = Commit(len(msgs), elements, size, time.perf_counter() - t0)
+        self.last_commit = nl.Commit(len(msgs), elements, size, time.perf_counter() - t0)
         log.debug("nft_commit", enforcer=self.name, messages=len(msgs), elements=elements, bytes=size,
                   duration_s=round(self.last_commit.duration_s, 4))
 
@@ -322,7 +234,7 @@ class NftEnforcer:
         for s in range(256):
             req = self._msg(GETSETELEM, nl.NLM_F_DUMP,
                             attr_str(1, self.settings.table) + attr_str(2, f"v{version}_{s:02x}"))
-            yield from _parse_elements(version, self._sock.dump(req))
+            yield from nl.parse_intervals(FAMILY[version][0], self._sock.dump(req))
 
     def _stats(self) -> nl.KernelStats:
         counters: dict[str, tuple[int, int]] = {}
@@ -446,7 +358,7 @@ class NftEnforcer:
             shard_items.sort()
             head = t + attr_str(2, f"v{version}_{i:02x}")
             for k in range(0, len(shard_items), chunk):
-                out.append(self._msg(kind, flags, head + nest(3, _pack_elements(version, shard_items[k:k + chunk]))))
+                out.append(self._msg(kind, flags, head + nest(3, nl.pack_intervals(FAMILY[version][0], shard_items[k:k + chunk]))))
         return out
 
 

@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from blockd.model import RuleSet
 from blockd.ranges import merge, parse_cidr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from common import ruleset, v4_prefixes  # noqa: E402  (bench/common.py: seeded prefixes)
 
 T = TypeVar("T")
 PORT = 18080
@@ -197,6 +199,22 @@ def _wait_until(ready: Callable[[], bool], deadline_s: float, what: str) -> None
     while not ready():
         if time.monotonic() > end:
             raise TimeoutError(f"{what}: not ready after {deadline_s} s")
+
+
+# --- test data ---------------------------------------------------------------------------------
+
+# .1, .2/.3 (one /31) and ::1, ::2/::3 blocked; .4 and ::4 stay reachable.
+BLOCK4 = [(parse_cidr(c).network, parse_cidr(c).prefixlen) for c in ("10.77.100.1/32", "10.77.100.2/31")]
+BLOCK6 = [(parse_cidr(c).network, parse_cidr(c).prefixlen) for c in ("fd77:100::1/128", "fd77:100::2/127")]
+
+
+def background(n: int, seed: int) -> list[tuple[int, int]]:
+    """Realistic filler that never touches 10/8 (the test addresses)."""
+    return [p for p in v4_prefixes(n, seed) if p[0] >> 24 != 10]
+
+
+def policy(extra4: list[tuple[int, int]] | None = None, extra6: list[tuple[int, int]] | None = None) -> RuleSet:
+    return ruleset(sorted(BLOCK4 + (extra4 or [])), sorted(BLOCK6 + (extra6 or [])))
 
 
 # --- independent readers (the tools, not blockd's netlink code) --------------------------------

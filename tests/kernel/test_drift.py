@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import structlog
 from common import v6_prefixes
-from conftest import Topo, sh
-from test_nft import background, policy
+from conftest import Topo, background, policy, sh
 
 from blockd.enforcers.drift import check_and_repair, drift_loop
 from blockd.enforcers.ipset import IpsetEnforcer

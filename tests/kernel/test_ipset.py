@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from common import v6_prefixes
-from conftest import TARGETS4, TARGETS6, Topo, intervals_of, ipset_intervals, sh
-from test_nft import background, policy
+from conftest import TARGETS4, TARGETS6, Topo, background, intervals_of, ipset_intervals, policy, sh
 
 from blockd.enforcers.ipset import IpsetEnforcer, IpsetSettings
 from blockd.errors import EnforcerError

@@ -7,31 +7,16 @@ import errno
 from collections.abc import Callable
 
 import pytest
-from common import intervals, ruleset, v4_prefixes, v6_prefixes
-from conftest import TARGETS4, TARGETS6, Topo, intervals_of, nft_intervals, sh
+from common import intervals, ruleset, v6_prefixes
+from conftest import TARGETS4, TARGETS6, Topo, background, intervals_of, nft_intervals, policy, sh
 
 from blockd.enforcers.nft import NftEnforcer, NftSettings
 from blockd.errors import EnforcerError
-from blockd.model import RuleSet
 from blockd.ranges import parse_cidr
 
 Closing = Callable[[NftEnforcer], NftEnforcer]
 
 pytestmark = pytest.mark.kernel
-
-# .1, .2/.3 (one /31) and ::1, ::2/::3 blocked; .4 and ::4 stay reachable.
-BLOCK4 = [(parse_cidr(c).network, parse_cidr(c).prefixlen) for c in ("10.77.100.1/32", "10.77.100.2/31")]
-BLOCK6 = [(parse_cidr(c).network, parse_cidr(c).prefixlen) for c in ("fd77:100::1/128", "fd77:100::2/127")]
-
-
-def background(n: int, seed: int) -> list[tuple[int, int]]:
-    """Realistic filler that never touches 10/8 (the test addresses)."""
-    return [p for p in v4_prefixes(n, seed) if p[0] >> 24 != 10]
-
-
-def policy(extra4: list[tuple[int, int]] | None = None, extra6: list[tuple[int, int]] | None = None) -> RuleSet:
-    return ruleset(sorted(BLOCK4 + (extra4 or [])), sorted(BLOCK6 + (extra6 or [])))
-
 
 def test_reject_blocks_v4_v6_tcp_and_ping_and_counts(topo: Topo, closing: Closing) -> None:
     assert all(topo.connects(topo.c, a) for a in TARGETS4 + TARGETS6)

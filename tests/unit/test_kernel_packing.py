@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.ipset import IpsetSettings, cidrs, pack_entries, parse_entries
-from blockd.enforcers.nft import _pack_elements, _parse_elements, pieces, shard
+from blockd.enforcers.nft import FAMILY, pieces, shard
 from blockd.ranges import merge, to_cidrs
 
 intervals4 = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=60).map(
@@ -30,7 +30,7 @@ def test_pieces_pack_parse_roundtrip(case: tuple[int, list[tuple[int, int]]]) ->
     for first, last in cut:
         assert shard(version, first) == shard(version, last)
         by_shard.setdefault(shard(version, first), []).append((first, last))
-    back = [iv for items in by_shard.values() for iv in _parse_elements(version, [_as_dump(_pack_elements(version, items))])]
+    back = [iv for items in by_shard.values() for iv in nl.parse_intervals(FAMILY[version][0], [_as_dump(nl.pack_intervals(FAMILY[version][0], items))])]
     assert merge(back) == ivs
 
 
