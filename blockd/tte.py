@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Literal
 
@@ -165,4 +165,25 @@ def order_timings(
                 issued_at=p.issued_at, received_at=rec, verified_at=ver, deadline=o.deadline, status=status,
                 enforced_at=enforced.get(version_key(p, o), {}), enforcers=enforcers, now=now,
             )
+    return out
+
+
+def to_json(enforced: EnforcedAt) -> dict[str, dict[str, str]]:
+    """EnforcedAt -> plain JSON (UTC ISO times) for the daemon's state file."""
+    return {k: {n: t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") for n, t in sorted(v.items())}
+            for k, v in sorted(enforced.items())}
+
+
+def from_json(obj: object, where: str = "") -> dict[str, dict[str, datetime]]:
+    """The inverse of `to_json`; ValueError naming the bad entry."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object of order version -> enforcer -> time, got {type(obj).__name__}")
+    out: dict[str, dict[str, datetime]] = {}
+    for k, v in obj.items():
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: {k}: expected an object of enforcer -> time, got {v!r}")
+        try:
+            out[k] = {n: datetime.fromisoformat(str(t).replace("Z", "+00:00")) for n, t in v.items()}
+        except ValueError:
+            raise ValueError(f"{where}: {k}: times must be ISO 8601 UTC like 2026-11-29T12:00:00Z; got {v!r}") from None
     return out

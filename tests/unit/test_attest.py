@@ -325,3 +325,11 @@ def test_the_example_in_docs_verifies(tmp_path: Path) -> None:
     path.with_name("example.json.minisig").write_text(sig)
     got = attest.verify(path, minisign.parse_public_key(pub))
     assert got["predicate"]["orders"]["by_deadline_status"] == {"met": 1, "refused": 1}
+
+
+def test_enforced_record_round_trips_through_json() -> None:
+    rec = {"reg/o1@2": {"nft": T1, "dns": T1 + timedelta(microseconds=5)}}
+    text = json.dumps(tte.to_json(rec))
+    assert tte.from_json(json.loads(text)) == rec
+    with pytest.raises(ValueError, match="state.json: reg/o1@2: times must be ISO 8601"):
+        tte.from_json({"reg/o1@2": {"nft": "yesterday"}}, "state.json")
