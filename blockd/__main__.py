@@ -264,6 +264,62 @@ def _out(args: argparse.Namespace, data: object, text: str) -> None:
         print(text)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from blockd import logs
+    from blockd.daemon import run
+
+    logs.configure(json=not args.console, level=args.log_level)
+    return run(_settings(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Load the config and everything it names; every problem is reported at once."""
+    settings = _settings(args)
+    ctx = load_context(settings)
+    e = settings.enforcers
+    enabled = [n for n in ("nft", "ipset", "dns", "rpz") if getattr(e, n) is not None]
+    data = {"ok": True, "config": settings.source, "enforcers": enabled, "issuers": sorted(ctx.store.issuers),
+            "services": sorted(ctx.catalog.services), "policy_dir": str(settings.policy_dir)}
+    _out(args, data, f"{settings.source}: OK; enforcers {', '.join(enabled) or 'none'}; issuers "
+                     f"{', '.join(data['issuers'])}; {len(data['services'])} services in the catalog")
+    return EXIT_OK
+
+
+def cmd_attest_verify(args: argparse.Namespace) -> int:
+    from blockd import attest
+
+    key = minisign.parse_public_key(Path(args.key).read_text(), where=args.key)
+    results, worst = [], EXIT_OK
+    for name in args.files:
+        try:
+            st = attest.verify(Path(name), key)
+            pred = st["predicate"]
+            results.append({"file": name, "ok": True, "id": pred["attestation"]["id"],
+                            "subjects": [s["name"] for s in st["subject"]]})
+        except BlockdError as e:
+            results.append({"file": name, "ok": False, "error": str(e)})
+            worst = EXIT_REFUSED
+    _out(args, {"ok": worst == EXIT_OK, "files": results}, "\n".join(
+        f"{r['file']}: OK, attestation {r['id']} over {', '.join(r['subjects']) or 'no policy'}" if r["ok"]
+        else r["error"] for r in results))
+    return worst
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from blockd import attest, audit
+
+    key = minisign.parse_public_key(Path(args.key).read_text(), where=args.key) if args.key else None
+    anchors = []
+    for name in args.attestation or ():
+        st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())
+        anchors.append(attest.audit_head(st))
+    v = audit.verify(Path(args.log), anchors=anchors, public_key=key, require_head=not args.no_head)
+    _out(args, {"ok": True, "entries": v.entries, "head": v.head.as_json()},
+         f"{args.log}: OK, {v.entries} entries, head seq {v.head.seq} {v.head.sha256[:16]}…"
+         + (f", {len(anchors)} attestation anchor(s) match" if anchors else ""))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from blockd.demo import run_demo
 
@@ -313,7 +369,34 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
         sp.add_argument("--verbose", "-v", action="store_true", help="list every order, finding and change")
 
-    sp = add("demo", cmd_demo, "run the pipeline on the embedded sample policy and show the result")
+    sp = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads, SIGTERM stops)")
+    sp.add_argument("--console", action="store_true", help="human-readable logs instead of JSON")
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(metavar="COMMAND")
+    sp = cfg_sub.add_parser("check", parents=[common], help="validate the config and what it names")
+    sp.set_defaults(func=cmd_config_check)
+
+    att = sub.add_parser("attest", help="attestation commands")
+    att_sub = att.add_subparsers(metavar="COMMAND")
+    sp = att_sub.add_parser("verify", parents=[common], help="verify signed attestations (as `minisign -V` does, "
+                            "plus the statement's shape)")
+    sp.add_argument("--key", "-k", required=True, help="the operator's minisign public key")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.set_defaults(func=cmd_attest_verify)
+
+    aud = sub.add_parser("audit", help="audit log commands")
+    aud_sub = aud.add_subparsers(metavar="COMMAND")
+    sp = aud_sub.add_parser("verify", parents=[common], help="check the hash chain; say where it breaks")
+    sp.add_argument("log", metavar="LOG", help="audit.jsonl")
+    sp.add_argument("--attestation", "-a", action="append", help="also check against the head an attestation binds")
+    sp.add_argument("--key", "-k", help="operator public key: verify the head's and attestations' signatures")
+    sp.add_argument("--no-head", action="store_true", help="do not require the audit.head file")
+    sp.set_defaults(func=cmd_audit_verify)
+
+    sp = add("demo", cmd_demo, "run blockd on the signed sample policy in a lab of network namespaces (root)")
+    sp.add_argument("--verbose", "-v", action="store_true", help="print blockd's log at the end")
     return p
 
 

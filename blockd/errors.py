@@ -8,7 +8,8 @@
     │   │   ├── ExpiredError         `now` is after `not_after`
     │   │   └── ReplayError          lower serial than accepted (rollback) or same serial, other bytes
     │   ├── CatalogError             service catalog, prefix table or shared-infrastructure data
-    │   └── ConfigError              daemon settings
+    │   ├── ConfigError              daemon settings
+    │   └── AuditError               the audit log's hash chain is broken (audit.py: names the line)
     └── EnforcerError                a kernel or DNS backend could not apply or read back;
                                      the previous state is still in force
 

@@ -137,3 +137,100 @@ class Reader:
 
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """`'127.0.0.1:53'`, `'[::1]:5353'` or (with a default port) a bare address -> (host, port)."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not port:
+        if default_port is None:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:53 or [::1]:53")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not in 1..65535")
+    return host, int(port)
+
+
+def typed(r: Reader, hint: object, value: object, path: str, line: int | None) -> object:
+    """Convert strictyaml data to the type `hint` names (the types settings dataclasses use)."""
+    import dataclasses
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value in _NULLS):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return typed(r, inner, value, path, line)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(typed(r, args[0], item, p, ln) for item, p, ln in r.items(value, path, line))
+        if args == (str, int):
+            text = r.string(value, path, line)
+            try:
+                return endpoint(text) if text else None
+            except ValueError as e:
+                r.error(path, line, f"{text!r}: {e}")
+                return None
+    if dataclasses.is_dataclass(hint):
+        return dataclass_from(r, hint, value, path, line)  # type: ignore[arg-type]
+    if hint is bool:
+        if value in ("true", "yes", "on", "false", "no", "off"):
+            return value in ("true", "yes", "on")
+        r.error(path, line, f"bad value {_show(value)}; expected true or false")
+        return None
+    if hint is int:
+        return r.integer(value, path, line)
+    if hint is float:
+        try:
+            return float(str(value))
+        except ValueError:
+            r.error(path, line, f"bad value {_show(value)}; expected a number")
+            return None
+    if hint is str:
+        return r.string(value, path, line)
+    from pathlib import Path
+
+    if hint is Path:
+        text = r.string(value, path, line)
+        return Path(text) if text else None
+    raise TypeError(f"settings type {hint!r} is not supported")  # a programming error, not input
+
+
+def dataclass_from(r: Reader, cls: type[T], value: object, path: str, line: int | None) -> T | None:
+    """Build the settings dataclass `cls` from a mapping whose keys are its field names."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    required = tuple(f.name for f in fields if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+    optional = tuple(f.name for f in fields if f.name not in required)
+    if value is None or value == "":
+        value = _empty_map()
+    m = r.mapping(value, path, line, required=required, optional=optional)
+    if m is None:
+        return None
+    before = len(r.problems)
+    kwargs = {key: typed(r, hints[key], m[key], join(path, key), m.lines[key]) for key in m if key in hints}
+    if len(r.problems) > before:
+        return None
+    try:
+        return cls(**kwargs)
+    except (InputError, ValueError, TypeError) as e:
+        r.error(path, line, getattr(e, "message", str(e)))
+        return None
+
+
+def _empty_map() -> YMap:
+    m = YMap()
+    m.lines = {}
+    m.line = 0
+    return m

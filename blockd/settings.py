@@ -12,9 +12,13 @@ from pathlib import Path
 
 from blockd import ranges, strictyaml
 from blockd.errors import ConfigError, InputError
-from blockd.model import DNS_ANSWERS, Cidr
+from blockd.model import Cidr
 from blockd.names import display, normalise
-from blockd.schema import Reader, join
+from blockd.dns.rpz import RpzSettings
+from blockd.dns.server import SinkholeSettings
+from blockd.enforcers.ipset import IpsetSettings
+from blockd.enforcers.nft import NftSettings
+from blockd.schema import Reader, dataclass_from, join
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +27,33 @@ class GuardSettings:
     min_prefix_v6: int = 32
     growth_factor: float = 2.0
     growth_floor: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class EnforcerSettings:
+    """Which enforcers run (a key present = on), each with its own settings."""
+
+    nft: NftSettings | None = None
+    ipset: IpsetSettings | None = None
+    dns: SinkholeSettings | None = None
+    rpz: RpzSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9153)
+    #: how often every enforcer is read back and repaired if it drifted
+    drift_check_s: float = 60.0
+    #: leave kernel rules in place on SIGTERM, so a restart has no gap
+    keep_rules_on_stop: bool = True
+    #: policy directory polling interval when inotify is unavailable
+    poll_s: float = 2.0
+    operator: str = "operator"
+    #: the operator's minisign secret key, to sign attestations
+    operator_key: str | None = None
+    attest_dir: str | None = None
+    attest_period_s: float = 86400.0
+    audit_log: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +67,9 @@ class Settings:
     guards: GuardSettings = field(default_factory=GuardSettings)
     allow_domains: tuple[str, ...] = ()
     allow_cidrs: tuple[Cidr, ...] = ()
-    dns_default_answer: str = "nxdomain"
     max_policy_bytes: int = 64 << 20
+    enforcers: EnforcerSettings = field(default_factory=EnforcerSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "(defaults)"
 
 
@@ -70,8 +102,8 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(e.message, where=e.where) from None
     r = Reader(source)
     m = r.mapping(doc, "", 1, required=("trust_store", "policy_dir", "catalog_dir", "state_dir"),
-                  optional=("prefix_table", "shared_infra_dir", "guards", "allowlist", "dns_default_answer",
-                            "max_policy_bytes"))
+                  optional=("prefix_table", "shared_infra_dir", "guards", "allowlist",
+                            "max_policy_bytes", "enforcers", "daemon"))
     if m is None:
         r.raise_if_any(ConfigError)
         raise AssertionError("unreachable")
@@ -111,14 +143,15 @@ def load_settings(path: Path | None) -> Settings:
             allow_domains = r.each(a.get("domains"), "allowlist.domains", a.lines.get("domains"),
                                    lambda s: display(*normalise(s)), "a domain name")
             allow_cidrs = r.each(a.get("cidrs"), "allowlist.cidrs", a.lines.get("cidrs"), ranges.parse_cidr, "a prefix")
-    answer = "nxdomain"
-    if "dns_default_answer" in m:
-        answer = r.choice(m["dns_default_answer"], "dns_default_answer", m.lines["dns_default_answer"],
-                          DNS_ANSWERS) or answer
     max_bytes = 64 << 20
     if "max_policy_bytes" in m:
         max_bytes = r.integer(m["max_policy_bytes"], "max_policy_bytes", m.lines["max_policy_bytes"], minimum=1024) or max_bytes
+    enforcers = dataclass_from(r, EnforcerSettings, m.get("enforcers"), "enforcers", m.lines.get("enforcers"))
+    daemon = dataclass_from(r, DaemonSettings, m.get("daemon"), "daemon", m.lines.get("daemon"))
+    if daemon is not None:
+        daemon = _resolve(daemon, base)
     r.raise_if_any(ConfigError)
+    assert enforcers is not None and daemon is not None
     return Settings(
         trust_store=paths["trust_store"],  # type: ignore[arg-type]
         policy_dir=paths["policy_dir"],  # type: ignore[arg-type]
@@ -129,7 +162,16 @@ def load_settings(path: Path | None) -> Settings:
         guards=guards,
         allow_domains=tuple(allow_domains),
         allow_cidrs=tuple(allow_cidrs),
-        dns_default_answer=answer,
         max_policy_bytes=max_bytes,
+        enforcers=enforcers,
+        daemon=daemon,
         source=source,
     )
+
+
+def _resolve(d: DaemonSettings, base: Path) -> DaemonSettings:
+    """Relative file names in the daemon section are relative to the config file."""
+    from dataclasses import replace
+
+    fix = {k: str(base / v) for k in ("operator_key", "attest_dir", "audit_log") if (v := getattr(d, k))}
+    return replace(d, **fix)

@@ -1,0 +1,164 @@
+"""Prometheus metrics: definitions on a registry passed in, and a collector for live counters.
+
+Labels are bounded: enforcer, kind, issuer, order id, guard, reason, result, set — never a
+domain or an address. Counters that live elsewhere (kernel rule counters, the sinkhole's
+answer counts) are read at scrape time by `LiveCollector` from the latest snapshot the
+daemon took, so they are exported as counters, not gauges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from blockd import __version__
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    build: Info
+    policy_serial: Gauge
+    policy_issued: Gauge
+    policy_expiry: Gauge
+    policy_info: Gauge
+    ruleset_info: Gauge
+    rules: Gauge
+    apply_duration: Histogram
+    apply_failures: Counter
+    rejections: Counter
+    findings: Gauge
+    drift_repairs: Counter
+    in_sync: Gauge
+    reconcile: Counter
+    last_reconcile: Gauge
+    time_to_enforce: Histogram
+    order_deadline: Gauge
+    order_enforced: Gauge
+
+
+def create(registry: CollectorRegistry | None = None) -> Metrics:
+    r = registry or CollectorRegistry()
+    m = Metrics(
+        registry=r,
+        build=Info("blockd_build", "blockd version", registry=r),
+        policy_serial=Gauge("blockd_policy_serial", "Serial of the policy in force, per issuer", ["issuer"], registry=r),
+        policy_issued=Gauge("blockd_policy_issued_timestamp_seconds", "issued_at of the policy in force",
+                            ["issuer"], registry=r),
+        policy_expiry=Gauge("blockd_policy_expiry_timestamp_seconds", "not_after of the policy in force",
+                            ["issuer"], registry=r),
+        policy_info=Gauge("blockd_policy_info", "SHA-256 of the policy in force (value 1)", ["issuer", "digest"],
+                          registry=r),
+        ruleset_info=Gauge("blockd_ruleset_info", "Digest of the compiled rule set in force (value 1)", ["digest"],
+                           registry=r),
+        rules=Gauge("blockd_rules", "Rules held, per enforcer (compiled = desired) and kind", ["enforcer", "kind"],
+                    registry=r),
+        apply_duration=Histogram("blockd_apply_duration_seconds", "Time one enforcer takes to apply a rule set",
+                                 ["enforcer"], registry=r,
+                                 buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+        apply_failures=Counter("blockd_apply_failures_total", "Failed applies (old state kept)", ["enforcer"],
+                               registry=r),
+        rejections=Counter("blockd_policy_rejections_total", "Policy files refused, by reason", ["reason"],
+                           registry=r),
+        findings=Gauge("blockd_guard_findings", "Rules stopped (or let through) by an over-blocking guard",
+                       ["guard", "allowed"], registry=r),
+        drift_repairs=Counter("blockd_drift_repairs_total", "Drift found in read-back and repaired", ["enforcer"],
+                              registry=r),
+        in_sync=Gauge("blockd_enforcer_in_sync", "1 when the read-back digest equals the desired digest",
+                      ["enforcer"], registry=r),
+        reconcile=Counter("blockd_reconcile_total", "Reconcile passes, by result", ["result"], registry=r),
+        last_reconcile=Gauge("blockd_last_reconcile_timestamp_seconds", "End of the last successful reconcile pass",
+                             registry=r),
+        time_to_enforce=Histogram("blockd_time_to_enforce_seconds",
+                                  "From a policy's issued_at (or receipt, if later) to its rules being live",
+                                  ["enforcer"], registry=r,
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)),
+        order_deadline=Gauge("blockd_order_deadline_timestamp_seconds", "Deadline of an order (if it has one)",
+                             ["order"], registry=r),
+        order_enforced=Gauge("blockd_order_enforced", "1 when the order's rules are live on every enforcer",
+                             ["order"], registry=r),
+    )
+    m.build.info({"version": __version__})
+    return m
+
+
+def replace_labels(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+    """Set a labelled gauge to exactly `values` (old label sets disappear)."""
+    gauge.clear()
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+
+
+@dataclass
+class Live:
+    """The latest counters read from the enforcers; the daemon refreshes it, scrapes read it."""
+
+    kernel: dict[str, object] = field(default_factory=dict)  # enforcer -> KernelStats
+    dns: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None  # (by result, by order)
+
+
+class LiveCollector(Collector):
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        packets = CounterMetricFamily("blockd_kernel_packets", "Packets matched by blockd's kernel rules",
+                                      labels=["enforcer", "rule"])
+        octets = CounterMetricFamily("blockd_kernel_bytes", "Bytes matched by blockd's kernel rules",
+                                     labels=["enforcer", "rule"])
+        elements = GaugeMetricFamily("blockd_kernel_set_elements", "Elements held in each kernel set",
+                                     labels=["enforcer", "set"])
+        for name, stats in sorted(self.live.kernel.items()):
+            for rule, (p, b) in sorted(getattr(stats, "counters", {}).items()):
+                packets.add_metric([name, rule], p)
+                octets.add_metric([name, rule], b)
+            for set_name, n in sorted(getattr(stats, "elements", {}).items()):
+                elements.add_metric([name, set_name], n)
+        yield packets
+        yield octets
+        yield elements
+        if self.live.dns is not None:
+            by_result, by_order = self.live.dns()
+            queries = CounterMetricFamily("blockd_dns_queries", "DNS queries answered, by result", labels=["result"])
+            for result, n in sorted(by_result.items()):
+                queries.add_metric([result], n)
+            yield queries
+            blocked = CounterMetricFamily("blockd_dns_blocked_queries", "Blocked DNS answers, by order",
+                                          labels=["order"])
+            for order, n in sorted(by_order.items()):
+                blocked.add_metric([order], n)
+            yield blocked
+
+
+async def serve(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
+    """A minimal HTTP/1.1 server for GET /metrics on the event loop.
+
+    prometheus_client's own server does a reverse DNS lookup of the listen address when it
+    binds (http.server calls getfqdn): a stall, and a query leaving the box, at start-up.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, target, *_ = request.split(b" ", 2)
+            if method not in (b"GET", b"HEAD") or target.split(b"?")[0] not in (b"/metrics", b"/"):
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            else:
+                body = generate_latest(registry)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + CONTENT_TYPE_LATEST.encode() +
+                             b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+                if method == b"GET":
+                    writer.write(body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, reuse_address=True)
