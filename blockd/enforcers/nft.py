@@ -157,8 +157,9 @@ class NftEnforcer:
         if self._held is None:
             self._read_kernel()
         held = self._held if self._layout_ok and self._held is not None else None
-        if held is None:
+        if held is None:  # the rebuild deletes the table, and with it whatever it still held
             msgs = self._layout_msgs()
+            stale = self._held or {4: set(), 6: set()}
             adds, dels = want, {4: set(), 6: set()}
         else:
             msgs = []
@@ -170,7 +171,7 @@ class NftEnforcer:
         for v in (4, 6):
             msgs += self._elem_msgs(NEWSETELEM, v, adds[v])
         added = len(adds[4]) + len(adds[6])
-        removed = len(dels[4]) + len(dels[6])
+        removed = len(dels[4]) + len(dels[6]) if held is not None else len(stale[4]) + len(stale[6])
         if msgs:
             self._commit(msgs, added + removed)
         self._held, self._layout_ok = want, True
