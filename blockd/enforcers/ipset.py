@@ -122,7 +122,10 @@ class IpsetEnforcer:
         self.name = name
         self.settings = settings or IpsetSettings()
         self.last_commit: nl.Commit | None = None
-        self._sock = nl.NetlinkSocket(netns)
+        try:
+            self._sock = nl.NetlinkSocket(netns)
+        except OSError as exc:
+            raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
         self._lock = asyncio.Lock()
         # CIDRs per family after our last successful change or readback; None: unknown.
         self._held: dict[int, set[tuple[int, int]]] | None = None

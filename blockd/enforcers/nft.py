@@ -121,7 +121,10 @@ class NftEnforcer:
         self.name = name
         self.settings = settings or NftSettings()
         self.last_commit: nl.Commit | None = None
-        self._sock = nl.NetlinkSocket(netns)
+        try:
+            self._sock = nl.NetlinkSocket(netns)
+        except OSError as exc:
+            raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
         self._lock = asyncio.Lock()
         # What the kernel held after our last ACKed commit or readback: {4: pieces, 6: pieces};
         # None = unknown (read it before diffing), or layout incomplete (rebuild).

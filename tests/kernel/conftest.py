@@ -42,32 +42,42 @@ TARGETS6 = [f"fd77:100::{i}" for i in range(1, 5)]
 _serial = itertools.count()
 
 
-def _skip_reason() -> str | None:
+def _missing() -> dict[str, str]:
+    """Feature -> why it is unusable here ("base" covers everything: root, tools, netns)."""
     if os.geteuid() != 0:
-        return "kernel tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create network namespaces"
+        return {"base": "kernel tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create network namespaces"}
     for tool in ("ip", "nft", "ipset", "iptables", "ip6tables", "ping"):
         if shutil.which(tool) is None:
-            return f"{tool!r} is not installed (scripts/deps.sh installs it)"
+            return {"base": f"{tool!r} is not installed (scripts/deps.sh installs it)"}
     probe = f"bkt-{os.getpid()}-probe"
     try:
         sh("ip", "netns", "add", probe)
     except subprocess.CalledProcessError as exc:
-        return f"cannot create a network namespace: {exc.stderr.strip()}"
+        return {"base": f"cannot create a network namespace: {exc.stderr.strip()}"}
+    missing = {}
     try:
-        for what, cmd in (("nf_tables", ["nft", "add", "table", "inet", "probe"]),
-                          ("ip_set hash:net", ["ipset", "create", "probe", "hash:net"])):
-            done = subprocess.run(["ip", "netns", "exec", probe, *cmd], capture_output=True, text=True)
+        for feature, cmd in (("nft", "nft add table inet probe"),
+                             ("ipset", "ipset create probe hash:net"),
+                             ("xt_set", "iptables -A OUTPUT -m set --match-set probe dst -j ACCEPT")):
+            done = subprocess.run(["ip", "netns", "exec", probe, *cmd.split()], capture_output=True, text=True)
             if done.returncode:
-                return f"kernel feature {what} missing: {done.stderr.strip()}"
+                missing[feature] = f"kernel feature missing ({cmd!r}: {done.stderr.strip()})"
     finally:
         sh("ip", "netns", "del", probe)
-    return None
+    return missing
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip, saying why, exactly the tests whose kernel feature is missing."""
     for item in items:
-        if _REASON and item.get_closest_marker("kernel"):
-            item.add_marker(pytest.mark.skip(reason=_REASON))
+        if not item.get_closest_marker("kernel"):
+            continue
+        needs = ["base", "ipset" if "ipset" in item.nodeid else "nft"]
+        if item.path.name == "test_ipset.py":
+            needs.append("xt_set")
+        reason = next((_MISSING[n] for n in needs if n in _MISSING), None)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def sh(*args: str, ns: str | None = None, check: bool = True, stdin: str | None = None) -> str:
@@ -78,7 +88,7 @@ def sh(*args: str, ns: str | None = None, check: bool = True, stdin: str | None 
     return done.stdout
 
 
-_REASON = _skip_reason()
+_MISSING = _missing()
 
 
 def in_netns(ns: str, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.ipset import IpsetSettings, cidrs, pack_entries, parse_entries
-from blockd.enforcers.nft import FAMILY, pieces, shard
+from blockd.enforcers.nft import FAMILY, NftSettings, pieces, shard
+from blockd.errors import ConfigError
 from blockd.ranges import merge, to_cidrs
 
 intervals4 = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=60).map(
@@ -54,3 +58,13 @@ def test_ipset_maxelem_grows_with_the_rule_count() -> None:
 @given(intervals4)
 def test_fast_cidrs_equal_ranges_to_cidrs(ivs: list[tuple[int, int]]) -> None:
     assert list(cidrs(4, ivs)) == list(to_cidrs(4, ivs))
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: NftSettings(hooks=("forwrd",)), r"nft.hooks: \['forwrd'\] invalid; known: prerouting, input"),
+    (lambda: NftSettings(verdict="deny"), r"nft.verdict: 'deny' invalid; known: drop, reject, log"),
+    (lambda: IpsetSettings(prefix="x" * 30), r"ipset.prefix: 'x{30}' must be 1-26 characters"),
+])
+def test_settings_say_what_is_valid(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make()
