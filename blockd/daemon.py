@@ -23,9 +23,8 @@ import structlog
 from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.enforcers.base import Enforcer
-from blockd.enforcers.drift import enforced_part
 from blockd.errors import EnforcerError
-from blockd.model import RuleSet, diff
+from blockd.model import RuleSet
 from blockd.reconcile import PassResult, Reconciler
 from blockd.sdnotify import Notifier
 from blockd.settings import Settings
@@ -70,6 +69,8 @@ class Daemon:
         self.reconciler = Reconciler(settings, self.enforcers)
         self.accountability = Accountability.from_settings(settings)
         self._wake = asyncio.Event()
+        #: passes and drift repairs never interleave: a repair must not re-apply a superseded set
+        self._apply_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._boundary: datetime | None = None
         self.last: PassResult | None = None
@@ -153,7 +154,8 @@ class Daemon:
     async def _pass(self, reason: str) -> None:
         t0 = time.perf_counter()
         try:
-            result = await self.reconciler.run_pass(reason=reason)
+            async with self._apply_lock:
+                result = await self.reconciler.run_pass(reason=reason)
         except Exception as e:  # noqa: BLE001 - the daemon must survive any pass; last good state stays
             self.metrics.reconcile.labels("error").inc()
             log.exception("reconcile_failed", reason=reason, error=str(e))
@@ -223,31 +225,33 @@ class Daemon:
         interval = self.settings.daemon.drift_check_s
         while True:
             await asyncio.sleep(interval)
-            desired = self.reconciler.desired
-            if desired is None or self.last is None:
-                continue
-            for e in self.enforcers:
-                applied = self.last.applied.get(e.name)
-                try:
-                    held = await e.readback()
-                    if applied is not None and held.digest == applied.desired_digest:
-                        self.metrics.in_sync.labels(e.name).set(1)
-                        continue
-                    plan = diff(held, enforced_part(e, desired)) if applied is None else None
-                    repaired = await e.apply(desired)
-                except EnforcerError as exc:
-                    self.metrics.in_sync.labels(e.name).set(0)
-                    log.error("drift_check_failed", enforcer=e.name, error=str(exc))
+            async with self._apply_lock:
+                await self._check_drift()
+
+    async def _check_drift(self) -> None:
+        desired = self.reconciler.desired
+        if desired is None or self.last is None:
+            return
+        for e in self.enforcers:
+            applied = self.last.applied.get(e.name)
+            try:
+                held = await e.readback()
+                if applied is not None and held.digest == applied.desired_digest:
+                    self.metrics.in_sync.labels(e.name).set(1)
                     continue
-                self.last.applied[e.name] = repaired
-                self.metrics.in_sync.labels(e.name).set(1 if repaired.in_sync else 0)
-                self.metrics.drift_repairs.labels(e.name).inc()
-                log.warning("drift_repaired", enforcer=e.name, held=held.digest[:16], added=repaired.added,
-                            removed=repaired.removed, in_sync=repaired.in_sync,
-                            recovered=plan is not None)
-                if self.accountability is not None:
-                    self.accountability.event("drift_repaired", enforcer=e.name, held=held.digest,
-                                              restored=repaired.digest, added=repaired.added, removed=repaired.removed)
+                repaired = await e.apply(desired)
+            except EnforcerError as exc:
+                self.metrics.in_sync.labels(e.name).set(0)
+                log.error("drift_check_failed", enforcer=e.name, error=str(exc))
+                continue
+            self.last.applied[e.name] = repaired
+            self.metrics.in_sync.labels(e.name).set(1 if repaired.in_sync else 0)
+            self.metrics.drift_repairs.labels(e.name).inc()
+            log.warning("drift_repaired", enforcer=e.name, held=held.digest[:16], added=repaired.added,
+                        removed=repaired.removed, in_sync=repaired.in_sync, first_apply=applied is None)
+            if self.accountability is not None:
+                self.accountability.event("drift_repaired", enforcer=e.name, held=held.digest,
+                                          restored=repaired.digest, added=repaired.added, removed=repaired.removed)
 
     async def _stats_loop(self, interval: float = 5.0) -> None:
         while True:

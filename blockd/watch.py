@@ -59,6 +59,7 @@ async def watch(directory: Path, on_change: Callable[[], None], *, poll_s: float
     log.info("policy_watch", mode="inotify", directory=str(directory))
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
+    wake.set()  # a change between the caller's last read and the watch must not be missed
 
     def readable() -> None:
         try:
@@ -82,6 +83,7 @@ async def watch(directory: Path, on_change: Callable[[], None], *, poll_s: float
 
 async def _poll(directory: Path, on_change: Callable[[], None], interval: float) -> None:
     seen = snapshot(directory)
+    on_change()  # as above: cover the gap before the first snapshot
     while True:
         await asyncio.sleep(interval)
         now = snapshot(directory)
