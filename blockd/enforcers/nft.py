@@ -44,7 +44,11 @@ NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
 NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, GETRULE, NEWSET = 0, 2, 3, 6, 7, 9
 NEWSETELEM, GETSETELEM, DELSETELEM, NEWOBJ, GETOBJ = 12, 13, 14, 18, 19
 NLM_F_APPEND = 0x800
-NFT_SET_INTERVAL, NFT_SET_MAP = 0x4, 0x8
+NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT = 0x4, 0x8, 0x10
+#: The kernel walks a whole interval set at commit for expired elements, at most every
+#: NFTA_SET_GC_INTERVAL (default 1 s): 0.2 s per incremental commit at 1M. blockd's elements
+#: never expire, and a GC interval is only accepted on a set with the timeout flag.
+GC_INTERVAL_MS = 24 * 3600 * 1000
 NFT_DATA_VERDICT = 0xFFFFFF00
 NF_DROP, NF_ACCEPT, NFT_JUMP = 0, 1, -3
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR = 4, 7, 8
@@ -304,7 +308,8 @@ class NftEnforcer:
                 if d == "daddr":  # the shard sets serve both directions
                     for i in range(256):
                         out.append(self._msg(NEWSET, create, t + attr_str(2, f"v{v}_{i:02x}")
-                                             + attr_be32(3, NFT_SET_INTERVAL)
+                                             + attr_be32(3, NFT_SET_INTERVAL | NFT_SET_TIMEOUT)
+                                             + attr_be32(12, GC_INTERVAL_MS)
                                              + attr_be32(4, TYPE_IPADDR if v == 4 else TYPE_IP6ADDR)
                                              + attr_be32(5, bits // 8) + attr_be32(10, len(out))))
                 for i in range(256):
