@@ -11,6 +11,7 @@ pkgs=(
   bind9-dnsutils                  # dig (prints EDE)
   unbound bind9 dnsperf           # real RPZ secondaries and the DNS benchmark
   prometheus                      # promtool, and a real scraper for the e2e test
+  bird2                           # a real BGP router for the RTBH enforcer test and benchmark
 )
 missing=()
 for p in "${pkgs[@]}"; do
