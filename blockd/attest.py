@@ -153,7 +153,9 @@ def build_statement(
     enforcer_json = {
         name: {
             "readback_digest": e.applied.digest, "desired_digest": e.applied.desired_digest,
-            "in_sync": e.applied.in_sync and e.applied.desired_digest == ruleset.digest,
+            # An enforcer holds its part of the rule set (names, or addresses), so its desired
+            # digest is that part's; in sync means the read-back equals it.
+            "in_sync": e.applied.in_sync,
             "counts": dict(e.applied.counts), "added": e.applied.added, "removed": e.applied.removed,
             "duration_s": round(e.applied.duration_s, 6), "applied_at": e.at,
         }

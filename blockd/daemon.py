@@ -67,12 +67,16 @@ class Daemon:
         self.metrics.registry.register(m.LiveCollector(self.live))
         self.enforcers = build_enforcers(settings)
         self.reconciler = Reconciler(settings, self.enforcers)
+        for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
+            self.metrics.apply_failures.labels(e.name)
+            self.metrics.drift_repairs.labels(e.name)
         self.accountability = Accountability.from_settings(settings)
         self._wake = asyncio.Event()
         #: passes and drift repairs never interleave: a repair must not re-apply a superseded set
         self._apply_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._boundary: datetime | None = None
+        self._reloading = False
         self.last: PassResult | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -111,6 +115,7 @@ class Daemon:
         return 0
 
     def _reload(self) -> None:
+        self._reloading = True
         self.notifier.reloading()
         log.info("reload_requested", signal="SIGHUP")
         self._wake.set()
@@ -148,8 +153,12 @@ class Daemon:
             except TimeoutError:
                 reason = "time"  # a not_before or not_after was reached
             self._wake.clear()
-            await self._pass(reason)
-            self.notifier.status(self._status())
+            reloading, self._reloading = self._reloading, False
+            await self._pass("reload" if reloading else reason)
+            if reloading:
+                self.notifier.ready(self._status())  # ends systemd's "reloading" state
+            else:
+                self.notifier.status(self._status())
 
     async def _pass(self, reason: str) -> None:
         t0 = time.perf_counter()
@@ -226,12 +235,18 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             async with self._apply_lock:
-                await self._check_drift()
+                try:
+                    if await self._check_drift():
+                        self.metrics.last_reconcile.set(time.time())  # a full read-back that agrees
+                except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
+                    log.exception("drift_check_crashed", error=str(e))
 
-    async def _check_drift(self) -> None:
+    async def _check_drift(self) -> bool:
+        """True when every enforcer was read back and holds (or again holds) what it should."""
         desired = self.reconciler.desired
         if desired is None or self.last is None:
-            return
+            return False
+        clean = True
         for e in self.enforcers:
             applied = self.last.applied.get(e.name)
             try:
@@ -243,8 +258,10 @@ class Daemon:
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
                 log.error("drift_check_failed", enforcer=e.name, error=str(exc))
+                clean = False
                 continue
             self.last.applied[e.name] = repaired
+            clean = clean and repaired.in_sync
             self.metrics.in_sync.labels(e.name).set(1 if repaired.in_sync else 0)
             self.metrics.drift_repairs.labels(e.name).inc()
             log.warning("drift_repaired", enforcer=e.name, held=held.digest[:16], added=repaired.added,
@@ -252,6 +269,7 @@ class Daemon:
             if self.accountability is not None:
                 self.accountability.event("drift_repaired", enforcer=e.name, held=held.digest,
                                           restored=repaired.digest, added=repaired.added, removed=repaired.removed)
+        return clean
 
     async def _stats_loop(self, interval: float = 5.0) -> None:
         while True:
@@ -260,8 +278,8 @@ class Daemon:
                 if stats is not None:
                     try:
                         self.live.kernel[e.name] = await stats()  # type: ignore[misc]
-                    except EnforcerError as exc:
-                        log.debug("stats_failed", enforcer=e.name, error=str(exc))
+                    except Exception as exc:  # noqa: BLE001 - counters are best effort
+                        log.warning("stats_failed", enforcer=e.name, error=str(exc))
             await asyncio.sleep(interval)
 
     async def _watchdog(self, interval: float) -> None:
@@ -273,9 +291,14 @@ class Daemon:
         assert self.accountability is not None
         while True:
             await asyncio.sleep(self.settings.daemon.attest_period_s)
-            if self.last is not None:
-                await self._refresh_readback()
-                self.accountability.attest(self.last, reason="periodic")
+            if self.last is None:
+                continue
+            async with self._apply_lock:
+                try:
+                    await self._refresh_readback()
+                    self.accountability.attest(self.last, reason="periodic")
+                except Exception as e:  # noqa: BLE001 - as above: log, keep running, retry next period
+                    log.exception("attestation_failed", error=str(e))
 
     async def _refresh_readback(self) -> None:
         """Re-read every enforcer so a periodic attestation states what is held now."""

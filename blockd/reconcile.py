@@ -15,6 +15,7 @@ A bad new policy never disturbs what is enforced: the last good rule set stays l
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,14 +72,9 @@ class Reconciler:
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
         now = now or datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        self.refresh_context()
-        assert self.ctx is not None
-        ctx = self.ctx
-        in_force, pending, rejected = self._intake(ctx, now)
-        comp, in_force, more = self._compile(ctx, in_force, now)
-        rejected += more
-        for p in in_force:
-            self._record_if_new(ctx, p, now)
+        # Verification and compilation are CPU work: off the event loop, which keeps answering
+        # DNS and pinging the watchdog meanwhile.
+        _, comp, in_force, pending, rejected = await asyncio.to_thread(self._prepare, now)
         desired = comp.ruleset
         changed = self.desired is None or desired.digest != self.desired.digest
         applied, failed = await self.apply_all(desired)
@@ -94,6 +90,16 @@ class Reconciler:
         return PassResult(comp, tuple(in_force), tuple(pending), new, applied, failed, changed,
                           _next_boundary(in_force, pending, now),
                           {p.digest: self.received[p.digest] for p in in_force})
+
+    def _prepare(self, now: datetime) -> tuple[Context, Compilation, list[Policy], list[Policy], list[Rejected]]:
+        self.refresh_context()
+        assert self.ctx is not None
+        ctx = self.ctx
+        in_force, pending, rejected = self._intake(ctx, now)
+        comp, in_force, more = self._compile(ctx, in_force, now)
+        for p in in_force:
+            self._record_if_new(ctx, p, now)
+        return ctx, comp, in_force, pending, rejected + more
 
     def _intake(self, ctx: Context, now: datetime) -> tuple[list[Policy], list[Policy], list[Rejected]]:
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
