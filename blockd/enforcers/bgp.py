@@ -181,9 +181,11 @@ def exabgp_environ(base: dict[str, str] | None = None) -> dict[str, str]:
 Prefixes = dict[int, set[tuple[int, int]]]  # version -> {(network, prefixlen)}
 
 
-def prefixes_of(desired: RuleSet) -> Prefixes:
-    """RuleSet -> the fewest prefixes covering exactly its address intervals."""
-    return {v: set(to_cidrs(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
+def prefixes_of(desired: RuleSet, ipv6: bool = True) -> Prefixes:
+    """RuleSet -> the fewest prefixes covering exactly its address intervals (IPv4 only
+    unless `ipv6`: without the IPv6 family negotiated there is nothing to announce them on)."""
+    return {v: set(to_cidrs(v, union_intervals(getattr(desired, f"v{v}")))) if v == 4 or ipv6 else set()
+            for v in (4, 6)}
 
 
 def ruleset_of(held: Prefixes) -> RuleSet:
@@ -313,7 +315,7 @@ class BgpEnforcer:
             await self._start()
             if self._held is None:
                 self._held = self._agreed(await self._rib_out())
-            held, want = self._held, prefixes_of(desired)
+            held, want = self._held, prefixes_of(desired, self.settings.ipv6)
             want_rs = ruleset_of(want)  # digest of exactly what is announced (no domains)
             lines: list[str] = []
             # Withdraw first: an interval that changed shape is a withdraw plus an announce.
@@ -382,9 +384,9 @@ class BgpEnforcer:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None
 
-    @staticmethod
-    def enforced(desired: RuleSet) -> RuleSet:
-        return ruleset_of(prefixes_of(desired))
+    def enforced(self, desired: RuleSet) -> RuleSet:
+        """The part of `desired` this enforcer holds (addresses; IPv6 only if enabled)."""
+        return ruleset_of(prefixes_of(desired, self.settings.ipv6))
 
     # -- session state --------------------------------------------------------------------------
 
