@@ -31,7 +31,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, RuleSet, union_intervals
+from blockd.model import Applied, RuleSet
 from blockd.ranges import BITS, interval_to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.ipset")
@@ -45,6 +45,13 @@ NFPROTO = {4: socket.AF_INET, 6: socket.AF_INET6}  # NFPROTO_IPV4 = 2, NFPROTO_I
 #: entries per ADD/DEL message: the ADT attribute has a u16 length (24 / 36 bytes per entry).
 CHUNK = {4: 2000, 6: 1500}
 ENOENT = 2
+#: ipset's own error numbers (include/uapi/linux/netfilter/ipset/ip_set.h), for messages.
+IPSET_ERRORS = {
+    4097: "ipset protocol error", 4098: "unknown set type", 4099: "max number of sets reached",
+    4100: "set is busy", 4101: "second set does not exist", 4102: "set types differ, cannot swap",
+    4103: "element already added / not present", 4104: "invalid CIDR", 4105: "invalid netmask",
+    4106: "address family mismatch", 4108: "set is referenced", 4352: "set is full (maxelem)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +90,36 @@ _ENTRY_RE = {
 }
 
 
-def cidrs(version: int, intervals: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """`ranges.to_cidrs` with a fast path for the common case: the interval is one CIDR."""
+def cidr_keys(version: int, rules: Iterable[tuple[int, int, object]]) -> set[int]:
+    """Sorted rules -> the CIDRs of their union as keys `network << 8 | prefixlen`.
+
+    One pass (union, split, set) with a fast path for an interval that is one CIDR, and int
+    keys, which hash faster than tuples in the diff.
+    """
     bits = BITS[version]
-    for first, last in intervals:
-        size = last - first + 1
-        if size & (size - 1) == 0 and first & (size - 1) == 0:
-            yield first, bits + 1 - size.bit_length()
+    out: set[int] = set()
+    add = out.add
+    it = iter(rules)
+    for start, end, _ in it:  # the first rule opens the current interval
+        break
+    else:
+        return out
+    for first, last, _ in it:
+        if first <= end + 1:  # overlapping or adjacent: extend the current interval
+            if last > end:
+                end = last
+            continue
+        size = end - start + 1
+        if size & (size - 1) == 0 and start & (size - 1) == 0:
+            add(start << 8 | (bits + 1 - size.bit_length()))
         else:
-            yield from interval_to_cidrs(version, first, last)
+            out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
+        start, end = first, last
+    out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
+    if 0 in out:  # 0.0.0.0/0 or ::/0: hash:net refuses /0, so hold it as the two /1s
+        out.discard(0)
+        out.update((1, (1 << (bits - 1)) << 8 | 1))
+    return out
 
 
 def pack_entries(version: int, cidrs: list[tuple[int, int]]) -> bytes:
@@ -127,8 +155,9 @@ class IpsetEnforcer:
         except OSError as exc:
             raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
         self._lock = asyncio.Lock()
-        # CIDRs per family after our last successful change or readback; None: unknown.
-        self._held: dict[int, set[tuple[int, int]]] | None = None
+        # CIDR keys (network << 8 | prefixlen) per family after our last successful change or
+        # readback; None: unknown.
+        self._held: dict[int, set[int]] | None = None
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
         self._revision = {v: self._type_revision(v) for v in (4, 6)}
 
@@ -155,7 +184,7 @@ class IpsetEnforcer:
 
     def _apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        want = {v: set(cidrs(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
+        want = {4: cidr_keys(4, desired.v4), 6: cidr_keys(6, desired.v6)}
         if self._held is None:
             self._read_kernel()
         held = self._held or {4: set(), 6: set()}
@@ -178,7 +207,7 @@ class IpsetEnforcer:
                  duration_s=round(applied.duration_s, 4))
         return applied
 
-    def _incremental(self, adds: dict[int, set[tuple[int, int]]], dels: dict[int, set[tuple[int, int]]]) -> None:
+    def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> None:
         t0 = time.perf_counter()
         msgs = self._diff_msgs(adds, dels)
         if not msgs:
@@ -190,15 +219,15 @@ class IpsetEnforcer:
             self._transact(self._diff_msgs(dels, adds))
             self._held = None
             raise _error(self.name, failures[0].errno,
-                         f"incremental update failed and was undone; {failures[0].describe()}")
+                         f"incremental update failed and was undone; {failures[0].describe(IPSET_ERRORS)}")
         self._record(len(msgs), sum(len(x) for x in (*adds.values(), *dels.values())), sum(map(len, msgs)), t0)
 
-    def _diff_msgs(self, adds: dict[int, set[tuple[int, int]]], dels: dict[int, set[tuple[int, int]]]) -> list[bytes]:
+    def _diff_msgs(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> list[bytes]:
         # Adds before deletes: a prefix that is re-split stays blocked in between.
         msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
         return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
 
-    def _replace(self, want: dict[int, set[tuple[int, int]]]) -> None:
+    def _replace(self, want: dict[int, set[int]]) -> None:
         """Fill shadow sets, then swap both in; on any failure the live sets are unchanged."""
         t0 = time.perf_counter()
         s = self.settings
@@ -215,7 +244,7 @@ class IpsetEnforcer:
         failures = self._transact(msgs)
         if failures:
             self._drop_shadows()
-            raise _error(self.name, failures[0].errno, f"filling shadow sets; live sets unchanged; {failures[0].describe()}")
+            raise _error(self.name, failures[0].errno, f"filling shadow sets; live sets unchanged; {failures[0].describe(IPSET_ERRORS)}")
         swapped: list[int] = []
         for v in (4, 6):
             live, shadow = s.name(v), s.name(v, True)
@@ -228,7 +257,7 @@ class IpsetEnforcer:
                 for u in swapped:  # swap is its own inverse
                     self._transact([self._msg(CMD_SWAP, 0, u, attr_str(A_SETNAME, s.name(u)) + attr_str(A_TYPENAME, s.name(u, True)))])
                 self._drop_shadows()
-                raise _error(self.name, failures[0].errno, f"swapping {shadow} into {live}; live sets unchanged; {failures[0].describe()}")
+                raise _error(self.name, failures[0].errno, f"swapping {shadow} into {live}; live sets unchanged; {failures[0].describe(IPSET_ERRORS)}")
             swapped.append(v)
         self._drop_shadows()
         self._maxelem = {v: s.maxelem(len(want[v])) for v in (4, 6)}
@@ -240,7 +269,7 @@ class IpsetEnforcer:
         return nl.held_ruleset(_spans(4, held[4]), _spans(6, held[6]))
 
     def _read_kernel(self) -> None:
-        held: dict[int, set[tuple[int, int]]] = {}
+        held: dict[int, set[int]] = {}
         for v in (4, 6):
             held[v] = set()
             self._maxelem[v] = 0
@@ -251,7 +280,7 @@ class IpsetEnforcer:
                         ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
                         self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
                     if A_ADT in a:
-                        held[v].update(parse_entries(v, a[A_ADT]))
+                        held[v].update(n << 8 | p for n, p in parse_entries(v, a[A_ADT]))
             except OSError as exc:
                 if exc.errno != ENOENT:
                     raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
@@ -278,8 +307,8 @@ class IpsetEnforcer:
     def _msg(self, cmd: int, flags: int, version: int, payload: bytes) -> bytes:
         return nl.msg((nl.NFNL_SUBSYS_IPSET << 8) | cmd, flags, NFPROTO[version], attr(A_PROTOCOL, bytes([PROTOCOL])) + payload)
 
-    def _adt_msgs(self, cmd: int, version: int, setname: str, cidrs: Iterable[tuple[int, int]]) -> list[bytes]:
-        items = sorted(cidrs)
+    def _adt_msgs(self, cmd: int, version: int, setname: str, keys: Iterable[int]) -> list[bytes]:
+        items = [(k >> 8, k & 0xFF) for k in sorted(keys)]
         # LINENO is mandatory whenever ADT carries entries; 0 = "not from a file".
         prefix = attr_str(A_SETNAME, setname) + attr(A_LINENO, struct.pack("=I", 0))
         out = []
@@ -327,11 +356,12 @@ class IpsetEnforcer:
                   duration_s=round(self.last_commit.duration_s, 4))
 
 
-def _spans(version: int, held: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """CIDRs -> {first: last}; of nested CIDRs (only someone else adds those) keep the widest."""
+def _spans(version: int, held: Iterable[int]) -> dict[int, int]:
+    """CIDR keys -> {first: last}; of nested CIDRs (only someone else adds those) keep the widest."""
     host = BITS[version]
     out: dict[int, int] = {}
-    for n, p in held:
+    for key in held:
+        n, p = key >> 8, key & 0xFF
         last = n + (1 << (host - p)) - 1
         if out.get(n, -1) < last:
             out[n] = last

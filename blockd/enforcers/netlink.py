@@ -135,9 +135,12 @@ class Failure:
     errno: int
     text: str
 
-    def describe(self) -> str:
+    def describe(self, codes: Mapping[int, str] | None = None) -> str:
+        """`codes`: subsystem error numbers beyond errno (ipset's start at 4096)."""
         detail = f": {self.text}" if self.text else ""
-        return f"message {self.index}: {errno_mod.errorcode.get(self.errno, self.errno)} ({os.strerror(self.errno)}){detail}"
+        name = errno_mod.errorcode.get(self.errno, str(self.errno))
+        meaning = (codes or {}).get(self.errno) or os.strerror(self.errno)
+        return f"message {self.index}: {name} ({meaning}){detail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +356,19 @@ def parse_intervals(bits: int, payloads: Iterable[memoryview]) -> list[tuple[int
     starts.sort()
     ends.sort()
     top = (1 << bits) - 1
-    return [(s, (ends[i] - 1) if i < len(ends) else top) for i, s in enumerate(starts)]
+    # Pair each start with the first end above it. An end not above any open start is skipped:
+    # `nft add element` writes a leading 0.0.0.0 INTERVAL_END of its own.
+    out = []
+    j, n = 0, len(ends)
+    for s in starts:
+        while j < n and ends[j] <= s:
+            j += 1
+        if j < n:
+            out.append((s, ends[j] - 1))
+            j += 1
+        else:
+            out.append((s, top))
+    return out
 
 
 _ELEM_RE: dict[int, re.Pattern[bytes]] = {}

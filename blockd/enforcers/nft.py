@@ -24,7 +24,7 @@ import asyncio
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -33,7 +33,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, RuleSet, union_intervals
+from blockd.model import Applied, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.nft")
 
@@ -69,15 +69,45 @@ def shard(version: int, addr: int) -> int:
     return (addr >> FAMILY[version][2]) & 0xFF
 
 
-def pieces(version: int, intervals: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """Cut intervals at shard boundaries so each piece lives in exactly one shard set."""
-    shift = FAMILY[version][2]
-    for first, last in intervals:
-        while first >> shift != last >> shift:
-            edge = (((first >> shift) + 1) << shift) - 1
-            yield first, edge
-            first = edge + 1
-        yield first, last
+def piece_keys(version: int, rules: Iterable[tuple[int, int, object]]) -> set[int]:
+    """Sorted rules -> their union, cut at shard boundaries, as keys `first << bits | last`.
+
+    One pass instead of union + cut + set of tuples, and int keys instead of tuples (tuples
+    rehash on every set operation): the diff of a 1M-rule RuleSet is half as slow.
+    """
+    bits, _, shift, _ = FAMILY[version]
+    out: set[int] = set()
+    add = out.add
+    it = iter(rules)
+    for start, end, _ in it:  # the first rule opens the current interval
+        break
+    else:
+        return out
+    for first, last, _ in it:
+        if first <= end + 1:  # overlapping or adjacent: extend the current interval
+            if last > end:
+                end = last
+            continue
+        if start >> shift == end >> shift:  # the common case: no shard boundary inside
+            add(start << bits | end)
+        else:
+            _cut(start, end, bits, shift, add)
+        start, end = first, last
+    _cut(start, end, bits, shift, add)
+    return out
+
+
+def _cut(first: int, last: int, bits: int, shift: int, add: Callable[[int], None]) -> None:
+    while first >> shift != last >> shift:
+        edge = (((first >> shift) + 1) << shift) - 1
+        add(first << bits | edge)
+        first = edge + 1
+    add(first << bits | last)
+
+
+def split_key(version: int, key: int) -> tuple[int, int]:
+    bits = FAMILY[version][0]
+    return key >> bits, key & ((1 << bits) - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +160,9 @@ class NftEnforcer:
         except OSError as exc:
             raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
         self._lock = asyncio.Lock()
-        # What the kernel held after our last ACKed commit or readback: {4: pieces, 6: pieces};
+        # What the kernel held after our last ACKed commit or readback: {4: keys, 6: keys};
         # None = unknown (read it before diffing), or layout incomplete (rebuild).
-        self._held: dict[int, set[tuple[int, int]]] | None = None
+        self._held: dict[int, set[int]] | None = None
         self._layout_ok = False
 
     # -- Enforcer interface -----------------------------------------------------------------
@@ -160,7 +190,7 @@ class NftEnforcer:
 
     def _apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        want = {v: set(pieces(v, union_intervals(getattr(desired, f"v{v}")))) for v in (4, 6)}
+        want = {4: piece_keys(4, desired.v4), 6: piece_keys(6, desired.v6)}
         if self._held is None:
             self._read_kernel()
         held = self._held if self._layout_ok and self._held is not None else None
@@ -216,7 +246,12 @@ class NftEnforcer:
     def _readback(self) -> RuleSet:
         self._read_kernel()
         held = self._held if self._layout_ok and self._held is not None else {4: set(), 6: set()}
-        return nl.held_ruleset(dict(held[4]), dict(held[6]))
+        spans = {}
+        for v in (4, 6):
+            bits = FAMILY[v][0]
+            mask = (1 << bits) - 1
+            spans[v] = {k >> bits: k & mask for k in held[v]}
+        return nl.held_ruleset(spans[4], spans[6])
 
     def _read_kernel(self) -> None:
         """Dump blockd's table: layout check (rules per chain), then every shard set."""
@@ -238,11 +273,13 @@ class NftEnforcer:
         if not self._layout_ok:
             log.debug("nft_layout_incomplete", enforcer=self.name, table=self.settings.table)
 
-    def _dump_family(self, version: int) -> Iterator[tuple[int, int]]:
+    def _dump_family(self, version: int) -> Iterator[int]:
+        bits = FAMILY[version][0]
         for s in range(256):
             req = self._msg(GETSETELEM, nl.NLM_F_DUMP,
                             attr_str(1, self.settings.table) + attr_str(2, f"v{version}_{s:02x}"))
-            yield from nl.parse_intervals(FAMILY[version][0], self._sock.dump(req))
+            for first, last in nl.parse_intervals(bits, self._sock.dump(req)):
+                yield first << bits | last
 
     def _stats(self) -> nl.KernelStats:
         counters: dict[str, tuple[int, int]] = {}
@@ -355,10 +392,11 @@ class NftEnforcer:
         exprs.append(_expr("lookup", attr_str(1, f"{direction}{version}"), attr_be32(2, 1), attr_be32(3, 0)))
         return exprs
 
-    def _elem_msgs(self, kind: int, version: int, items: set[tuple[int, int]]) -> list[bytes]:
+    def _elem_msgs(self, kind: int, version: int, keys: set[int]) -> list[bytes]:
         by_shard: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for item in items:
-            by_shard[shard(version, item[0])].append(item)
+        for key in keys:
+            first, last = split_key(version, key)
+            by_shard[shard(version, first)].append((first, last))
         chunk = FAMILY[version][3]
         flags = nl.NLM_F_CREATE if kind == NEWSETELEM else 0
         t = attr_str(1, self.settings.table)

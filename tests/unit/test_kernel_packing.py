@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockd.enforcers import netlink as nl
-from blockd.enforcers.ipset import IpsetSettings, cidrs, pack_entries, parse_entries
-from blockd.enforcers.nft import FAMILY, NftSettings, pieces, shard
+from blockd.enforcers.ipset import IpsetSettings, cidr_keys, pack_entries, parse_entries
+from blockd.enforcers.nft import FAMILY, NftSettings, piece_keys, shard, split_key
 from blockd.errors import ConfigError
 from blockd.ranges import merge, to_cidrs
 
@@ -28,7 +28,7 @@ def _as_dump(payload: bytes) -> memoryview:
 @given(st.sampled_from([4, 6]).flatmap(lambda v: st.tuples(st.just(v), intervals4 if v == 4 else intervals6)))
 def test_pieces_pack_parse_roundtrip(case: tuple[int, list[tuple[int, int]]]) -> None:
     version, ivs = case
-    cut = list(pieces(version, ivs))
+    cut = sorted(split_key(version, k) for k in piece_keys(version, [(a, b, None) for a, b in ivs]))
     assert merge(cut) == ivs
     by_shard: dict[int, list[tuple[int, int]]] = {}
     for first, last in cut:
@@ -56,8 +56,9 @@ def test_ipset_maxelem_grows_with_the_rule_count() -> None:
 
 
 @given(intervals4)
-def test_fast_cidrs_equal_ranges_to_cidrs(ivs: list[tuple[int, int]]) -> None:
-    assert list(cidrs(4, ivs)) == list(to_cidrs(4, ivs))
+def test_cidr_keys_equal_ranges_to_cidrs(ivs: list[tuple[int, int]]) -> None:
+    keys = cidr_keys(4, [(a, b, None) for a, b in ivs])
+    assert sorted((k >> 8, k & 0xFF) for k in keys) == sorted(to_cidrs(4, ivs))
 
 
 @pytest.mark.parametrize(("make", "message"), [
@@ -68,3 +69,7 @@ def test_fast_cidrs_equal_ranges_to_cidrs(ivs: list[tuple[int, int]]) -> None:
 def test_settings_say_what_is_valid(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_ipset_holds_everything_as_two_halves() -> None:
+    assert sorted(cidr_keys(4, [(0, 2**32 - 1, None)])) == [1, (2**31) << 8 | 1]
