@@ -129,6 +129,11 @@ class Daemon:
         if dns is not None:
             stats = dns.server.stats  # type: ignore[attr-defined]
             self.live.dns = lambda: (dict(stats.results), stats.by_order())
+        rpz = next((e for e in self.enforcers if e.name == "rpz"), None)
+        if rpz is not None:
+            primary = rpz.server  # type: ignore[attr-defined]
+            self.live.rpz = lambda: (primary.serial, {a: s.serial for a, s in primary.secondaries().items()},
+                                     dict(primary.stats))
 
     async def _shutdown(self) -> None:
         if not self.settings.daemon.keep_rules_on_stop:

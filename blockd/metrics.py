@@ -101,6 +101,8 @@ class Live:
 
     kernel: dict[str, object] = field(default_factory=dict)  # enforcer -> KernelStats
     dns: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None  # (by result, by order)
+    #: (serial served or None, {secondary address: serial it holds or None}, RpzServer.stats)
+    rpz: Callable[[], tuple[int | None, Mapping[str, int | None], Mapping[str, int]]] | None = None
 
 
 class LiveCollector(Collector):
@@ -134,6 +136,40 @@ class LiveCollector(Collector):
             for order, n in sorted(by_order.items()):
                 blocked.add_metric([order], n)
             yield blocked
+        if self.live.rpz is not None:
+            yield from rpz_metrics(*self.live.rpz())
+
+
+def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None],
+                stats: Mapping[str, int]) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+    """The RPZ primary's serial, what each secondary holds, and transfer/NOTIFY counters.
+
+    `secondary` labels are addresses, bounded by the `notify` list plus the transfer ACL
+    (at most `rpzserver.MAX_SECONDARIES`). A secondary whose serial is unknown is not in sync.
+    """
+    if serial is not None:
+        yield GaugeMetricFamily("blockd_rpz_serial", "SOA serial of the RPZ zone being served", value=serial)
+    held = GaugeMetricFamily("blockd_rpz_secondary_serial", "Last SOA serial each RPZ secondary is known to hold",
+                             labels=["secondary"])
+    in_sync = GaugeMetricFamily("blockd_rpz_secondary_in_sync",
+                                "1 when the secondary is known to hold the serial being served", labels=["secondary"])
+    for addr, s in sorted(secondaries.items()):
+        if s is not None:
+            held.add_metric([addr], s)
+        in_sync.add_metric([addr], 1 if s is not None and s == serial else 0)
+    yield held
+    yield in_sync
+    transfers = CounterMetricFamily("blockd_rpz_transfers", "Zone transfers served, by kind (ixfr_as_axfr: "
+                                    "an IXFR the journal could not bridge, answered with the full zone)",
+                                    labels=["kind"])
+    for kind in ("axfr", "ixfr", "ixfr_as_axfr"):
+        transfers.add_metric([kind], stats.get(kind, 0))
+    yield transfers
+    notifies = CounterMetricFamily("blockd_rpz_notifies", "NOTIFYs per secondary and zone change, by result "
+                                   "(failed: no answer after every retry)", labels=["result"])
+    notifies.add_metric(["acked"], stats.get("notify_acked", 0))
+    notifies.add_metric(["failed"], stats.get("notify_failed", 0))
+    yield notifies
 
 
 async def serve(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:

@@ -58,6 +58,9 @@ class RpzSettings:
     journal_versions: int = 32
     notify_retries: int = 3
     notify_timeout_s: float = 2.0
+    #: NOTIFY again, this often, each `notify` target not known to hold the current serial
+    #: (a secondary restarted from its zone file otherwise waits for `refresh`); 0 = never
+    renotify_s: float = 60.0
 
     @property
     def origin(self) -> str:

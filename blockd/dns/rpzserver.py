@@ -4,15 +4,25 @@ Queries are parsed with dnspython (transfers are rare; TSIG needs it); answers a
 the pre-rendered wire bodies of `rpz.ZoneVersion` / `rpz.Journal`. Transfer ACL: loopback and
 `allow_transfer` prefixes; with `tsig`, transfers must also be signed with that key and every
 response message is signed (RFC 8945 4.4 multi-message chaining).
+
+Per-secondary state (`secondaries()`), keyed by source address: the serial each secondary is
+known to hold, learnt only from what it tells us or what we delivered to it: the SOA serial in
+its IXFR query, and the serial of a transfer we finished sending it. A SOA refresh probe says
+nothing about the prober's serial, so it only counts as a sign of life. Entries exist for the
+`notify` targets from the start and for addresses that asked for a transfer (at most
+`MAX_SECONDARIES`; the least recently seen non-notify entry makes room).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import socket
 import struct
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
 
 import dns.exception
 import dns.flags
@@ -32,6 +42,31 @@ from blockd.dns.rpz import Journal, RpzSettings, ZoneVersion, ns_rr
 
 log = structlog.get_logger("blockd.dns.rpz")
 
+MAX_SECONDARIES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SecondaryState:
+    """What the primary knows about one secondary. Times are `time.time()`, None = never."""
+
+    serial: int | None  # the last serial it is known to hold; None until it tells us or we send one
+    last_seen: float | None  # its last query to us, or its last NOTIFY answer
+    last_transfer: float | None  # when we finished sending it an AXFR/IXFR
+
+
+_UNKNOWN = SecondaryState(None, None, None)
+
+
+def secondary_key(host: str) -> str:
+    """A source address as the secondary's key: canonical text, IPv4-mapped IPv6 as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
 
 class RpzServer:
     def __init__(self, settings: RpzSettings) -> None:
@@ -47,9 +82,38 @@ class RpzServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._notifying: set[tuple[str, int]] = set()  # targets with a NOTIFY episode in flight
         self.addresses: list[tuple[str, int]] = []
         self.stats: dict[str, int] = {"axfr": 0, "ixfr": 0, "ixfr_as_axfr": 0, "soa": 0, "refused": 0,
                                       "notify_sent": 0, "notify_acked": 0, "notify_failed": 0}
+        self._notify_keys = frozenset(secondary_key(h) for h, _ in settings.notify)
+        self._secondaries: dict[str, SecondaryState] = {k: _UNKNOWN for k in sorted(self._notify_keys)}
+
+    @property
+    def serial(self) -> int | None:
+        """The serial being served (None before the first apply)."""
+        return self.version.serial if self.version is not None else None
+
+    def secondaries(self) -> dict[str, SecondaryState]:
+        """A copy of the per-secondary state, by source address."""
+        return dict(self._secondaries)
+
+    def _saw(self, host: str, *, serial: int | None = None, transfer: bool = False, create: bool = False) -> None:
+        """Record a sign of life from `host` (and the serial it holds, when known)."""
+        key = secondary_key(host)
+        cur = self._secondaries.get(key)
+        if cur is None:
+            if not create:
+                return
+            if len(self._secondaries) >= MAX_SECONDARIES:
+                evictable = [k for k in self._secondaries if k not in self._notify_keys]
+                if not evictable:
+                    return
+                del self._secondaries[min(evictable, key=lambda k: self._secondaries[k].last_seen or 0.0)]
+            cur = _UNKNOWN
+        now = time.time()
+        self._secondaries[key] = replace(cur, last_seen=now, serial=cur.serial if serial is None else serial,
+                                         last_transfer=now if transfer else cur.last_transfer)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -70,6 +134,8 @@ class RpzServer:
                 self.addresses.append((host, bound))
                 break
         log.info("rpz_primary_started", zone=self.settings.origin, listen=[f"{h}@{p}" for h, p in self.addresses])
+        if self.settings.notify and self.settings.renotify_s > 0:
+            self._spawn(self._renotify_loop())
 
     async def aclose(self) -> None:
         for u in self._udp:
@@ -96,51 +162,61 @@ class RpzServer:
 
     def answer(self, data: bytes, host: str, tcp: bool) -> list[bytes]:
         """All response messages for one query (a transfer may need many)."""
+        return self._answer(data, host, tcp)[0]
+
+    def _answer(self, data: bytes, host: str, tcp: bool) -> tuple[list[bytes], int | None]:
+        """-> (response messages, the serial they bring the client to if they are a transfer)."""
         m = self._parse(data)
         if m is None or isinstance(m, bytes):
-            return [m] if m else []
+            return ([m] if m else []), None
         if m.flags & dns.flags.QR:
-            return []
+            return [], None
         if m.opcode() != dns.opcode.QUERY:
-            return [wire.error_response(data, wire.NOTIMP)]
+            return [wire.error_response(data, wire.NOTIMP)], None
         if len(m.question) != 1:
-            return [wire.error_response(data, wire.FORMERR)]
+            return [wire.error_response(data, wire.FORMERR)], None
         qrr = m.question[0]
         qend = 12 + len(qrr.name.to_wire())
         if qrr.name != self.zone_name or qrr.rdclass != dns.rdataclass.IN:
             self.stats["refused"] += 1
-            return [self._msg(data, qend, wire.REFUSED, [], m)]
+            return [self._msg(data, qend, wire.REFUSED, [], m)], None
         v = self.version
         if v is None:
-            return [self._msg(data, qend, wire.SERVFAIL, [], m)]
+            return [self._msg(data, qend, wire.SERVFAIL, [], m)], None
         qtype = qrr.rdtype
+        allowed = self._acl.allowed(host) and (self._keyring is None or m.had_tsig)
+        since = None
+        if qtype == dns.rdatatype.IXFR:
+            try:
+                since = dns.xfr.extract_serial_from_query(m)
+            except KeyError:  # RFC 1995 3: an IXFR query carries the client's SOA in AUTHORITY
+                return [self._msg(data, qend, wire.FORMERR, [], m)], None
+        self._saw(host, serial=since if allowed else None, create=allowed and since is not None)
         if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
             if not tcp:  # RFC 1995 2: IXFR over UDP may be answered with the SOA only
                 if qtype == dns.rdatatype.AXFR:
-                    return [self._msg(data, qend, wire.FORMERR, [], m)]
-                return [self._msg(data, qend, wire.NOERROR, [(1, v.soa)], m)]
-            if not self._acl.allowed(host) or (self._keyring is not None and not m.had_tsig):
+                    return [self._msg(data, qend, wire.FORMERR, [], m)], None
+                return [self._msg(data, qend, wire.NOERROR, [(1, v.soa)], m)], None
+            if not allowed:
                 self.stats["refused"] += 1
-                return [self._msg(data, qend, wire.REFUSED, [], m)]
+                return [self._msg(data, qend, wire.REFUSED, [], m)], None
+            if since == v.serial:  # up to date: one SOA, nothing delivered
+                return self._stream(data, qend, [(1, v.soa)], m), None
             bodies = None
             if qtype == dns.rdatatype.IXFR:
-                since = dns.xfr.extract_serial_from_query(m)
-                if since == v.serial:
-                    bodies = [(1, v.soa)]
-                else:
-                    bodies = self.journal.ixfr_bodies(self.settings, since, v) if since is not None else None
-                    self.stats["ixfr" if bodies is not None else "ixfr_as_axfr"] += 1
+                bodies = self.journal.ixfr_bodies(self.settings, since, v) if since is not None else None
+                self.stats["ixfr" if bodies is not None else "ixfr_as_axfr"] += 1
             else:
                 self.stats["axfr"] += 1
             if bodies is None:
                 bodies = v.axfr_bodies()
-            return self._stream(data, qend, bodies, m)
-        if qtype == dns.rdatatype.SOA:
+            return self._stream(data, qend, bodies, m), v.serial
+        if qtype == dns.rdatatype.SOA:  # a refresh probe: tells us nothing about the prober's serial
             self.stats["soa"] += 1
-            return [self._msg(data, qend, wire.NOERROR, [(1, v.soa)], m)]
+            return [self._msg(data, qend, wire.NOERROR, [(1, v.soa)], m)], None
         if qtype == dns.rdatatype.NS:
-            return [self._msg(data, qend, wire.NOERROR, [(1, ns_rr(self.settings))], m)]
-        return [self._msg(data, qend, wire.NOERROR, [], m, authority=v.soa)]
+            return [self._msg(data, qend, wire.NOERROR, [(1, ns_rr(self.settings))], m)], None
+        return [self._msg(data, qend, wire.NOERROR, [], m, authority=v.soa)], None
 
     def _msg(self, data: bytes, qend: int, rcode: int, bodies: list[tuple[int, bytes]], m: dns.message.Message,
              authority: bytes = b"") -> bytes:
@@ -177,9 +253,12 @@ class RpzServer:
                 async with asyncio.timeout(30):
                     n = int.from_bytes(await reader.readexactly(2), "big")
                     data = await reader.readexactly(n)
-                for msg in self.answer(data, host, True):
+                out, delivered = self._answer(data, host, True)
+                for msg in out:
                     writer.write(len(msg).to_bytes(2, "big") + msg)
                     await writer.drain()
+                if delivered is not None:  # the whole transfer was handed to the kernel
+                    self._saw(host, serial=delivered, transfer=True, create=True)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
@@ -190,9 +269,26 @@ class RpzServer:
         """Send NOTIFY (RFC 1996) to every configured secondary, retrying in the background."""
         v = self.version
         for target in self.settings.notify:
-            task = asyncio.get_running_loop().create_task(self._notify(target, v.serial if v else 0))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._notify(target, v.serial if v else 0))
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renotify_loop(self) -> None:
+        """NOTIFY the targets that lag (or whose serial is unknown) again, one episode at a time."""
+        while True:
+            await asyncio.sleep(self.settings.renotify_s)
+            v = self.version
+            if v is None:
+                continue
+            for target in self.settings.notify:
+                held = self._secondaries.get(secondary_key(target[0]))
+                if target not in self._notifying and (held is None or held.serial != v.serial):
+                    log.debug("rpz_renotify", target=f"{target[0]}@{target[1]}", serial=v.serial,
+                              held=held.serial if held else None)
+                    self._spawn(self._notify(target, v.serial))
 
     def notify_message(self) -> dns.message.Message:
         m = dns.message.make_query(self.zone_name, dns.rdatatype.SOA)
@@ -205,6 +301,13 @@ class RpzServer:
         return m
 
     async def _notify(self, target: tuple[str, int], serial: int) -> None:
+        self._notifying.add(target)
+        try:
+            await self._notify_episode(target, serial)
+        finally:
+            self._notifying.discard(target)
+
+    async def _notify_episode(self, target: tuple[str, int], serial: int) -> None:
         import dns.asyncquery
 
         s = self.settings
@@ -218,6 +321,7 @@ class RpzServer:
                 continue
             if r.opcode() == dns.opcode.NOTIFY:
                 self.stats["notify_acked"] += 1
+                self._saw(target[0])
                 log.debug("rpz_notify_acked", target=f"{target[0]}@{target[1]}", serial=serial)
                 return
         self.stats["notify_failed"] += 1
