@@ -412,6 +412,9 @@ class BgpEnforcer:
             code = self._proc.returncode
             await self.aclose()
             raise EnforcerError(self.name, f"exabgp exited with status {code}: {self._tail()}")
+        # A new ExaBGP starts with an empty adj-rib-out and no sessions.
+        self._held = None
+        self.peer_state.clear()
         base = self._workdir or tempfile.mkdtemp(prefix="blockd-bgp-")
         self._own_dir = None if self._workdir else base
         sock_path = os.path.join(base, "api.sock")
@@ -471,6 +474,7 @@ class BgpEnforcer:
                 else:
                     self._answers.put_nowait(text)
         finally:
+            writer.close()
             if self._writer is writer:
                 self._writer = None
                 self._answers.put_nowait("")  # wake a waiting command: the pipe is gone

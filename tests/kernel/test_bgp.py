@@ -215,6 +215,31 @@ def test_aclose_ends_session_and_routes_go(lab: BirdLab) -> None:
 
 
 @pytest.mark.kernel
+def test_exabgp_crash_is_reported_then_repaired(lab: BirdLab) -> None:
+    """ExaBGP dies: the next apply raises EnforcerError; the one after restarts it and
+    re-announces everything (a new ExaBGP starts empty, so nothing is assumed held)."""
+    async def run() -> None:
+        enf = await started(lab)
+        try:
+            await enf.apply(rs(*BLOCK))
+            await asyncio.to_thread(expect_in_bird, lab, set(BLOCK))
+            proc = enf._proc
+            assert proc is not None
+            proc.kill()
+            await proc.wait()
+            await asyncio.to_thread(expect_in_bird, lab, set())  # session gone, routes gone
+            with pytest.raises(EnforcerError, match="exabgp exited"):
+                await enf.apply(rs(*BLOCK))
+            applied = await enf.apply(rs(*BLOCK))
+            assert applied.in_sync and applied.added == len(BLOCK), applied
+            await asyncio.to_thread(expect_in_bird, lab, set(BLOCK), 60)
+        finally:
+            await enf.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.kernel
 def test_missing_exabgp_is_an_enforcer_error(lab: BirdLab) -> None:
     async def run() -> None:
         enf = BgpEnforcer(lab.settings(exabgp="/nonexistent/exabgp"), netns=lab.a)
