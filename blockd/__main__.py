@@ -277,7 +277,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ctx = load_context(settings)
     e = settings.enforcers
-    enabled = [n for n in ("nft", "ipset", "dns", "rpz") if getattr(e, n) is not None]
+    enabled = [n for n in ("nft", "ipset", "dns", "rpz", "bgp") if getattr(e, n) is not None]
     data = {"ok": True, "config": settings.source, "enforcers": enabled, "issuers": sorted(ctx.store.issuers),
             "services": sorted(ctx.catalog.services), "policy_dir": str(settings.policy_dir)}
     _out(args, data, f"{settings.source}: OK; enforcers {', '.join(enabled) or 'none'}; issuers "

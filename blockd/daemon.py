@@ -55,6 +55,10 @@ def build_enforcers(settings: Settings) -> list[Enforcer]:
         from blockd.enforcers.rpz import RpzEnforcer
 
         out.append(RpzEnforcer(RpzServer(e.rpz)))
+    if e.bgp is not None:
+        from blockd.enforcers.bgp import BgpEnforcer
+
+        out.append(BgpEnforcer(e.bgp))
     return out
 
 

@@ -16,6 +16,7 @@ from blockd.model import Cidr
 from blockd.names import display, normalise
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.server import SinkholeSettings
+from blockd.enforcers.bgp import BgpSettings
 from blockd.enforcers.ipset import IpsetSettings
 from blockd.enforcers.nft import NftSettings
 from blockd.schema import Reader, dataclass_from, join
@@ -37,6 +38,7 @@ class EnforcerSettings:
     ipset: IpsetSettings | None = None
     dns: SinkholeSettings | None = None
     rpz: RpzSettings | None = None
+    bgp: BgpSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
