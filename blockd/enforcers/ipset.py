@@ -2,17 +2,20 @@
 
 ipset has no transactions, so atomicity comes from swapping whole sets:
 
-    full replace   create shadow sets sized for the rule count, fill them (thousands of
+    full replace   (a set missing or too small, or a diff larger than half the set)
+                   create shadow sets sized for the rule count, fill them (thousands of
                    entries per netlink message, IPSET_ATTR_ADT + LINENO), swap each with the
-                   live set, destroy the old contents. If anything fails before the swaps, the
-                   shadows are destroyed and the live sets were never touched.
+                   live set, destroy the old contents. If the fill or a swap fails, swaps
+                   already made are undone and the shadows destroyed: the live sets are as
+                   before.
     incremental    add then delete only the CIDR diff, all messages in one sendmsg. The kernel
                    applies them one by one; a failure part-way is undone with the inverse
                    operations (the datapath may see the partial diff for that moment).
 
-hash:net holds CIDRs, so intervals go through `ranges.to_cidrs`; `readback` dumps the sets
-(a linear kernel dump) and merges the CIDRs back into intervals. Matching traffic is left to
-the operator's iptables rules (`-m set --match-set blockd4 dst -j DROP`).
+hash:net holds CIDRs, so intervals are split (`cidr_keys`, via `ranges.interval_to_cidrs`);
+`readback` dumps the sets (a linear kernel dump) and merges the CIDRs back into intervals.
+Matching traffic is left to the operator's iptables rules
+(`-m set --match-set blockd4 dst -j DROP`).
 """
 
 from __future__ import annotations
@@ -188,14 +191,17 @@ class IpsetEnforcer:
         if self._held is None:
             self._read_kernel()
         held = self._held or {4: set(), 6: set()}
-        full = any(self._maxelem[v] < max(len(want[v]), 1) for v in (4, 6))
+        adds = {v: want[v] - held[v] for v in (4, 6)}
+        dels = {v: held[v] - want[v] for v in (4, 6)}
+        added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
+        # Replace (atomic, and the new sets sized for their count, so the kernel never rehashes
+        # while filling) when a set is missing or too small, or the diff is most of the set.
+        full = (any(self._maxelem[v] < max(len(want[v]), 1) for v in (4, 6))
+                or added + removed > (len(want[4]) + len(want[6])) // 2)
         if full:
             self._replace(want)
             added, removed = len(want[4]) + len(want[6]), len(held[4]) + len(held[6])
         else:
-            adds = {v: want[v] - held[v] for v in (4, 6)}
-            dels = {v: held[v] - want[v] for v in (4, 6)}
-            added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
             self._incremental(adds, dels)
         self._held = want
         applied = Applied(
@@ -245,20 +251,24 @@ class IpsetEnforcer:
         if failures:
             self._drop_shadows()
             raise _error(self.name, failures[0].errno, f"filling shadow sets; live sets unchanged; {failures[0].describe(IPSET_ERRORS)}")
-        swapped: list[int] = []
+        done: list[bytes] = []  # the inverse of each step taken, to undo them on failure
         for v in (4, 6):
-            live, shadow = s.name(v), s.name(v, True)
-            if self._maxelem.get(v, 0) or self._exists(live):
-                cmd, payload = CMD_SWAP, attr_str(A_SETNAME, live) + attr_str(A_TYPENAME, shadow)
-            else:
-                cmd, payload = CMD_RENAME, attr_str(A_SETNAME, shadow) + attr_str(A_TYPENAME, live)
-            failures = self._transact([self._msg(cmd, 0, v, payload)])
+            live, shadow = attr_str(A_SETNAME, s.name(v)), attr_str(A_SETNAME, s.name(v, True))
+            as_second = {live: attr_str(A_TYPENAME, s.name(v)), shadow: attr_str(A_TYPENAME, s.name(v, True))}
+            if self._maxelem.get(v, 0) or self._exists(s.name(v)):  # swap is its own inverse
+                step = undo = self._msg(CMD_SWAP, 0, v, live + as_second[shadow])
+            else:  # no live set yet: the shadow becomes it
+                step = self._msg(CMD_RENAME, 0, v, shadow + as_second[live])
+                undo = self._msg(CMD_RENAME, 0, v, live + as_second[shadow])
+            failures = self._transact([step])
             if failures:
-                for u in swapped:  # swap is its own inverse
-                    self._transact([self._msg(CMD_SWAP, 0, u, attr_str(A_SETNAME, s.name(u)) + attr_str(A_TYPENAME, s.name(u, True)))])
+                for inverse in reversed(done):
+                    self._transact([inverse])
                 self._drop_shadows()
-                raise _error(self.name, failures[0].errno, f"swapping {shadow} into {live}; live sets unchanged; {failures[0].describe(IPSET_ERRORS)}")
-            swapped.append(v)
+                raise _error(self.name, failures[0].errno,
+                             f"swapping {s.name(v, True)} into {s.name(v)}; live sets unchanged; "
+                             f"{failures[0].describe(IPSET_ERRORS)}")
+            done.append(undo)
         self._drop_shadows()
         self._maxelem = {v: s.maxelem(len(want[v])) for v in (4, 6)}
         self._record(len(msgs), len(want[4]) + len(want[6]), sum(map(len, msgs)), t0)

@@ -109,3 +109,17 @@ def test_failed_incremental_update_is_undone(topo: Topo, closing: Closing) -> No
         assert saved_lines(topo.m) == before
 
     asyncio.run(scenario())
+
+
+def test_failed_first_load_leaves_no_set_behind(topo: Topo, closing: Closing) -> None:
+    async def scenario() -> None:
+        sh("ipset", "create", "blockd6", "hash:ip", "family", "inet6", ns=topo.m)  # not ours
+        snapshot = sh("ipset", "save", ns=topo.m)
+        enf = closing(IpsetEnforcer(netns=topo.m))
+        # blockd4 is created by renaming its shadow; the swap into the foreign blockd6 then
+        # fails, and the rename is undone.
+        with pytest.raises(EnforcerError, match="set types differ"):
+            await enf.apply(policy(background(50, 14), v6_prefixes(10, 14)))
+        assert sh("ipset", "save", ns=topo.m) == snapshot
+
+    asyncio.run(scenario())
