@@ -268,8 +268,7 @@ class Fleet:
 
         wait_for(ready, "READY=1 from blockd", 30)
 
-    def metrics(self) -> dict[tuple[str, tuple[str, ...]], float]:
-        """{(sample name, label values): value} from blockd's /metrics."""
+    def metrics_text(self) -> str:
         def get() -> str:
             c = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=5)
             try:
@@ -278,8 +277,12 @@ class Fleet:
             finally:
                 c.close()
 
+        return self.in_ns(get)
+
+    def metrics(self) -> dict[tuple[str, tuple[str, ...]], float]:
+        """{(sample name, label values): value} from blockd's /metrics."""
         out = {}
-        for fam in text_string_to_metric_families(self.in_ns(get)):
+        for fam in text_string_to_metric_families(self.metrics_text()):
             for s in fam.samples:
                 out[(s.name, tuple(v for _, v in sorted(s.labels.items())))] = s.value
         return out
@@ -402,6 +405,10 @@ def test_fleet_time_to_enforce_and_per_secondary_sync(fleet: Fleet) -> None:
             per[n].append(t)
         m = wait_for(converged, f"every secondary in sync at policy serial {serial}")
         assert fleet.in_ns(fleet.rcode, "bind", f"n{serial - 1}.example.net") == dns.rcode.NOERROR  # unblocked
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=fleet.metrics_text(), capture_output=True,
+                               text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
     xfr = {k: m[("blockd_rpz_transfers_total", (k,))] - xfr0[k] for k in xfr0}
     assert xfr["axfr"] == 0 and xfr["ixfr_as_axfr"] == 0, f"changes must travel as IXFR, not AXFR: {xfr}"
     assert xfr["ixfr"] >= changes * len(names), xfr
