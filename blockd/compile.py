@@ -16,9 +16,7 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -27,7 +25,9 @@ from typing import Literal
 from blockd import ranges
 from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
-from blockd.model import Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet
+from blockd.model import (
+    Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet, gc_paused,
+)
 from blockd.names import display, parents
 from blockd.ranges import HOST4, HOST6
 
@@ -80,19 +80,8 @@ def compile_policies(
 ) -> Compilation:
     # Millions of short-lived tuples would trigger the cyclic collector over and over (half
     # the run time at 1M rules); compile makes no reference cycles, so pause it.
-    with _gc_paused():
+    with gc_paused():
         return _compile(policies, catalog, settings, now, previous)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _compile(

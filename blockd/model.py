@@ -11,10 +11,12 @@ turns them into prefixes for ipset and RPZ.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import sys
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from datetime import datetime
@@ -211,6 +213,22 @@ class RuleSet:
             "ipv4_ranges": len(self.v4),
             "ipv6_ranges": len(self.v6),
         }
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while millions of acyclic tuples are built.
+
+    Each burst of allocations otherwise triggers collections that walk every live object:
+    a third to a half of the time of a 1M-rule compile or read-back. Rules make no cycles.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def union_intervals(rules: Iterable[NetRule]) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from blockd.dns import wire
-from blockd.model import DomainRule, NetRule, RuleSet
+from blockd.model import DomainRule, NetRule, RuleSet, gc_paused
 from blockd.ranges import to_cidrs
 
 MAX_MESSAGE = 60_000  # bytes of RRs per AXFR/IXFR message (TCP messages may be up to 65535)
@@ -121,18 +121,19 @@ def parse_ip_trigger(owner: str) -> tuple[int, int, int]:
 
 def ruleset_from_owners(own: Iterable[str]) -> RuleSet:
     """What a zone holding these owners enforces (no provenance): the RPZ read-back."""
-    own = set(own)
-    doms, v4, v6 = [], [], []
-    none: frozenset[str] = frozenset()
-    for o in own:
-        if o.endswith(".rpz-ip"):
-            version, first, last = parse_ip_trigger(o)
-            (v4 if version == 4 else v6).append(NetRule(first, last, none))
-        elif o.startswith("*."):
-            doms.append(DomainRule(o[2:], True, none))
-        elif "*." + o not in own:
-            doms.append(DomainRule(o, False, none))
-    return RuleSet.build(doms, v4, v6)
+    with gc_paused():
+        own = set(own)
+        doms, v4, v6 = [], [], []
+        none: frozenset[str] = frozenset()
+        for o in own:
+            if o.endswith(".rpz-ip"):
+                version, first, last = parse_ip_trigger(o)
+                (v4 if version == 4 else v6).append(NetRule(first, last, none))
+            elif o.startswith("*."):
+                doms.append(DomainRule(o[2:], True, none))
+            elif "*." + o not in own:
+                doms.append(DomainRule(o, False, none))
+        return RuleSet.build(doms, v4, v6)
 
 
 # ---- wire -----------------------------------------------------------------------------------
