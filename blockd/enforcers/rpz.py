@@ -26,6 +26,9 @@ class RpzEnforcer:
         state = rpz.load_state(server.settings.state_file)
         serial = state.get("serial", 0)
         self._serial = serial if isinstance(serial, int) else 0
+        #: digest of what `_serial` carried before a restart: the same content keeps its serial,
+        #: so secondaries that hold it need no transfer at all
+        self._saved_digest = state.get("digest")
 
     @property
     def serial(self) -> int:
@@ -44,7 +47,11 @@ class RpzEnforcer:
         cur = self.server.version
         new_owners = await asyncio.to_thread(rpz.owners, want, s.ip_triggers)
         added = removed = 0
-        if cur is None or new_owners != cur.owners:
+        if cur is None and self._serial and self._saved_digest == want.digest:
+            self.server.version = rpz.ZoneVersion(s, self._serial, new_owners, want)
+            self.server.notify_all()
+            log.debug("rpz_zone_restored", enforcer=self.name, serial=self._serial, owners=len(new_owners))
+        elif cur is None or new_owners != cur.owners:
             serial = rpz.next_serial(self._serial)
             version = rpz.ZoneVersion(s, serial, new_owners, want)
             try:
