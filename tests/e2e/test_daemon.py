@@ -280,7 +280,8 @@ def test_kill9_mid_apply_then_restart_converges(box: Box) -> None:
     # A big change, killed while it is being applied: the kernel keeps the old or the new set.
     big = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(0, 40000, 2)]
     box.write_policy("p.yaml", policy_text(2, ["new.example"], big))
-    time.sleep(0.15)  # let the pass start; no assertion depends on this timing
+    # Kill as soon as the new policy is recorded: the apply that follows is under way or next.
+    wait_for(lambda: any(e.get("serial") == 2 for e in box.events("policy_accepted")), what="serial 2 recorded")
     box.kill9()
     held = box.nft_elements()
     assert "192.0.2.0/24" in held or "10.0.0.0/24" in held, "a kill -9 must never leave an empty set"
