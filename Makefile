@@ -31,6 +31,8 @@ bench: deps venv
 	$(PY) bench/compile.py
 	$(PY) bench/kernel.py
 	$(PY) bench/dns.py
+	$(PY) bench/rpz_fleet.py
+	$(PY) bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
