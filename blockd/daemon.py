@@ -90,6 +90,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         await self._pass("start")
+        if self.last is None:
+            # Fail closed: with no rule set there is nothing safe to serve. Kernel rules from
+            # before stay in place; systemd restarts us (Restart=on-failure).
+            log.error("start_failed", reason="the first reconcile pass failed; see reconcile_failed")
+            await self._shutdown(remove_rules=False)
+            return 1
         await self._start_listeners()
         if self.settings.daemon.metrics_listen is not None:
             host, port = self.settings.daemon.metrics_listen
@@ -115,7 +121,7 @@ class Daemon:
                 for t in tasks:
                     t.cancel()
         finally:
-            await self._shutdown()
+            await self._shutdown(remove_rules=not self.settings.daemon.keep_rules_on_stop)
         return 0
 
     def _reload(self) -> None:
@@ -139,8 +145,8 @@ class Daemon:
             self.live.rpz = lambda: (primary.serial, {a: s.serial for a, s in primary.secondaries().items()},
                                      dict(primary.stats))
 
-    async def _shutdown(self) -> None:
-        if not self.settings.daemon.keep_rules_on_stop:
+    async def _shutdown(self, *, remove_rules: bool) -> None:
+        if remove_rules:
             for e in self.enforcers:
                 try:
                     await e.apply(RuleSet.empty())
@@ -148,7 +154,7 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
-        log.info("daemon_stopped", kept_rules=self.settings.daemon.keep_rules_on_stop)
+        log.info("daemon_stopped", kept_rules=not remove_rules)
 
     # -- passes -----------------------------------------------------------------------------
     async def _pass_loop(self) -> None:

@@ -421,3 +421,13 @@ def test_attestation_states_what_the_kernel_holds(box: Box) -> None:
     verify = subprocess.run([sys.executable, "-m", "blockd", "attest", "verify", "--key",
                              str(ROOT / "policies/keys/demo-operator.pub"), str(att)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_start_fails_closed_without_a_rule_set(box: Box) -> None:
+    """A broken trust store at start: no DNS answers from an empty table; exit for systemd to retry."""
+    box.write_policy("p.yaml", policy_text(1, ["x.example"], []))
+    box.config.write_text(box.config.read_text().replace(str(ROOT / "policies/trust"), str(box.tmp / "no-trust")))
+    with pytest.raises(AssertionError, match="blockd exited 1"):
+        box.start()
+    assert box.events("start_failed")
+    assert "connection refused" in box.dig("x.example").lower() or "no servers could be reached" in box.dig("x.example")
