@@ -23,6 +23,7 @@ import structlog
 from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.enforcers.base import Enforcer
+from blockd.enforcers.drift import check_and_repair
 from blockd.errors import EnforcerError
 from blockd.model import RuleSet
 from blockd.reconcile import PassResult, Reconciler
@@ -263,27 +264,21 @@ class Daemon:
             return False
         clean = True
         for e in self.enforcers:
-            applied = self.last.applied.get(e.name)
             try:
-                held = await e.readback()
-                if applied is not None and held.digest == applied.desired_digest:
-                    self.metrics.in_sync.labels(e.name).set(1)
-                    continue
-                repaired = await e.apply(desired)
+                repaired = await check_and_repair(e, desired)
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
-                log.error("drift_check_failed", enforcer=e.name, error=str(exc))
+                log.error("drift_check_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
                 clean = False
                 continue
+            self.metrics.in_sync.labels(e.name).set(1)
+            if repaired is None:
+                continue
             self.last.applied[e.name] = repaired
-            clean = clean and repaired.in_sync
-            self.metrics.in_sync.labels(e.name).set(1 if repaired.in_sync else 0)
             self.metrics.drift_repairs.labels(e.name).inc()
-            log.warning("drift_repaired", enforcer=e.name, held=held.digest[:16], added=repaired.added,
-                        removed=repaired.removed, in_sync=repaired.in_sync, first_apply=applied is None)
             if self.accountability is not None:
-                self.accountability.event("drift_repaired", enforcer=e.name, held=held.digest,
-                                          restored=repaired.digest, added=repaired.added, removed=repaired.removed)
+                self.accountability.event("drift_repaired", enforcer=e.name, restored=repaired.digest,
+                                          added=repaired.added, removed=repaired.removed)
         return clean
 
     async def _stats_loop(self, interval: float = 5.0) -> None:

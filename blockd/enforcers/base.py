@@ -1,5 +1,6 @@
 """The enforcer interface every backend implements (kernel sets, DNS sinkhole, RPZ, BGP).
 
+    enforced(rs)    -> RuleSet   the part of a rule set this backend holds (names, or addresses)
     apply(desired)  -> Applied   whole desired state in, diff against what is held, one atomic
                                  commit; on failure raise EnforcerError and keep the old state
     readback()      -> RuleSet   what the backend really holds (no provenance); its digest is
@@ -22,6 +23,8 @@ __all__ = ["Enforcer", "Plan", "diff"]
 @runtime_checkable
 class Enforcer(Protocol):
     name: str
+
+    def enforced(self, desired: RuleSet) -> RuleSet: ...
 
     async def apply(self, desired: RuleSet) -> Applied: ...
 

@@ -25,10 +25,14 @@ class SinkholeEnforcer:
         self.server = server
         self.last_load_s = 0.0
 
+    @staticmethod
+    def enforced(desired: RuleSet) -> RuleSet:
+        """The sinkhole holds names only; the addresses are the kernel enforcers' job."""
+        return desired if not (desired.v4 or desired.v6) else RuleSet.build(desired.domains, (), (), desired.orders)
+
     async def apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
-        # The sinkhole holds names only; the addresses are the kernel enforcers' job.
-        want = desired if not (desired.v4 or desired.v6) else RuleSet.build(desired.domains, (), (), desired.orders)
+        want = self.enforced(desired)
         old = self.server.table
         added = removed = 0
         if old.digest != want.digest:

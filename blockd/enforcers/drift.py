@@ -6,8 +6,8 @@ the desired state again and logs `drift_repaired` with how much was missing and 
 `readback` also refreshes the enforcer's view of the kernel, so the re-apply diffs against
 the real state, not against what blockd last wrote.
 
-An enforcer that holds only part of a RuleSet (kernel sets hold addresses, the sinkhole
-holds names) exposes `enforced(desired) -> RuleSet`; the comparison uses that part.
+An enforcer holds only its part of a RuleSet (kernel sets hold addresses, the sinkhole holds
+names): `enforcer.enforced(desired)`; the comparison uses that part.
 """
 
 from __future__ import annotations
@@ -20,31 +20,27 @@ import structlog
 
 from blockd.enforcers.base import Enforcer
 from blockd.errors import EnforcerError
-from blockd.model import RuleSet, diff
+from blockd.model import Applied, RuleSet, diff
 
 log = structlog.get_logger("blockd.enforcers.drift")
 
 
-def enforced_part(enforcer: Enforcer, desired: RuleSet) -> RuleSet:
-    project: Callable[[RuleSet], RuleSet] | None = getattr(enforcer, "enforced", None)
-    return project(desired) if project is not None else desired
-
-
-async def check_and_repair(enforcer: Enforcer, desired: RuleSet) -> bool:
-    """True if the backend had drifted and was repaired; EnforcerError if it could not be."""
+async def check_and_repair(enforcer: Enforcer, desired: RuleSet) -> Applied | None:
+    """The repair's Applied if the backend had drifted, None if it held its part of `desired`;
+    EnforcerError if it could not be repaired."""
     t0 = time.perf_counter()
-    want = enforced_part(enforcer, desired)
+    want = enforcer.enforced(desired)
     held = await enforcer.readback()
     if held.digest == want.digest:
         log.debug("drift_checked", enforcer=enforcer.name, in_sync=True)
-        return False
+        return None
     plan = diff(held, want)
     applied = await enforcer.apply(desired)
     if not applied.in_sync:
         raise EnforcerError(enforcer.name, f"drift repair left digest {applied.digest} != {applied.desired_digest}")
     log.warning("drift_repaired", enforcer=enforcer.name, missing=plan.added, extra=plan.removed,
                 duration_s=round(time.perf_counter() - t0, 4))
-    return True
+    return applied
 
 
 async def drift_loop(enforcer: Enforcer, desired: Callable[[], RuleSet | None], interval_s: float) -> None:

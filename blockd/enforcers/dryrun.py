@@ -20,6 +20,9 @@ class DryRunEnforcer:
         self._held = RuleSet.empty()
         self.last_plan = diff(self._held, self._held)
 
+    def enforced(self, desired: RuleSet) -> RuleSet:
+        return desired
+
     async def apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
         plan = diff(self._held, desired)
