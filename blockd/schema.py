@@ -7,9 +7,13 @@ and what is valid. Callers finish with `reader.raise_if_any(ErrorKind)`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
+import typing
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TypeVar
 
 from blockd.errors import InputError, Problem, raise_problems
@@ -158,10 +162,6 @@ def endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:
 
 def typed(r: Reader, hint: object, value: object, path: str, line: int | None) -> object:
     """Convert strictyaml data to the type `hint` names (the types settings dataclasses use)."""
-    import dataclasses
-    import types
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value in _NULLS):
@@ -195,8 +195,6 @@ def typed(r: Reader, hint: object, value: object, path: str, line: int | None) -
             return None
     if hint is str:
         return r.string(value, path, line)
-    from pathlib import Path
-
     if hint is Path:
         text = r.string(value, path, line)
         return Path(text) if text else None
@@ -205,11 +203,8 @@ def typed(r: Reader, hint: object, value: object, path: str, line: int | None) -
 
 def dataclass_from(r: Reader, cls: type[T], value: object, path: str, line: int | None) -> T | None:
     """Build the settings dataclass `cls` from a mapping whose keys are its field names."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     required = tuple(f.name for f in fields if f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
     optional = tuple(f.name for f in fields if f.name not in required)
