@@ -1,0 +1,90 @@
+"""Daemon settings: every problem at once, with where and what is valid; sd_notify; the watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from blockd.errors import ConfigError
+from blockd.sdnotify import Notifier
+from blockd.settings import load_settings
+from blockd.watch import watch
+
+BASE = "trust_store: t\npolicy_dir: p\ncatalog_dir: c\nstate_dir: s\n"
+
+
+def load(tmp_path: Path, text: str):
+    path = tmp_path / "blockd.yaml"
+    path.write_text(BASE + text)
+    return load_settings(path)
+
+
+def test_paths_are_relative_to_the_config_and_enforcers_typed(tmp_path: Path) -> None:
+    s = load(tmp_path, 'enforcers:\n  nft: {hooks: [forward]}\n  dns: {listen: ["127.0.0.1:5353", "[::1]:53"]}\n'
+                       "daemon: {audit_log: audit.jsonl, keep_rules_on_stop: no}\n")
+    assert s.policy_dir == tmp_path / "p" and s.daemon.audit_log == str(tmp_path / "audit.jsonl")
+    assert s.enforcers.nft is not None and s.enforcers.nft.hooks == ("forward",)
+    assert s.enforcers.dns is not None and s.enforcers.dns.listen == (("127.0.0.1", 5353), ("::1", 53))
+    assert s.enforcers.ipset is None and s.daemon.keep_rules_on_stop is False
+
+
+@pytest.mark.parametrize("text, match", [
+    ("colour: red\n", r"blockd.yaml:5: colour: unknown key 'colour'; valid keys: "),
+    ("enforcers: {nft: {hooks: [sideways]}}\n", r"nft.hooks: \['sideways'\] invalid; known: prerouting"),
+    ('enforcers: {dns: {listen: ["127.0.0.1:99999"]}}\n', r"enforcers.dns.listen\[0\]: '127.0.0.1:99999': port"),
+    ("daemon: {keep_rules_on_stop: maybe}\n", r"daemon.keep_rules_on_stop: bad value 'maybe'; expected true or false"),
+    ("daemon: {drift_check_s: soon}\n", r"daemon.drift_check_s: bad value 'soon'; expected a number"),
+    ("guards: {min_prefix_v4: 40}\n", r"guards.min_prefix_v4: 40 is above the maximum 32"),
+    ("allowlist: {cidrs: [10.0.0.1/8]}\n", r"allowlist.cidrs\[0\]: '10.0.0.1/8': host bits set"),
+])
+def test_errors_say_where_and_what_is_valid(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load(tmp_path, text)
+
+
+def test_all_problems_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, "colour: red\ndaemon: {poll_s: x, metrics_listen: nowhere}\n")
+    assert "3 problem(s)" in str(e.value)
+
+
+def test_sd_notify_messages(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        n = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())})
+        assert n.enabled and n.watchdog_interval == 15.0
+        n.ready("ok")
+        n.reloading()
+        n.watchdog()
+        msgs = [sock.recv(512).decode() for _ in range(3)]
+    assert msgs[0] == "READY=1\nSTATUS=ok"
+    assert msgs[1].startswith("RELOADING=1\nMONOTONIC_USEC=") and msgs[2] == "WATCHDOG=1"
+    assert not Notifier({}).enabled and Notifier({"WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+@pytest.mark.parametrize("force_poll", [False, True], ids=["inotify", "poll"])
+def test_watcher_wakes_on_rename(tmp_path: Path, force_poll: bool) -> None:
+    async def scenario() -> int:
+        woke = asyncio.Event()
+        count = 0
+
+        def changed() -> None:
+            nonlocal count
+            count += 1
+            woke.set()
+
+        task = asyncio.create_task(watch(tmp_path, changed, poll_s=0.05, settle_s=0.01, force_poll=force_poll))
+        await asyncio.wait_for(woke.wait(), 5)  # the first call covers the gap before the watch
+        woke.clear()
+        (tmp_path / ".p.yaml.tmp").write_text("x")
+        os.replace(tmp_path / ".p.yaml.tmp", tmp_path / "p.yaml")
+        await asyncio.wait_for(woke.wait(), 5)
+        task.cancel()
+        return count
+
+    assert asyncio.run(scenario()) >= 2
