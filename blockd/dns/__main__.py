@@ -3,7 +3,8 @@
     python -m blockd.dns --listen 127.0.0.1:5300 --names blocked.txt --upstream 127.0.0.1:5301
 
 The names file has one name per line; `*.name` marks a subtree. All names get order `cli`.
-Prints `ready <port> <load seconds>` on stdout once it answers.
+Prints `ready <port> <load seconds>` on stdout once it answers. UDP is batched (recvmmsg/sendmmsg
+in a thread) where available, as in `blockd run`; `--no-udp-batch` serves it from the event loop.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def load_names(path: str) -> RuleSet:
 
 async def main(args: argparse.Namespace) -> None:
     settings = SinkholeSettings(listen=(args.listen,), upstreams=tuple(args.upstream), default_answer=args.answer,
-                                ede_code=args.ede, cache_size=args.cache_size)
+                                ede_code=args.ede, cache_size=args.cache_size, udp_batch=args.udp_batch)
     server = SinkholeServer(settings)
     await server.start()
     enf = SinkholeEnforcer(server)
@@ -68,6 +69,8 @@ if __name__ == "__main__":
     p.add_argument("--ede", type=int, default=16)
     p.add_argument("--cache-size", type=int, default=100_000)
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--no-udp-batch", dest="udp_batch", action="store_false",
+                   help="serve UDP from the event loop instead of recvmmsg/sendmmsg threads")
     a = p.parse_args()
     if a.uvloop:
         import uvloop

@@ -5,6 +5,9 @@ Per query: parse the wire (`wire.parse`), check the client ACL, look the qname u
 answer from pre-built bytes, answer from the cache, or hand the query to the `Forwarder`.
 No per-query logging and no dnslib objects; outcomes are counted in `stats`.
 
+UDP is served by one thread per socket with recvmmsg/sendmmsg (`udpbatch`, Linux, `udp_batch`),
+or else by the event loop (`_Udp`). Counters are per writer (`Tally`) and summed when read.
+
 TCP follows RFC 7766: 2-byte length framing, pipelined queries answered as they complete (out of
 order), an idle timeout, a cap on connections and on queries in flight per connection.
 """
@@ -13,16 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
-from blockd.dns import wire
+from blockd.dns import udpbatch, wire
 from blockd.dns.acl import LOOPBACK, Acl
 from blockd.dns.forward import Forwarder, ForwardSettings, cache_key, now_s
-from blockd.dns.table import AnswerSettings, Table
+from blockd.dns.table import AnswerSettings, Table, Verdict
 
 log = structlog.get_logger("blockd.dns.server")
 
@@ -52,6 +56,7 @@ class SinkholeSettings:
     tcp_max_pending: int = 64  # queries in flight per TCP connection
     max_forwards: int = 10_000  # queries in flight upstream, all clients
     reuse_port: bool = False
+    udp_batch: bool = True  # UDP via recvmmsg/sendmmsg in a thread per socket (Linux); else the event loop
 
     def answers(self) -> AnswerSettings:
         return AnswerSettings(
@@ -66,22 +71,61 @@ class SinkholeSettings:
                                max_ttl=self.cache_max_ttl)
 
 
-@dataclass
-class Stats:
-    """Counters for metrics: answers by result, blocked answers by the order named in them."""
+class Tally:
+    """Counters written by one thread only (the event loop, or one UDP worker): results, and hits
+    per verdict of the table it last answered from. `state` is replaced in one assignment, so a
+    reader in another thread always sees a consistent (verdicts, hits, done) triple."""
 
-    results: Counter[str] = field(default_factory=lambda: Counter({r: 0 for r in RESULTS}))
-    _orders_done: Counter[str] = field(default_factory=Counter)  # folded in from swapped-out tables
-    table: Table | None = None
+    __slots__ = ("results", "state")
+
+    def __init__(self) -> None:
+        self.results: Counter[str] = Counter({r: 0 for r in RESULTS})
+        self.state: tuple[list[Verdict], list[int], dict[str, int]] = ([], [], {})
+
+    def rebase(self, verdicts: list[Verdict]) -> tuple[list[Verdict], list[int], dict[str, int]]:
+        """Start counting hits for a new table; the old table's hits move to `done` (by order)."""
+        self.state = st = (verdicts, [0] * len(verdicts), self.by_order())
+        return st
 
     def by_order(self) -> dict[str, int]:
-        out = Counter(self._orders_done)
-        if self.table is not None:
-            out.update(self.table.order_hits())
-        return dict(out)
+        verdicts, hits, done = self.state
+        out = dict(done)
+        for v, h in zip(verdicts, hits):
+            if h and v.order is not None:
+                out[v.order] = out.get(v.order, 0) + h
+        return out
 
-    def retire(self, old: Table) -> None:
-        self._orders_done.update(old.order_hits())
+
+class Stats:
+    """Counters for metrics: answers by result, blocked answers by the order named in them.
+    The sum of every writer's `Tally`, so no increment is lost between threads."""
+
+    def __init__(self) -> None:
+        self.tallies: list[Tally] = []
+        self._lock = threading.Lock()  # guards `tallies` (added at start, read by metrics)
+
+    def tally(self) -> Tally:
+        t = Tally()
+        with self._lock:
+            self.tallies.append(t)
+        return t
+
+    @property
+    def results(self) -> Counter[str]:
+        out: Counter[str] = Counter({r: 0 for r in RESULTS})
+        with self._lock:
+            tallies = list(self.tallies)
+        for t in tallies:
+            out.update(dict(t.results))  # dict(): one C-level copy, atomic under the GIL
+        return out
+
+    def by_order(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        with self._lock:
+            tallies = list(self.tallies)
+        for t in tallies:
+            out.update(t.by_order())
+        return dict(out)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {"results": dict(self.results), "orders": self.by_order()}
@@ -92,10 +136,12 @@ class SinkholeServer:
         self.settings = settings
         self.answer_settings = settings.answers()
         self.table = table or Table.empty(self.answer_settings)
-        self.stats = Stats(table=self.table)
+        self.stats = Stats()
+        self.loop_tally = self.stats.tally()  # the event loop's: TCP, asyncio UDP, forward results
         self.forwarder = Forwarder(settings.forwarding())
         self._acl = Acl((LOOPBACK if settings.allow_loopback else ()) + tuple(settings.allow))
         self._transports: list[asyncio.BaseTransport] = []
+        self._workers: list[udpbatch.UdpBatchWorker] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.tcp_clients: set[_Tcp] = set()
@@ -105,8 +151,7 @@ class SinkholeServer:
     def swap(self, table: Table) -> Table:
         """Serve `table` from the next query on; returns the previous one."""
         old, self.table = self.table, table
-        self.stats.retire(old)
-        self.stats.table = table
+        self.loop_tally.rebase(table.verdicts)  # UDP workers rebase on their next hit
         return old
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -119,29 +164,60 @@ class SinkholeServer:
         except OSError:
             await self.aclose()
             raise
-        log.info("dns_sinkhole_started", listen=[f"{h}@{p}" for h, p in self.addresses], names=len(self.table))
+        log.info("dns_sinkhole_started", listen=[f"{h}@{p}" for h, p in self.addresses], names=len(self.table),
+                 udp="batch" if self.udp_batched else "asyncio")
+
+    @property
+    def udp_batched(self) -> bool:
+        return self.settings.udp_batch and udpbatch.available()
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20):  # port 0: the same free port for UDP and TCP
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=(host, port), family=fam,
-                reuse_port=self.settings.reuse_port or None)
-            bound = udp.get_extra_info("sockname")[1]
+            if self.udp_batched:
+                sock = self._udp_socket(fam, host, port)
+                bound = sock.getsockname()[1]
+                close: Callable[[], None] = sock.close
+            else:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: _Udp(self), local_addr=(host, port), family=fam,
+                    reuse_port=self.settings.reuse_port or None)
+                bound = udp.get_extra_info("sockname")[1]
+                close = udp.close
             try:
                 srv = await loop.create_server(lambda: _Tcp(self), host, bound, family=fam,
                                                reuse_address=True, reuse_port=self.settings.reuse_port or None)
             except OSError:
-                udp.close()
+                close()
                 if port != 0 or attempt == 19:
                     raise
                 continue
-            self._transports.append(udp)
+            if self.udp_batched:
+                w = udpbatch.UdpBatchWorker(self, sock, loop, self.stats.tally())
+                self._workers.append(w)
+                w.start()
+            else:
+                self._transports.append(udp)
             self._servers.append(srv)
             self.addresses.append((host, bound))
             return
 
+    def _udp_socket(self, fam: socket.AddressFamily, host: str, port: int) -> socket.socket:
+        """A bound, blocking UDP socket, set up as `create_datagram_endpoint` would."""
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if self.settings.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(socket.getaddrinfo(host, port, fam, socket.SOCK_DGRAM)[0][4])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     async def aclose(self) -> None:
+        for w in self._workers:
+            w.stop()
+        self._workers.clear()
         for t in self._transports:
             t.close()
         for s in self._servers:
@@ -157,9 +233,12 @@ class SinkholeServer:
         self._servers.clear()
 
     # ---- the query path -----------------------------------------------------------------
-    def answer(self, data: bytes, host: str, tcp: bool) -> bytes | wire.Query | None:
-        """Answer now (bytes), drop (None), or forward (the parsed query is returned)."""
-        res = self.stats.results
+    def answer(self, data: bytes, host: str, tcp: bool, tally: Tally | None = None) -> bytes | wire.Query | None:
+        """Answer now (bytes), drop (None), or forward (the parsed query is returned). Counts go to
+        `tally`, which only the calling thread may write (default: the event loop's)."""
+        if tally is None:
+            tally = self.loop_tally
+        res = tally.results
         try:
             q = wire.parse(data)
         except wire.Malformed as e:
@@ -178,7 +257,10 @@ class SinkholeServer:
         hit = t.lookup(data[12 : q.qend].lower(), q.labels)
         if hit is not None:
             v, off = hit
-            t.hits[v.index] += 1
+            st = tally.state
+            if st[0] is not t.verdicts:
+                st = tally.rebase(t.verdicts)
+            st[1][v.index] += 1
             res[v.mode] += 1
             if v.enforce:
                 if v.mode == "drop":
@@ -207,7 +289,7 @@ class SinkholeServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward(self, data: bytes, q: wire.Query, tcp: bool, send: Callable[[bytes], None]) -> None:
-        res = self.stats.results
+        res = self.loop_tally.results
         reply = await self.forwarder.resolve(data, q)
         if reply is None:
             res["servfail"] += 1
@@ -233,7 +315,7 @@ class _Udp(asyncio.DatagramProtocol):
         try:
             out = self.server.answer(data, addr[0], False)
         except Exception:  # never die of one packet; the counter shows it
-            self.server.stats.results["servfail"] += 1
+            self.server.loop_tally.results["servfail"] += 1
             log.debug("dns_query_error", exc_info=True)
             return
         if out is None:
@@ -263,7 +345,7 @@ class _Tcp(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         s = self.server
         if len(s.tcp_clients) >= s.settings.tcp_max_clients:
-            s.stats.results["overload"] += 1
+            s.loop_tally.results["overload"] += 1
             transport.close()
             return
         s.tcp_clients.add(self)
@@ -311,7 +393,7 @@ class _Tcp(asyncio.Protocol):
         try:
             out = self.server.answer(msg, self.host, True)
         except Exception:
-            self.server.stats.results["servfail"] += 1
+            self.server.loop_tally.results["servfail"] += 1
             log.debug("dns_query_error", exc_info=True)
             return
         if out is None:
