@@ -1,4 +1,4 @@
-"""Batched UDP for the sinkhole: datagrams -> `SinkholeServer.answer` -> replies, 64 at a time.
+"""Batched UDP for the sinkhole: datagrams -> `SinkholeServer.answer` -> replies, up to 256 at a time.
 
 One thread per UDP listen socket: a blocking `recvmmsg(2)` (MSG_WAITFORONE: wait for the first
 datagram, then take whatever else is queued, up to `BATCH`), `answer()` for each datagram, and all
@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import structlog
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("blockd.dns.udpbatch")
 
-BATCH = 64
+BATCH = 256
 SLOT = 65536  # bytes per datagram buffer: the largest UDP payload fits
 NAME = 32  # bytes per source address buffer (sockaddr_in6 is 28)
 MSG_WAITFORONE = 0x10000
@@ -153,6 +154,12 @@ class UdpBatchWorker:
                 self._poke()
                 self._thread.join(timeout)
         self.sock.close()
+        if not self._thread.is_alive():
+            for m in (self._rbuf, self._sbuf):
+                try:
+                    m.close()
+                except BufferError:  # still exported by a frame of the failed thread: GC frees it
+                    pass
 
     def _poke(self) -> None:
         host, port = self.sock.getsockname()[:2]
@@ -165,10 +172,13 @@ class UdpBatchWorker:
             log.debug("dns_udp_wakeup_failed", exc_info=True)
 
     def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception:  # only a bug gets here; the asyncio TCP side keeps serving
-            log.error("dns_udp_worker_failed", exc_info=True)
+        while not self._stopping:
+            try:
+                self._serve()  # returns on stop() or when the socket is gone
+                return
+            except Exception:  # only a bug gets here: log it and keep serving
+                log.error("dns_udp_worker_error", exc_info=True)
+                time.sleep(0.1)  # never spin on a persistent error
 
     def _serve(self) -> None:
         libc = _LIBC
@@ -271,7 +281,10 @@ class UdpBatchWorker:
             except OSError:  # closed on shutdown, or a full buffer: UDP may drop
                 pass
 
-        self.loop.call_soon_threadsafe(self.server.forward, data, q, False, send)
+        try:
+            self.loop.call_soon_threadsafe(self.server.forward, data, q, False, send)
+        except RuntimeError:  # the loop is closed: we are shutting down, the query is dropped
+            pass
 
 
 def _decode(name: bytes) -> tuple[str, int] | tuple[str, int, int, int]:
