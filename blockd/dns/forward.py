@@ -57,7 +57,7 @@ class Cache:
         if e is None:
             return None
         if now >= e.expires:
-            del self._d[key]
+            self._d.pop(key, None)  # the UDP worker thread and the event loop may both expire it
             return None
         if now != e.rendered:  # count the TTLs down, once a second at most
             buf = bytearray(e.wire)
@@ -80,7 +80,8 @@ class Cache:
         if ttl <= 0:
             return
         if len(self._d) >= self.size:  # evict the oldest insert (FIFO): cheap and bounded
-            del self._d[next(iter(self._d))]
+            # pop, not del: another thread may have expired the same entry a moment ago
+            self._d.pop(next(iter(self._d), b""), None)
         self._d[key] = _Entry(now, ttl, data, offs, ttls)
 
 

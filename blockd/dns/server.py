@@ -296,10 +296,7 @@ class SinkholeServer:
             send(wire.error_response(data, wire.SERVFAIL, q))
             return
         res["forwarded"] += 1
-        try:
-            self.forwarder.cache.put(cache_key(data, q), reply, now_s())
-        except (KeyError, RuntimeError):  # a UDP worker's get() expired the entry put() evicts: not cached
-            log.debug("dns_cache_put_race", exc_info=True)
+        self.forwarder.cache.put(cache_key(data, q), reply, now_s())
         if not tcp and len(reply) > (q.edns if q.edns > 512 else 512):
             res["truncated"] += 1
             reply = wire.truncated(data, q)
