@@ -146,7 +146,7 @@ def parse_entries(version: int, adt: memoryview) -> Iterator[tuple[int, int]]:
         yield nl.be(ip), a[D_CIDR][0] if D_CIDR in a else BITS[version]
 
 
-class IpsetEnforcer:
+class IpsetEnforcer(nl.KernelEnforcer):
     """Holds `nl.addresses(desired)` in two ipset hash:net sets; see the module docstring."""
 
     def __init__(self, settings: IpsetSettings | None = None, *, netns: str | None = None, name: str = "ipset") -> None:
@@ -164,26 +164,7 @@ class IpsetEnforcer:
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
         self._revision = {v: self._type_revision(v) for v in (4, 6)}
 
-    async def apply(self, desired: RuleSet) -> Applied:
-        async with self._lock:
-            return await asyncio.to_thread(self._apply, nl.addresses(desired))
-
-    async def readback(self) -> RuleSet:
-        async with self._lock:
-            return await asyncio.to_thread(self._readback)
-
-    async def stats(self) -> nl.KernelStats:
-        async with self._lock:
-            return await asyncio.to_thread(self._stats)
-
-    async def aclose(self) -> None:
-        self._sock.close()
-
-    @staticmethod
-    def enforced(desired: RuleSet) -> RuleSet:
-        return nl.addresses(desired)
-
-    # -- work, run in a thread --------------------------------------------------------------
+    # -- work, run in a thread (the async interface is nl.KernelEnforcer's) -------------------
 
     def _apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()

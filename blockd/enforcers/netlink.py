@@ -16,6 +16,7 @@ docs/kernel.md). pyroute2 is used only to enter a named network namespace.
 
 from __future__ import annotations
 
+import asyncio
 import errno as errno_mod
 import os
 import re
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from types import MappingProxyType
 
-from blockd.model import NetRule, RuleSet
+from blockd.model import Applied, NetRule, RuleSet
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
@@ -168,6 +169,47 @@ class KernelStats:
     enforcer: str
     elements: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     counters: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class KernelEnforcer:
+    """The Enforcer face shared by the nft and ipset enforcers.
+
+    Netlink work is blocking: it runs in a worker thread, one call at a time (`_lock`), so the
+    event loop keeps answering DNS meanwhile. Subclasses set `name`, `_sock`, `_lock` and
+    implement `_apply(addresses)`, `_readback()` and `_stats()`.
+    """
+
+    name: str
+    _sock: NetlinkSocket
+    _lock: asyncio.Lock
+
+    async def apply(self, desired: RuleSet) -> Applied:
+        async with self._lock:
+            return await asyncio.to_thread(self._apply, addresses(desired))
+
+    async def readback(self) -> RuleSet:
+        async with self._lock:
+            return await asyncio.to_thread(self._readback)
+
+    async def stats(self) -> KernelStats:
+        async with self._lock:
+            return await asyncio.to_thread(self._stats)
+
+    async def aclose(self) -> None:
+        self._sock.close()
+
+    @staticmethod
+    def enforced(desired: RuleSet) -> RuleSet:
+        return addresses(desired)
+
+    def _apply(self, desired: RuleSet) -> Applied:
+        raise NotImplementedError
+
+    def _readback(self) -> RuleSet:
+        raise NotImplementedError
+
+    def _stats(self) -> KernelStats:
+        raise NotImplementedError
 
 
 class NetlinkSocket:

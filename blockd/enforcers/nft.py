@@ -148,7 +148,7 @@ def _verdict(code: int, chain: str | None = None) -> bytes:
     return nest(2, nest(2, inner))  # NFTA_IMMEDIATE_DATA / NFTA_SET_ELEM_DATA -> DATA_VERDICT
 
 
-class NftEnforcer:
+class NftEnforcer(nl.KernelEnforcer):
     """Holds `nl.addresses(desired)` in nftables; see the module docstring for the layout."""
 
     def __init__(self, settings: NftSettings | None = None, *, netns: str | None = None, name: str = "nft") -> None:
@@ -165,28 +165,7 @@ class NftEnforcer:
         self._held: dict[int, set[int]] | None = None
         self._layout_ok = False
 
-    # -- Enforcer interface -----------------------------------------------------------------
-
-    async def apply(self, desired: RuleSet) -> Applied:
-        async with self._lock:
-            return await asyncio.to_thread(self._apply, nl.addresses(desired))
-
-    async def readback(self) -> RuleSet:
-        async with self._lock:
-            return await asyncio.to_thread(self._readback)
-
-    async def stats(self) -> nl.KernelStats:
-        async with self._lock:
-            return await asyncio.to_thread(self._stats)
-
-    async def aclose(self) -> None:
-        self._sock.close()
-
-    @staticmethod
-    def enforced(desired: RuleSet) -> RuleSet:
-        return nl.addresses(desired)
-
-    # -- work, run in a thread --------------------------------------------------------------
+    # -- work, run in a thread (the async interface is nl.KernelEnforcer's) -------------------
 
     def _apply(self, desired: RuleSet) -> Applied:
         t0 = time.perf_counter()
