@@ -29,6 +29,9 @@ class RpzEnforcer:
         #: digest of what `_serial` carried before a restart: the same content keeps its serial,
         #: so secondaries that hold it need no transfer at all
         self._saved_digest = state.get("digest")
+        #: the read-back of the zone version being served, computed once per version (versions
+        #: are immutable; at 1M names a read-back costs seconds)
+        self._served: tuple[object, RuleSet] | None = None
 
     @property
     def serial(self) -> int:
@@ -77,7 +80,9 @@ class RpzEnforcer:
         v = self.server.version
         if v is None:
             return RuleSet.empty()
-        return await asyncio.to_thread(rpz.ruleset_from_owners, v.owners)
+        if self._served is None or self._served[0] is not v:
+            self._served = (v, await asyncio.to_thread(rpz.ruleset_from_owners, v.owners))
+        return self._served[1]
 
     async def aclose(self) -> None:
         await self.server.aclose()
