@@ -30,27 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named dns.py: drop its directory from sys.path so `import dns` finds dnspython.
+# This file is named dns.py: drop its directory from sys.path so `import dns` (in blockd.dns.resolvers)
+# finds dnspython, and add the repository.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(_HERE.parent))
+from blockd.dns import resolvers  # noqa: E402
 from blockd.dns.testing import LoopThread, Upstream  # noqa: E402
 
 TLDS = ("com", "net", "org", "ru", "site", "info", "xyz", "club")
 CLK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return int(u.getsockname()[1])
 
 
 def gen(tmp: Path, n: int, nq: int) -> tuple[list[str], dict[str, Path]]:
@@ -73,61 +62,25 @@ def gen(tmp: Path, n: int, nq: int) -> tuple[list[str], dict[str, Path]]:
     return lst, files
 
 
-UNBOUND = """server:
-    interface: 127.0.0.1@{port}
-    do-ip6: no
-    do-daemonize: no
-    use-syslog: no
-    logfile: ""
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: "{dir}/unbound-{kind}.pid"
-    num-threads: 1
-    so-reuseport: yes
-    access-control: 127.0.0.0/8 allow
-    num-queries-per-thread: 4096
-    outgoing-range: 8192
-    ede: yes
-    do-not-query-localhost: no
-    verbosity: 0
-    module-config: "{modules}"
-{extra}
-forward-zone:
-    name: "."
-    forward-addr: 127.0.0.1@{upstream}
-"""
+# Unbound's server section beyond resolvers.unbound_conf's defaults: the throughput settings.
+UNBOUND_SERVER = ("so-reuseport: yes", "num-queries-per-thread: 4096", "outgoing-range: 8192", "ede: yes",
+                  "verbosity: 0")
 
 
 def start(kind: str, tmp: Path, files: dict[str, Path], upstream: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    port = resolvers.free_port()
     if kind == "blockd":
         cmd = [sys.executable, "-m", "blockd.dns", "--listen", f"127.0.0.1:{port}", "--names", str(files["names"]),
                "--upstream", f"127.0.0.1:{upstream}", "--uvloop"]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), port
+    listen, pidfile = ("127.0.0.1", port), f"unbound-{kind}.pid"
     if kind == "unbound-rpz":
-        extra, modules = f'rpz:\n    name: "rpz.local."\n    zonefile: "{files["rpz"]}"', "respip iterator"
+        conf = resolvers.unbound_conf(tmp, listen, upstream, "rpz.local.", zone_file=files["rpz"], pidfile=pidfile,
+                                      server=UNBOUND_SERVER)
     else:
-        extra, modules = f'    include: "{files["lz"]}"', "iterator"
-    conf = tmp / f"{kind}.conf"
-    conf.write_text(UNBOUND.format(port=port, dir=tmp, kind=kind, modules=modules, extra=extra, upstream=upstream))
-    return subprocess.Popen([shutil.which("unbound") or "unbound", "-d", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
-
-
-def wait_blocked(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", 0.2, port=port)
-            if r.rcode() == dns.rcode.NXDOMAIN:
-                return time.monotonic() - t0
-        except (dns.exception.Timeout, OSError):
-            pass
-        time.sleep(0.02)
-    raise RuntimeError("server did not block in time")
+        conf = resolvers.unbound_conf(tmp, listen, upstream, None, modules="iterator", pidfile=pidfile,
+                                      server=(*UNBOUND_SERVER, f'include: "{files["lz"]}"'))
+    return resolvers.start("unbound", tmp / kind, conf), port
 
 
 def cpu_s(pid: int) -> float:
@@ -195,7 +148,8 @@ def main() -> None:
         for kind in a.servers.split(","):
             proc, port = start(kind, tmp, files, up.port)
             try:
-                load = wait_blocked(port, "www." + names[len(names) // 2], proc)
+                load = resolvers.wait_nxdomain(proc, port, "www." + names[len(names) // 2], timeout=180,
+                                               log=tmp / kind / "log")
                 row: dict[str, object] = {"load_s": load}
                 if kind == "blockd" and proc.stdout is not None:
                     ready = proc.stdout.readline().decode().split()  # ready <port> <table s> <apply s>
@@ -215,8 +169,7 @@ def main() -> None:
                 results[kind] = row
                 print(f"# {kind}: done (load {load:.2f} s, RSS {row['rss']:.0f} MiB)", flush=True)
             finally:
-                proc.terminate()
-                proc.wait(30)
+                resolvers.stop(proc, timeout=30)
     finally:
         lt.run(up.aclose())
         lt.close()

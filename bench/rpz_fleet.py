@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +39,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-
 from blockd import logs  # noqa: E402
+from blockd.dns import resolvers  # noqa: E402
 from blockd.dns.rpz import RpzSettings  # noqa: E402
 from blockd.dns.rpzserver import RpzServer  # noqa: E402
 from blockd.dns.testing import LoopThread, Upstream  # noqa: E402
@@ -52,67 +48,6 @@ from blockd.enforcers.rpz import RpzEnforcer  # noqa: E402
 from blockd.model import DomainRule, RuleSet  # noqa: E402
 
 TLDS = ("com", "net", "org", "ru", "site", "info", "xyz", "club")
-NAMED = shutil.which("named") or "/usr/sbin/named"
-UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
-
-UNBOUND_CONF = """server:
-    interface: 127.0.0.1@{port}
-    do-ip6: no
-    do-daemonize: no
-    use-syslog: no
-    logfile: ""
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: "{dir}/unbound.pid"
-    num-threads: 1
-    access-control: 127.0.0.0/8 allow
-    module-config: "respip iterator"
-    do-not-query-localhost: no
-forward-zone:
-    name: "."
-    forward-addr: 127.0.0.1@{upstream}
-rpz:
-    name: "rpz.blockd."
-{source}"""
-
-NAMED_CONF = """options {{
-    directory "{dir}";
-    pid-file "{dir}/named.pid";
-    session-keyfile "{dir}/session.key";
-    managed-keys-directory "{dir}";
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion yes;
-    allow-recursion {{ 127.0.0.1; }};
-    dnssec-validation no;
-    forwarders {{ 127.0.0.1 port {upstream}; }};
-    forward only;
-    notify no;
-    response-policy {{ zone "rpz.blockd" min-update-interval 0; }} qname-wait-recurse no break-dnssec yes;
-}};
-controls {{ }};
-zone "rpz.blockd" {{
-{source}
-    allow-query {{ 127.0.0.1; }};
-}};
-"""
-
-
-def free_port() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def names(n: int, seed: int = 42) -> list[str]:
@@ -129,24 +64,6 @@ def ruleset(lst: list[str]) -> RuleSet:
     return RuleSet.build([DomainRule(x, True, none) for x in lst])
 
 
-def rcode(port: int, qname: str, timeout: float = 0.05) -> int | None:
-    try:
-        return dns.query.udp(dns.message.make_query(qname, "A"), "127.0.0.1", timeout, port=port).rcode()
-    except (dns.exception.Timeout, OSError):
-        return None
-
-
-def wait_nxdomain(port: int, qname: str, t0: float, proc: subprocess.Popen[bytes], log: Path,
-                  timeout: float = 600) -> float:
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        if rcode(port, qname) == dns.rcode.NXDOMAIN:
-            return time.monotonic() - t0
-        time.sleep(0.02)  # poll interval under the timeout
-    raise RuntimeError(f"no NXDOMAIN for {qname} within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -155,37 +72,31 @@ def rss_mib(pid: int) -> float:
 
 
 class Resolver:
-    """One Unbound or named process with its own directory and port."""
+    """One Unbound or named process with its own directory and port; its RPZ comes from the primary on
+    127.0.0.1:`primary` (a secondary) or from `zone_file`."""
 
-    def __init__(self, kind: str, d: Path, upstream: int, source: str, port: int | None = None) -> None:
-        self.kind, self.dir, self.port = kind, d, port or free_port()
-        d.mkdir(exist_ok=True)
-        fmt = {"dir": d, "port": self.port, "upstream": upstream, "source": source}
-        conf = d / f"{kind}.conf"
+    def __init__(self, kind: str, d: Path, upstream: int, *, primary: int | None = None,
+                 zone_file: Path | None = None, port: int | None = None) -> None:
+        self.kind, self.dir, self.port = kind, d, port or resolvers.free_port()
+        listen = ("127.0.0.1", self.port)
+        src = ("127.0.0.1", primary) if primary else None
         if kind == "unbound":
-            conf.write_text(UNBOUND_CONF.format(**fmt))
-            cmd = [UNBOUND, "-d", "-c", str(conf)]
+            conf = resolvers.unbound_conf(d, listen, upstream, primary=src, zone_file=zone_file)
         else:
-            conf.write_text(NAMED_CONF.format(**fmt))
-            cmd = [NAMED, "-g", "-c", str(conf)]
+            conf = resolvers.named_conf(d, listen, upstream, primary=src, zone_file=zone_file)
         self.log = d / "log"
         self.t0 = time.monotonic()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = resolvers.start("unbound" if kind == "unbound" else "named", d, conf)
 
     def until_blocked(self, qname: str, t0: float | None = None) -> float:
-        return wait_nxdomain(self.port, qname, self.t0 if t0 is None else t0, self.proc, self.log)
+        return resolvers.wait_nxdomain(self.proc, self.port, qname, t0=self.t0 if t0 is None else t0,
+                                       log=self.log, query_timeout=0.05)
 
     def rss(self) -> float:
         return rss_mib(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        resolvers.stop(self.proc, timeout=60)
 
 
 def main() -> None:
@@ -218,7 +129,7 @@ def main() -> None:
     try:
         # The primary; notify targets are set once the resolvers' ports are known (settings are frozen).
         ub_dir, bind_dir = tmp / "unbound", tmp / "bind"
-        ports = {"unbound": free_port(), "bind": free_port()}
+        ports = {"unbound": resolvers.free_port(), "bind": resolvers.free_port()}
         notify = [("127.0.0.1", p) for p in ports.values()]
         from dataclasses import replace
 
@@ -236,8 +147,9 @@ def main() -> None:
         print(f"# blockd apply {apply_s:.2f} s (zone file {zone_file.stat().st_size / 1e6:.0f} MB), "
               f"AXFR render {render_s:.2f} s", flush=True)
 
-        def run(kind: str, row: str, d: Path, source: str, port: int | None = None, keep: bool = False) -> Resolver:
-            r = Resolver(kind, d, up.port, source, port)
+        def run(kind: str, row: str, d: Path, *, primary: int | None = None, zone_file: Path | None = None,
+                port: int | None = None, keep: bool = False) -> Resolver:
+            r = Resolver(kind, d, up.port, primary=primary, zone_file=zone_file, port=port)
             procs.append(r)
             took = r.until_blocked(probe)
             rss = r.rss()
@@ -258,21 +170,18 @@ def main() -> None:
             print(f"# {r.kind} {kind} +10 names: {took:.2f} s (apply {a.duration_s:.2f} s)", flush=True)
             lt.run(enf.apply(rs), timeout=3600)  # back to the base zone for the next rows
 
-        ub_src = f'    primary: 127.0.0.1@{primary}\n    zonefile: "{ub_dir}/rpz.blockd.zone"\n'
-        run("unbound", "axfr", ub_dir, ub_src, ports["unbound"])
-        run("unbound", "file", tmp / "unbound-file", f'    zonefile: "{zone_file}"\n')
-        r = run("unbound", "restart", ub_dir, ub_src, ports["unbound"], keep=True)
+        run("unbound", "axfr", ub_dir, primary=primary, port=ports["unbound"])
+        run("unbound", "file", tmp / "unbound-file", zone_file=zone_file)
+        r = run("unbound", "restart", ub_dir, primary=primary, port=ports["unbound"], keep=True)
         ixfr(r)
         r.stop()
         procs.remove(r)
         if not args.no_bind:
-            bind_src = (f'    type secondary;\n    primaries {{ 127.0.0.1 port {primary}; }};\n'
-                        '    file "rpz.blockd.db";\n    allow-notify { 127.0.0.1; };')
-            r = run("bind", "axfr", bind_dir, bind_src, ports["bind"], keep=True)
+            r = run("bind", "axfr", bind_dir, primary=primary, port=ports["bind"], keep=True)
             ixfr(r)
             r.stop()
             procs.remove(r)
-            run("bind", "file", tmp / "bind-file", f'    type primary;\n    file "{zone_file}";')
+            run("bind", "file", tmp / "bind-file", zone_file=zone_file)
     finally:
         for p in procs:
             p.stop()

@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from blockd import minisign
+from blockd.dns import resolvers
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.rpzserver import MAX_SECONDARIES, RpzServer
 from blockd.dns.testing import LoopThread, Upstream
@@ -50,7 +50,6 @@ from blockd.model import DomainRule, RuleSet
 
 ROOT = Path(__file__).resolve().parents[2]
 REG_KEY = minisign.parse_secret_key((ROOT / "policies/keys/demo-regulator.key").read_text())
-UNBOUND, NAMED = shutil.which("unbound"), shutil.which("named") or "/usr/sbin/named"
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 pytestmark = pytest.mark.e2e
@@ -105,54 +104,6 @@ def test_secondary_serials_from_ixfr_queries_and_finished_transfers(tmp_path: Pa
 
 
 # ---- the fleet ------------------------------------------------------------------------------
-UNBOUND_CONF = """server:
-    interface: {addr}@53
-    do-ip6: no
-    do-daemonize: no
-    use-syslog: no
-    logfile: ""
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: "{dir}/unbound.pid"
-    num-threads: 1
-    access-control: 127.0.0.0/8 allow
-    module-config: "respip iterator"
-    do-not-query-localhost: no
-forward-zone:
-    name: "."
-    forward-addr: 127.0.0.1@{upstream}
-rpz:
-    name: "rpz.blockd."
-    primary: {addr}@{primary}
-    zonefile: "{dir}/rpz.blockd.zone"
-"""
-
-NAMED_CONF = """options {{
-    directory "{dir}";
-    pid-file "{dir}/named.pid";
-    session-keyfile "{dir}/session.key";
-    managed-keys-directory "{dir}";
-    listen-on port 53 {{ {addr}; }};
-    listen-on-v6 {{ none; }};
-    recursion yes;
-    allow-recursion {{ 127.0.0.0/8; }};
-    dnssec-validation no;
-    forwarders {{ 127.0.0.1 port {upstream}; }};
-    forward only;
-    notify no;
-    response-policy {{ zone "rpz.blockd" min-update-interval 0; }} qname-wait-recurse no break-dnssec yes;
-}};
-controls {{ }};
-zone "rpz.blockd" {{
-    type secondary;
-    primaries {{ {addr} port {primary}; }};
-    file "rpz.blockd.db";
-    allow-query {{ 127.0.0.0/8; }};
-    allow-notify {{ 127.0.0.0/8; }};
-}};
-"""
-
 PRIMARY_PORT, METRICS_PORT = 5354, 9153
 RESOLVERS = {"unbound-a": "127.0.0.2", "unbound-b": "127.0.0.3", "bind": "127.0.0.4"}
 
@@ -289,33 +240,21 @@ class Fleet:
 
     # -- resolvers ------------------------------------------------------------------------------
     def start_resolver(self, name: str) -> None:
-        addr = RESOLVERS[name]
-        d = self.tmp / name
-        d.mkdir(exist_ok=True)
-        fmt = {"dir": d, "addr": addr, "upstream": self.up.port, "primary": PRIMARY_PORT}
+        """Listening on its own address, port 53, and reaching the primary at that address."""
+        addr, d = RESOLVERS[name], self.tmp / name
+        primary = (addr, PRIMARY_PORT)
         if name == "bind":
-            (d / "named.conf").write_text(NAMED_CONF.format(**fmt))
-            cmd = [NAMED, "-g", "-c", str(d / "named.conf")]
+            kind, conf = "named", resolvers.named_conf(d, (addr, 53), self.up.port, primary=primary,
+                                                       clients="127.0.0.0/8")
         else:
-            (d / "unbound.conf").write_text(UNBOUND_CONF.format(**fmt))
-            cmd = [str(UNBOUND), "-d", "-c", str(d / "unbound.conf")]
-        self.procs[name] = self.ns.popen(cmd, d / "log")
+            kind, conf = "unbound", resolvers.unbound_conf(d, (addr, 53), self.up.port, primary=primary)
+        self.procs[name] = resolvers.start(kind, d, conf, prefix=["ip", "netns", "exec", self.ns.name])
 
     def stop_resolver(self, name: str) -> None:
-        p = self.procs.pop(name)
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        resolvers.stop(self.procs.pop(name))
 
     def rcode(self, name: str, qname: str) -> int | None:
-        try:
-            r = dns.query.udp(dns.message.make_query(qname, "A"), RESOLVERS[name], 0.5, port=53)
-        except (dns.exception.Timeout, OSError):
-            return None
-        return r.rcode()
+        return resolvers.rcode(53, qname, RESOLVERS[name])
 
     def until_blocked(self, qname: str, names: list[str], t0: float, timeout: float = 30) -> dict[str, float]:
         """Poll each resolver until it answers NXDOMAIN for `qname`: {resolver: seconds since t0}."""
@@ -334,13 +273,8 @@ class Fleet:
     def close(self) -> None:
         for name in list(self.procs):
             self.stop_resolver(name)
-        if self.blockd is not None and self.blockd.poll() is None:
-            self.blockd.send_signal(signal.SIGTERM)
-            try:
-                self.blockd.wait(20)
-            except subprocess.TimeoutExpired:
-                self.blockd.kill()
-                self.blockd.wait()
+        if self.blockd is not None:
+            resolvers.stop(self.blockd, timeout=20)
         if self.notify is not None:
             self.notify.close()
         self.lt.run(self.up.aclose())
@@ -358,7 +292,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    if not UNBOUND or not os.path.exists(NAMED):
+    if not os.path.exists(resolvers.UNBOUND) or not os.path.exists(resolvers.NAMED):
         pytest.fail("unbound and named are required (scripts/deps.sh installs them)")
     f = Fleet(tmp_path)
     try:

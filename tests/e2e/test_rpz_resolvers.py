@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import dns.message
-import dns.query
 import dns.rcode
 import pytest
 
+from blockd.dns.resolvers import NAMED, UNBOUND, free_port, named_conf, rcode, start, stop, unbound_conf
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.rpzserver import RpzServer
 from blockd.dns.testing import LoopThread, Upstream
@@ -26,23 +24,7 @@ from blockd.enforcers.rpz import RpzEnforcer
 from blockd.model import DomainRule, RuleSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-UNBOUND, NAMED = shutil.which("unbound"), shutil.which("named") or "/usr/sbin/named"
 O = frozenset({"court-1"})
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 40) -> float:
@@ -54,69 +36,9 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 40) -> float
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def rcode(port: int, name: str) -> int | None:
-    try:
-        r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", 0.5, port=port)
-    except (dns.exception.Timeout, OSError):
-        return None
-    return r.rcode()
-
-
 def rules(*names: str) -> RuleSet:
     return RuleSet.build([DomainRule(n[2:], True, O) if n.startswith("*.") else DomainRule(n, False, O)
                           for n in names])
-
-
-UNBOUND_CONF = """server:
-    interface: 127.0.0.1@{port}
-    do-ip6: no
-    do-daemonize: no
-    use-syslog: no
-    logfile: ""
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: "{dir}/unbound.pid"
-    num-threads: 1
-    access-control: 127.0.0.0/8 allow
-    module-config: "respip iterator"
-    do-not-query-localhost: no
-    verbosity: 1
-forward-zone:
-    name: "."
-    forward-addr: 127.0.0.1@{upstream}
-rpz:
-    name: "rpz.blockd."
-    primary: 127.0.0.1@{primary}
-    zonefile: "{dir}/rpz.blockd.zone"
-    rpz-log: yes
-    rpz-log-name: "blockd"
-"""
-
-NAMED_CONF = """options {{
-    directory "{dir}";
-    pid-file "{dir}/named.pid";
-    session-keyfile "{dir}/session.key";
-    managed-keys-directory "{dir}";
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion yes;
-    allow-recursion {{ 127.0.0.1; }};
-    dnssec-validation no;
-    forwarders {{ 127.0.0.1 port {upstream}; }};
-    forward only;
-    notify no;
-    response-policy {{ zone "rpz.blockd" min-update-interval 0; }} qname-wait-recurse no break-dnssec yes;
-}};
-controls {{ }};
-zone "rpz.blockd" {{
-    type secondary;
-    primaries {{ 127.0.0.1 port {primary}; }};
-    file "rpz.blockd.db";
-    allow-query {{ 127.0.0.1; }};
-    allow-notify {{ 127.0.0.1; }};
-}};
-"""
 
 
 class Stack:
@@ -134,27 +56,15 @@ class Stack:
         self.tmp = tmp
 
     def start_resolvers(self) -> None:
-        fmt = {"upstream": self.up.port, "primary": self.primary.addresses[0][1]}
-        for name, conf, port, cmd in (
-            ("unbound", UNBOUND_CONF, self.ub_port, [UNBOUND, "-d", "-c"]),
-            ("named", NAMED_CONF, self.bind_port, [NAMED, "-g", "-c"]),
-        ):
-            d = self.tmp / name
-            d.mkdir()
-            (d / f"{name}.conf").write_text(conf.format(dir=d, port=port, **fmt))
-            log = open(d / "log", "wb")
-            self.procs.append(subprocess.Popen([*cmd, str(d / f"{name}.conf")], stdout=log, stderr=subprocess.STDOUT))
-            log.close()
+        primary = ("127.0.0.1", self.primary.addresses[0][1])
+        ub, named = self.tmp / "unbound", self.tmp / "named"
+        ub_conf = unbound_conf(ub, ("127.0.0.1", self.ub_port), self.up.port, primary=primary, rpz_log="blockd",
+                               server=["verbosity: 1"])
+        bind_conf = named_conf(named, ("127.0.0.1", self.bind_port), self.up.port, primary=primary)
+        self.procs += [start("unbound", ub, ub_conf), start("named", named, bind_conf)]
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(*self.procs)
         self.lt.run(self.primary.aclose())
         self.lt.run(self.up.aclose())
         self.lt.close()
@@ -166,7 +76,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not UNBOUND or not os.path.exists(NAMED):
+    if not os.path.exists(UNBOUND) or not os.path.exists(NAMED):
         pytest.fail("unbound and named are required (scripts/deps.sh installs them)")
     st = Stack(tmp_path_factory.mktemp("rpz"))
     try:
