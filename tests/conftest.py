@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,29 @@ import pytest
 from blockd import minisign
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the demo regulator key that signed the shipped sample policy (policies/keys/)
+DEMO_REGULATOR = minisign.parse_secret_key((ROOT / "policies/keys/demo-regulator.key").read_text())
+
+
+def repo_config(policy_dir: Path, state_dir: Path) -> str:
+    """The head of a blockd.yaml that uses the checkout's trust store, catalog and data."""
+    p = ROOT / "policies"
+    return (f"trust_store: {p / 'trust'}\npolicy_dir: {policy_dir}\ncatalog_dir: {p / 'catalog'}\n"
+            f"prefix_table: {p / 'asn/prefix2as.txt'}\nshared_infra_dir: {p / 'shared-infra'}\n"
+            f"state_dir: {state_dir}\n")
+
+
+def drop_policy(directory: Path, name: str, text: str, *, sign: bool = True) -> Path:
+    """Write a policy (signed with the demo regulator key) as a watched directory should see it:
+    signature first, then the policy, each by rename, so no pass reads one without the other."""
+    path = directory / name
+    if sign:
+        sig = minisign.sign(text.encode(), DEMO_REGULATOR, trusted_comment=f"file:{name}")
+        (directory / f".{name}.minisig.tmp").write_text(sig)
+        os.replace(directory / f".{name}.minisig.tmp", directory / f"{name}.minisig")
+    (directory / f".{name}.tmp").write_text(text)
+    os.replace(directory / f".{name}.tmp", path)
+    return path
 
 
 @dataclass

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from blockd import minisign
-
-ROOT = Path(__file__).resolve().parents[2]
-REG_KEY = minisign.parse_secret_key((ROOT / "policies/keys/demo-regulator.key").read_text())
+from tests.conftest import ROOT, drop_policy, repo_config
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces and nftables"),
@@ -68,13 +65,7 @@ class Box:
         self.policies = tmp / "policies"
         self.policies.mkdir()
         self.config = tmp / "blockd.yaml"
-        self.config.write_text(textwrap.dedent(f"""\
-            trust_store: {ROOT / "policies/trust"}
-            policy_dir: {self.policies}
-            catalog_dir: {ROOT / "policies/catalog"}
-            prefix_table: {ROOT / "policies/asn/prefix2as.txt"}
-            shared_infra_dir: {ROOT / "policies/shared-infra"}
-            state_dir: {tmp / "state"}
+        self.config.write_text(repo_config(self.policies, tmp / "state") + textwrap.dedent(f"""\
             enforcers:
               nft: {{hooks: [output], verdict: drop}}
               dns: {{listen: ["127.0.0.1:53"]}}
@@ -91,16 +82,7 @@ class Box:
         self.log = tmp / "blockd.log"
 
     def write_policy(self, name: str, text: str, *, sign: bool = True) -> Path:
-        """Signature first, then the policy by rename: the watcher never sees a policy without it."""
-        path = self.policies / name
-        if sign:
-            sig = minisign.sign(text.encode(), REG_KEY, trusted_comment=f"file:{name}")
-            (self.policies / f".{name}.minisig.tmp").write_text(sig)
-            os.replace(self.policies / f".{name}.minisig.tmp", self.policies / f"{name}.minisig")
-        tmp = self.policies / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return drop_policy(self.policies, name, text, sign=sign)
 
     def start(self) -> str:
         if self.notify is not None:

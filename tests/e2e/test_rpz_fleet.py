@@ -39,7 +39,6 @@ import dns.zone
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from blockd import minisign
 from blockd.dns import resolvers
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.rpzserver import MAX_SECONDARIES, RpzServer
@@ -47,9 +46,8 @@ from blockd.dns.testing import LoopThread, Upstream
 from blockd.enforcers.rpz import RpzEnforcer
 from blockd.metrics import rpz_metrics
 from blockd.model import DomainRule, RuleSet
+from tests.conftest import ROOT, drop_policy, repo_config
 
-ROOT = Path(__file__).resolve().parents[2]
-REG_KEY = minisign.parse_secret_key((ROOT / "policies/keys/demo-regulator.key").read_text())
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 pytestmark = pytest.mark.e2e
@@ -166,13 +164,7 @@ class Fleet:
         self.policies.mkdir()
         self.config = tmp / "blockd.yaml"
         notify = ", ".join(f'"{a}:53"' for a in RESOLVERS.values())
-        self.config.write_text(textwrap.dedent(f"""\
-            trust_store: {ROOT / "policies/trust"}
-            policy_dir: {self.policies}
-            catalog_dir: {ROOT / "policies/catalog"}
-            prefix_table: {ROOT / "policies/asn/prefix2as.txt"}
-            shared_infra_dir: {ROOT / "policies/shared-infra"}
-            state_dir: {tmp / "state"}
+        self.config.write_text(repo_config(self.policies, tmp / "state") + textwrap.dedent(f"""\
             enforcers:
               rpz:
                 zone: rpz.blockd.
@@ -193,12 +185,7 @@ class Fleet:
 
     # -- blockd -------------------------------------------------------------------------------
     def write_policy(self, text: str, name: str = "p.yaml") -> None:
-        """Signature first, then the policy by rename: the watcher never sees one without the other."""
-        sig = minisign.sign(text.encode(), REG_KEY, trusted_comment=f"file:{name}")
-        (self.policies / f".{name}.minisig.tmp").write_text(sig)
-        os.replace(self.policies / f".{name}.minisig.tmp", self.policies / f"{name}.minisig")
-        (self.policies / f".{name}.tmp").write_text(text)
-        os.replace(self.policies / f".{name}.tmp", self.policies / name)
+        drop_policy(self.policies, name, text)
 
     def start_blockd(self) -> None:
         path = self.tmp / "notify.sock"
