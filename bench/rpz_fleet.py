@@ -26,7 +26,6 @@ Resolvers run one at a time (the box has 2 cores). blockd's own cost is shown ap
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import string
