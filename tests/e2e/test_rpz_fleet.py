@@ -46,7 +46,7 @@ from blockd.dns.testing import LoopThread, Upstream
 from blockd.enforcers.rpz import RpzEnforcer
 from blockd.metrics import rpz_metrics
 from blockd.model import DomainRule, RuleSet
-from tests.conftest import ROOT, drop_policy, repo_config
+from tests.conftest import drop_policy, repo_config
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
