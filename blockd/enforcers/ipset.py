@@ -20,7 +20,6 @@ Matching traffic is left to the operator's iptables rules
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import struct
@@ -150,14 +149,8 @@ class IpsetEnforcer(nl.KernelEnforcer):
     """Holds `nl.addresses(desired)` in two ipset hash:net sets; see the module docstring."""
 
     def __init__(self, settings: IpsetSettings | None = None, *, netns: str | None = None, name: str = "ipset") -> None:
-        self.name = name
+        super().__init__(name, netns)
         self.settings = settings or IpsetSettings()
-        self.last_commit: nl.Commit | None = None
-        try:
-            self._sock = nl.NetlinkSocket(netns)
-        except OSError as exc:
-            raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
-        self._lock = asyncio.Lock()
         # CIDR keys (network << 8 | prefixlen) per family after our last successful change or
         # readback; None: unknown.
         self._held: dict[int, set[int]] | None = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from types import MappingProxyType
 
+from blockd.errors import EnforcerError
 from blockd.model import Applied, NetRule, RuleSet
 
 NETLINK_NETFILTER = 12
@@ -175,13 +176,19 @@ class KernelEnforcer:
     """The Enforcer face shared by the nft and ipset enforcers.
 
     Netlink work is blocking: it runs in a worker thread, one call at a time (`_lock`), so the
-    event loop keeps answering DNS meanwhile. Subclasses set `name`, `_sock`, `_lock` and
-    implement `_apply(addresses)`, `_readback()` and `_stats()`.
+    event loop keeps answering DNS meanwhile. Subclasses call `__init__(name, netns)` (it opens
+    the socket) and implement `_apply(addresses)`, `_readback()` and `_stats()`.
     """
 
-    name: str
-    _sock: NetlinkSocket
-    _lock: asyncio.Lock
+    def __init__(self, name: str, netns: str | None) -> None:
+        self.name = name
+        self.last_commit: Commit | None = None
+        try:
+            self._sock = NetlinkSocket(netns)
+        except OSError as exc:
+            where = f" in netns {netns!r}" if netns else ""
+            raise EnforcerError(name, f"open netlink socket{where}: {exc.strerror}", errno=exc.errno) from exc
+        self._lock = asyncio.Lock()
 
     async def apply(self, desired: RuleSet) -> Applied:
         async with self._lock:

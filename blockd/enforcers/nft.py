@@ -20,7 +20,6 @@ diff. Either way the batch is all-or-nothing (NFNL_MSG_BATCH_BEGIN ... END).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections import defaultdict
@@ -152,14 +151,8 @@ class NftEnforcer(nl.KernelEnforcer):
     """Holds `nl.addresses(desired)` in nftables; see the module docstring for the layout."""
 
     def __init__(self, settings: NftSettings | None = None, *, netns: str | None = None, name: str = "nft") -> None:
-        self.name = name
+        super().__init__(name, netns)
         self.settings = settings or NftSettings()
-        self.last_commit: nl.Commit | None = None
-        try:
-            self._sock = nl.NetlinkSocket(netns)
-        except OSError as exc:
-            raise _error(name, exc.errno, f"open netlink socket{f' in netns {netns!r}' if netns else ''}: {exc.strerror}") from exc
-        self._lock = asyncio.Lock()
         # What the kernel held after our last ACKed commit or readback: {4: keys, 6: keys};
         # None = unknown (read it before diffing), or layout incomplete (rebuild).
         self._held: dict[int, set[int]] | None = None
