@@ -9,23 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from blockd import minisign, trust
-from blockd.compile import Compilation, compile_policies
+from blockd.compile import Compilation, Prepared, merge, prepare
 from blockd.errors import BlockdError
-from blockd.fsutil import atomic_write
-from blockd.intake import Context, Intake, load_context, policy_files, read_policies
-from blockd.model import RuleSet, diff, union_intervals
+from blockd.fsutil import atomic_write, read_regular
+from blockd.intake import Context, InputFailure, load_context, policy_files, read_candidates, state_candidates
+from blockd.model import Policy, RuleSet, diff, union_intervals
 from blockd.names import display
-from blockd.policy import check_window, read_signed
+from blockd.policy import read_signed
+from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.ranges import format_addr, subtract, to_cidrs
 from blockd.settings import Settings, load_settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+MAX_SIGN_BYTES = 1 << 30
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,28 +39,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except BlockdError as e:
         _emit_error(args, e)
         return EXIT_REFUSED
+    except BrokenPipeError:
+        # The reader went away (`blockd plan | head`): not an error of ours, but not a success.
+        _quiet_stdout()
+        return EXIT_REFUSED
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _emit_error(args, BlockdError(f"{where}{e.strerror or e}"))
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if os.environ.get("BLOCKD_DEBUG"):
+            raise
+        print(f"blockd: internal error: {type(e).__name__}: {e} (set BLOCKD_DEBUG=1 for a traceback; "
+              f"please report it)", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 def _emit_error(args: argparse.Namespace, e: BlockdError) -> None:
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+        where = getattr(e, "where", "") or None
+        message = getattr(e, "message", None) or str(e)
+        try:
+            print(json.dumps({"command": getattr(args, "command_name", None), "ok": False,
+                              "error": {"type": type(e).__name__, "message": message, "where": where},
+                              "message": str(e)}))
+        except BrokenPipeError:
+            _quiet_stdout()
     else:
         print(f"blockd: error: {e}", file=sys.stderr)
 
 
-def _now(args: argparse.Namespace) -> datetime:
-    if args.now:
-        when = datetime.fromisoformat(args.now)
-        if when.tzinfo is None:
-            raise SystemExit("blockd: error: --now needs a time zone, e.g. 2026-11-29T12:00:00Z")
-        return when.astimezone(timezone.utc)
-    return datetime.now(timezone.utc)
+def _parse_now(text: str) -> datetime:
+    """`--now`: ISO 8601 with a zone (argparse turns the ValueError into a usage error, exit 2)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time; e.g. 2026-11-29T12:00:00Z") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; e.g. 2026-11-29T12:00:00Z")
+    return when.astimezone(timezone.utc)
+
+
+def _signature_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a signer name is letters, digits, '-' and '_' (no '/' or '.')")
+    return text
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -74,9 +119,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     pub, sec = Path(args.pub), Path(args.sec)
+    if pub.resolve() == sec.resolve():
+        raise BlockdError(f"--pub and --sec name the same file ({pub}); the public key would overwrite the secret key")
     for p in (pub, sec):
         if p.exists() and not args.force:
-            raise SystemExit(f"blockd: error: {p} exists; use --force to overwrite")
+            raise BlockdError(f"{p} exists; use --force to overwrite")
+        if p.exists() and not p.is_file():
+            raise BlockdError(f"{p} is not a regular file")
+        if not p.parent.is_dir():
+            raise BlockdError(f"{p.parent} is not a directory; create it first")
     key = minisign.generate()
     atomic_write(sec, key.to_text().encode(), mode=0o600)
     atomic_write(pub, key.public.to_text(args.comment).encode())
@@ -87,8 +138,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def _secret_key(path: str) -> minisign.SecretKey:
     password = os.environ.get("BLOCKD_KEY_PASSWORD")
-    return minisign.parse_secret_key(Path(path).read_text(), where=path,
+    raw = read_regular(Path(path), 4096, what="minisign secret key")
+    return minisign.parse_secret_key(raw.decode("utf-8", errors="replace"), where=path,
                                      password=password.encode() if password is not None else None)
+
+
+def _public_key(path: str) -> minisign.PublicKey:
+    raw = read_regular(Path(path), 4096, what="minisign public key")
+    return minisign.parse_public_key(raw.decode("utf-8", errors="replace"), where=path)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -96,7 +153,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     written = []
     for name in args.files:
         path = Path(name)
-        data = path.read_bytes()
+        data = read_regular(path, MAX_SIGN_BYTES, what="file to sign")
         comment = args.trusted_comment or f"timestamp:{int(datetime.now().timestamp())}\tfile:{path.name}"
         text = minisign.sign(data, key, trusted_comment=comment, prehash=not args.legacy)
         out = path.with_name(f"{path.name}.{args.name}.minisig" if args.name else f"{path.name}.minisig")
@@ -112,7 +169,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for name in args.files:
         try:
-            _, v = read_signed(Path(name), store, role=args.role, max_bytes=1 << 30)
+            v = read_signed(Path(name), store, role=args.role, max_bytes=MAX_SIGN_BYTES, what="file").verified
             results.append({"file": name, "ok": True, "issuer": v.issuer, "signers": list(v.signers)})
         except BlockdError as e:
             results.append({"file": name, "ok": False, "error": str(e)})
@@ -125,63 +182,122 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return worst
 
 
-# -- check, plan, accept --------------------------------------------------------------------
+# -- check, plan, accept: one path (selection.select), as the daemon takes it -------------------
 
 
-def _intake(args: argparse.Namespace) -> tuple[Context, Intake, datetime]:
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """What the daemon would hold: the given files (or the policy directory) plus the state."""
+
+    ctx: Context
+    now: datetime
+    given: tuple[str, ...]  # the files the command was asked about
+    selection: Selection
+    compilation: Compilation
+    before: Compilation  # the state's accepted policies alone (what is in force now)
+    failures: tuple[InputFailure, ...]
+
+
+def _evaluate(args: argparse.Namespace) -> Evaluation:
     settings = _settings(args)
-    ctx = load_context(settings)
-    paths = [Path(p) for p in args.policies] or policy_files(settings.policy_dir)
-    now = _now(args)
-    return ctx, read_policies(paths, ctx, now), now
+    ctx, failures = load_context(settings, save=False)
+    paths = [Path(p) for p in args.policies] or (policy_files(settings.policy_dir) if settings.policy_dir.is_dir() else [])
+    now = args.now or datetime.now(timezone.utc)
+    found, bad = read_candidates(paths, ctx)
+    kept, kept_bad = state_candidates(ctx)
+    cache: dict[str, Prepared] = {}
+
+    def prepared(p: Policy) -> Prepared:
+        if p.digest not in cache:
+            cache[p.digest] = prepare(p, ctx.catalog, ctx.compile.guards)
+        return cache[p.digest]
+
+    accepted = ctx.state.accepted_serials()
+    baseline = ctx.state.baseline()
+    sel = select([*found, *kept], [*bad, *kept_bad], accepted, now, prepared)
+    old = select(kept, kept_bad, accepted, now, prepared)
+    comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
+    before = merge(old.prepared, ctx.compile, baseline, old.order_statuses(), old.policy_statuses())
+    return Evaluation(ctx, now, tuple(str(p) for p in paths), sel, comp, before, tuple(failures))
 
 
-def _accepted_ruleset(ctx: Context, now: datetime) -> tuple[list, RuleSet | None]:
-    """The policies recorded in the state directory and what they compile to (None if none)."""
-    from blockd.policy import load_policy
+def _verdicts(ev: Evaluation) -> list[Verdict]:
+    """The given files' verdicts, and the state's copies that stay in force beside them."""
+    given = set(ev.given)
+    return [v for v in ev.selection.verdicts if v.source in given or (v.from_state and v.status == "active")]
 
-    policies = [load_policy(p, ctx.store) for p in ctx.state.accepted_paths() if p.exists()]
-    if not policies:
-        return [], None
-    return policies, compile_policies(policies, ctx.catalog, ctx.compile, now).ruleset
+
+def _takes_effect(ev: Evaluation) -> bool:
+    """Every file asked about is (or will be, when pending) in force, and no rule is refused."""
+    given = set(ev.given)
+    return not ev.compilation.refused and all(v.status in ("active", "pending") for v in ev.selection.verdicts
+                                              if v.source in given)
+
+
+def _report(command: str, ev: Evaluation, ok: bool) -> dict[str, object]:
+    """The one JSON shape of check, plan and accept (docs/cli.md)."""
+    rs = ev.compilation.ruleset
+    verdicts = _verdicts(ev)
+    return {
+        "command": command,
+        "ok": ok,
+        "now": ev.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "digest": rs.digest,
+        "counts": rs.counts(),
+        "policies": [v.as_json() for v in verdicts],
+        "rejected": [v.as_json() for v in verdicts if v.status == "rejected"],
+        "orders": [{"order": k, "status": o.status, "rules": o.rules, "refused": o.refused}
+                   for k, o in sorted(ev.compilation.orders.items())],
+        "findings": [{"order": f.order_id, "rule": f.rule, "guard": f.guard, "allowed": f.allowed,
+                      "reason": f.reason} for f in ev.compilation.findings],
+        "warnings": list(ev.compilation.warnings),
+        "input_failures": [{"input": f.input, "where": f.where, "error": f.message} for f in ev.failures],
+    }
+
+
+def _verdict_lines(ev: Evaluation) -> list[str]:
+    lines = [f"input refused: {f}" for f in ev.failures]
+    for v in _verdicts(ev):
+        who = f"issuer {v.issuer} serial {v.serial}" if v.issuer else ""
+        where = " (state copy)" if v.from_state else ""
+        if v.status == "rejected":
+            lines.append(f"{v.source}{where}: REJECTED ({v.kind}): {v.reason}")
+        else:
+            lines.append(f"{v.source}{where}: {v.status.upper()} {who}: {v.reason}")
+    return lines
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    ctx, intake, now = _intake(args)
-    _, previous = _accepted_ruleset(ctx, now)
-    comp = compile_policies(intake.accepted, ctx.catalog, ctx.compile, now, previous=previous)
-    refused = bool(intake.rejected or intake.pending or comp.refused)
-    report = _report(intake, comp, now)
-    _out(args, report, _report_text(report, args.verbose))
-    return EXIT_REFUSED if refused else EXIT_OK
+    ev = _evaluate(args)
+    ok = _takes_effect(ev)
+    report = _report("check", ev, ok)
+    _out(args, report, "\n".join(_report_text(report, args.verbose, ev)))
+    return EXIT_OK if ok else EXIT_REFUSED
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    ctx, intake, now = _intake(args)
-    old_policies, previous = _accepted_ruleset(ctx, now)
-    # The new state: each issuer's newest file replaces its accepted policy.
-    by_issuer = {p.issuer: p for p in old_policies}
-    by_issuer.update({p.issuer: p for p in intake.accepted})
-    comp = compile_policies(list(by_issuer.values()), ctx.catalog, ctx.compile, now, previous=previous)
-    old = previous or RuleSet.empty()
-    plan = diff(old, comp.ruleset)
+    ev = _evaluate(args)
+    old, new = ev.before.ruleset, ev.compilation.ruleset
+    plan = diff(old, new)
+
     # Show addresses, not enforcer elements: /24 -> /25 reads as "remove the other /25".
     def addrs(v: int, a: RuleSet, b: RuleSet) -> list[str]:
         fam = "v4" if v == 4 else "v6"
         only = subtract(union_intervals(getattr(a, fam)), union_intervals(getattr(b, fam)))
         return [f"{format_addr(v, n)}/{p}" for n, p in to_cidrs(v, only)]
 
-    data = {
+    ok = _takes_effect(ev)
+    data = _report("plan", ev, ok)
+    data.update({
         "from_digest": old.digest,
-        "to_digest": comp.ruleset.digest,
-        "add": {"domains": [display(*d) for d in plan.add_domains], "ipv4": addrs(4, comp.ruleset, old),
-                "ipv6": addrs(6, comp.ruleset, old)},
-        "remove": {"domains": [display(*d) for d in plan.del_domains], "ipv4": addrs(4, old, comp.ruleset),
-                   "ipv6": addrs(6, old, comp.ruleset)},
-        "rejected": [{"file": r.path, "error": str(r.error)} for r in intake.rejected],
-        "refused": [str(f) for f in comp.refused],
-    }
-    lines = [f"plan {data['from_digest'][:12]} -> {data['to_digest'][:12]}"]
+        "to_digest": new.digest,
+        "add": {"domains": [display(*d) for d in plan.add_domains], "ipv4": addrs(4, new, old),
+                "ipv6": addrs(6, new, old)},
+        "remove": {"domains": [display(*d) for d in plan.del_domains], "ipv4": addrs(4, old, new),
+                   "ipv6": addrs(6, old, new)},
+        "refused": [str(f) for f in ev.compilation.refused],
+    })
+    lines = _verdict_lines(ev) + [f"plan {old.digest[:12]} -> {new.digest[:12]}"]
     for verb, sign in (("add", "+"), ("remove", "-")):
         for kind in ("domains", "ipv4", "ipv6"):
             items = data[verb][kind]  # type: ignore[index]
@@ -189,58 +305,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
             lines += [f"  {sign} {kind}: {x}" for x in shown]
             if len(items) > len(shown):
                 lines.append(f"  {sign} {kind}: … {len(items) - len(shown)} more (--verbose)")
-    lines += [f"rejected: {r['error']}" for r in data["rejected"]]  # type: ignore[index]
     lines += [f"refused: {f}" for f in data["refused"]]  # type: ignore[union-attr]
     _out(args, data, "\n".join(lines))
-    return EXIT_REFUSED if intake.rejected or comp.refused else EXIT_OK
+    return EXIT_OK if ok else EXIT_REFUSED
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
-    """Record policies as accepted (replay protection and restore copies); the daemon does this too."""
-    ctx, intake, now = _intake(args)
-    done = []
-    for policy in intake.accepted:
-        path = Path(policy.source)
-        data = path.read_bytes()
-        sigs = [(str(p), p.read_bytes()) for p in trust.signature_paths(path)]
-        rec = ctx.state.record(policy, data, sigs, now)
-        done.append({"issuer": rec.issuer, "serial": rec.serial, "digest": rec.digest})
-    text = "\n".join([f"accepted {d['issuer']} serial {d['serial']}" for d in done] +
-                     [f"rejected: {r.error}" for r in intake.rejected] +
-                     [f"pending: {p.source}: not before {p.not_before:%Y-%m-%dT%H:%M:%SZ}" for p in intake.pending])
-    _out(args, {"accepted": done, "rejected": [str(r.error) for r in intake.rejected]}, text)
-    return EXIT_REFUSED if intake.rejected or intake.pending else EXIT_OK
+    """Record policies as accepted (replay protection and restore copies), all or none.
+
+    The same selection as the daemon's: a file that would not be in force (rejected, expired,
+    superseded, or with rules a guard refuses) stops the whole command and nothing is written;
+    a pending file is left for the daemon to record when it takes effect.
+    """
+    ev = _evaluate(args)
+    ok = _takes_effect(ev)
+    given = set(ev.given)
+    todo = [v for v in newly_accepted(ev.selection, ev.ctx.state.accepted_serials()) if v.source in given] if ok else []
+    done = ev.ctx.state.commit([(v.policy, v.signed) for v in todo], ev.now) if todo else []
+    data = _report("accept", ev, ok)
+    data["accepted"] = [{"issuer": r.issuer, "serial": r.serial, "sha256": r.digest} for r in done]
+    lines = _verdict_lines(ev) + [f"accepted {r.issuer} serial {r.serial}" for r in done]
+    lines += [f"refused: {f}" for f in ev.compilation.refused]
+    if not ok:
+        lines.append("nothing recorded: every file must be in force or pending, with no rule refused")
+    _out(args, data, "\n".join(lines))
+    return EXIT_OK if ok else EXIT_REFUSED
 
 
-def _report(intake: Intake, comp: Compilation, now: datetime) -> dict[str, object]:
-    rs = comp.ruleset
-    pending = []
-    for p in intake.pending:
-        try:
-            check_window(p, now)
-        except BlockdError as e:
-            pending.append({"file": p.source, "error": str(e)})
-    return {
-        "ok": not (intake.rejected or intake.pending or comp.refused),
-        "digest": rs.digest,
-        "counts": rs.counts(),
-        "policies": [{"file": p.source, "issuer": p.issuer, "serial": p.serial, "orders": len(p.orders),
-                      "signers": list(p.signers)} for p in intake.accepted],
-        "rejected": [{"file": r.path, "reason": r.reason, "error": str(r.error)} for r in intake.rejected] + pending,
-        "orders": [{"order": k, "status": o.status, "rules": o.rules, "refused": o.refused}
-                   for k, o in sorted(comp.orders.items())],
-        "findings": [{"order": f.order_id, "rule": f.rule, "guard": f.guard, "allowed": f.allowed,
-                      "reason": f.reason} for f in comp.findings],
-        "warnings": list(comp.warnings),
-    }
-
-
-def _report_text(r: dict, verbose: bool) -> str:
+def _report_text(r: dict, verbose: bool, ev: Evaluation) -> list[str]:
     c = r["counts"]
-    lines = [f"rule set {r['digest'][:16]}: {c['domain_exact']} exact names, {c['domain_subtree']} subtrees, "
-             f"{c['ipv4_ranges']} IPv4 ranges, {c['ipv6_ranges']} IPv6 ranges"]
-    lines += [f"policy {p['file']}: issuer {p['issuer']} serial {p['serial']}, {p['orders']} orders, "
-              f"signed by {', '.join(p['signers'])}" for p in r["policies"]]
+    lines = _verdict_lines(ev)
+    lines.append(f"rule set {r['digest'][:16]}: {c['domain_exact']} exact names, {c['domain_subtree']} subtrees, "
+                 f"{c['ipv4_ranges']} IPv4 ranges, {c['ipv6_ranges']} IPv6 ranges")
     lines += [f"order {o['order']}: {o['status']}, {o['rules']} rules" + (f", {o['refused']} refused" if o["refused"] else "")
               for o in r["orders"]][: None if verbose else 50]
     if len(r["orders"]) > 50 and not verbose:
@@ -252,9 +348,8 @@ def _report_text(r: dict, verbose: bool) -> str:
     if len(r["findings"]) > len(findings):
         lines.append(f"… {len(r['findings']) - len(findings)} more findings (--verbose or --json)")
     lines += [f"warning: {w}" for w in r["warnings"]]
-    lines += [f"REJECTED {x['error']}" for x in r["rejected"]]
     lines.append("OK" if r["ok"] else "REFUSED: see above")
-    return "\n".join(lines)
+    return lines
 
 
 def _out(args: argparse.Namespace, data: object, text: str) -> None:
@@ -273,22 +368,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Load the config and everything it names; every problem is reported at once."""
+    """Load the config and everything `run` will use; every problem is reported at once."""
     settings = _settings(args)
-    ctx = load_context(settings)
+    problems: list[str] = []
+    try:
+        ctx, failures = load_context(settings, save=False)
+    except BlockdError as e:
+        ctx, failures = None, []
+        problems.append(str(e))
+    problems += [str(f) for f in failures]
+    if settings.shared_infra_dir is None:
+        problems.append(f"{settings.source}: shared_infra_dir is not set: blocks of shared cloud/CDN ranges would "
+                        f"not be refused; point it at the shipped shared-infra lists")
+    d = settings.daemon
+    if d.operator_key:
+        try:
+            _secret_key(d.operator_key)
+        except BlockdError as e:
+            problems.append(f"daemon.operator_key: {e}")
+    if not settings.policy_dir.is_dir():
+        problems.append(f"{settings.policy_dir}: policy_dir does not exist or is not a directory")
     e = settings.enforcers
     enabled = [n for n in ("nft", "ipset", "dns", "rpz", "bgp") if getattr(e, n) is not None]
-    data = {"ok": True, "config": settings.source, "enforcers": enabled, "issuers": sorted(ctx.store.issuers),
-            "services": sorted(ctx.catalog.services), "policy_dir": str(settings.policy_dir)}
-    _out(args, data, f"{settings.source}: OK; enforcers {', '.join(enabled) or 'none'}; issuers "
-                     f"{', '.join(data['issuers'])}; {len(data['services'])} services in the catalog")
-    return EXIT_OK
+    data = {"command": "config check", "ok": not problems, "config": settings.source, "enforcers": enabled,
+            "issuers": sorted(ctx.store.issuers) if ctx else [],
+            "services": sorted(ctx.catalog.services) if ctx else [], "policy_dir": str(settings.policy_dir),
+            "problems": problems}
+    if problems:
+        text = "\n".join([f"{settings.source}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems])
+    else:
+        text = (f"{settings.source}: OK; enforcers {', '.join(enabled) or 'none'}; issuers "
+                f"{', '.join(data['issuers'])}; {len(data['services'])} services in the catalog")
+    _out(args, data, text)
+    return EXIT_REFUSED if problems else EXIT_OK
 
 
 def cmd_attest_verify(args: argparse.Namespace) -> int:
     from blockd import attest
 
-    key = minisign.parse_public_key(Path(args.key).read_text(), where=args.key)
+    key = _public_key(args.key)
     results, worst = [], EXIT_OK
     for name in args.files:
         try:
@@ -308,7 +426,7 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from blockd import attest, audit
 
-    key = minisign.parse_public_key(Path(args.key).read_text(), where=args.key) if args.key else None
+    key = _public_key(args.key) if args.key else None
     anchors = []
     for name in args.attestation or ():
         st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())
@@ -328,14 +446,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockd", description=__doc__.splitlines()[0] if __doc__ else None)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help="blockd.yaml (default: the checkout's policies/ layout)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", "-c", help="blockd.yaml (default: the checkout's policies/ layout)")
+    common = argparse.ArgumentParser(add_help=False, parents=[config_only])
+    # SUPPRESS: `blockd config --json check` and `blockd config check --json` both work.
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = p.add_subparsers(metavar="COMMAND")
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
-        sp = sub.add_parser(name, parents=[common], help=help, description=help)
-        sp.set_defaults(func=func)
+    def add(name: str, func, help: str, parents: list[argparse.ArgumentParser] | None = None  # noqa: A002
+            ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=parents or [common], help=help, description=help)
+        sp.set_defaults(func=func, command_name=name)
         return sp
 
     sp = add("keygen", cmd_keygen, "create an Ed25519 key pair in minisign format")
@@ -347,7 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("sign", cmd_sign, "write detached minisign signatures (FILE.minisig) for files")
     sp.add_argument("--sec", "-s", required=True, help="secret key (password in $BLOCKD_KEY_PASSWORD if encrypted)")
     sp.add_argument("--trusted-comment", "-t", help="signed comment (default: timestamp and file name)")
-    sp.add_argument("--name", help="write FILE.NAME.minisig, for several signers of one file")
+    sp.add_argument("--name", type=_signature_name, help="write FILE.NAME.minisig, for several signers of one file")
     sp.add_argument("--legacy", action="store_true", help="legacy 'Ed' signature of the raw file (not prehashed)")
     sp.add_argument("files", nargs="+", metavar="FILE")
 
@@ -366,36 +487,37 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--trust-store", dest="trust_store", help="trust store directory")
         sp.add_argument("--catalog", dest="catalog_dir", help="service catalog directory")
         sp.add_argument("--state-dir", dest="state_dir", help="state directory")
-        sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+        sp.add_argument("--now", type=_parse_now, help="evaluate at this time (ISO 8601 with zone) instead of the clock")
         sp.add_argument("--verbose", "-v", action="store_true", help="list every order, finding and change")
 
-    sp = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads, SIGTERM stops)")
+    sp = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads, SIGTERM stops)", [config_only])
     sp.add_argument("--console", action="store_true", help="human-readable logs instead of JSON")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
-    cfg = sub.add_parser("config", help="configuration commands")
+    cfg = sub.add_parser("config", parents=[common], help="configuration commands")
     cfg_sub = cfg.add_subparsers(metavar="COMMAND")
     sp = cfg_sub.add_parser("check", parents=[common], help="validate the config and what it names")
-    sp.set_defaults(func=cmd_config_check)
+    sp.set_defaults(func=cmd_config_check, command_name="config check")
 
-    att = sub.add_parser("attest", help="attestation commands")
+    att = sub.add_parser("attest", parents=[common], help="attestation commands")
     att_sub = att.add_subparsers(metavar="COMMAND")
     sp = att_sub.add_parser("verify", parents=[common], help="verify signed attestations (as `minisign -V` does, "
                             "plus the statement's shape)")
     sp.add_argument("--key", "-k", required=True, help="the operator's minisign public key")
     sp.add_argument("files", nargs="+", metavar="FILE")
-    sp.set_defaults(func=cmd_attest_verify)
+    sp.set_defaults(func=cmd_attest_verify, command_name="attest verify")
 
-    aud = sub.add_parser("audit", help="audit log commands")
+    aud = sub.add_parser("audit", parents=[common], help="audit log commands")
     aud_sub = aud.add_subparsers(metavar="COMMAND")
     sp = aud_sub.add_parser("verify", parents=[common], help="check the hash chain; say where it breaks")
     sp.add_argument("log", metavar="LOG", help="audit.jsonl")
     sp.add_argument("--attestation", "-a", action="append", help="also check against the head an attestation binds")
     sp.add_argument("--key", "-k", help="operator public key: verify the head's and attestations' signatures")
     sp.add_argument("--no-head", action="store_true", help="do not require the audit.head file")
-    sp.set_defaults(func=cmd_audit_verify)
+    sp.set_defaults(func=cmd_audit_verify, command_name="audit verify")
 
-    sp = add("demo", cmd_demo, "run blockd on the signed sample policy in a lab of network namespaces (root)")
+    sp = add("demo", cmd_demo, "run blockd on the signed sample policy in a lab of network namespaces (root)",
+             [config_only])
     sp.add_argument("--verbose", "-v", action="store_true", help="print blockd's log at the end")
     return p
 

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from blockd import ranges
+from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
 from blockd.model import (
@@ -31,6 +32,7 @@ from blockd.model import (
 from blockd.names import display, parents
 from blockd.ranges import HOST4, HOST6
 
+#: an order's status in a Compilation
 Status = Literal["enforced", "partially_refused", "refused", "pending", "expired", "superseded", "unblock"]
 
 
@@ -70,44 +72,121 @@ def order_key(policy: Policy, order: Order) -> str:
     return f"{policy.issuer}/{order.id}"
 
 
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What the growth guard compares with: the size and orders of the last accepted rule set.
+
+    Persisted in the state directory, so the first pass after a restart is guarded too.
+    """
+
+    size: int
+    orders: frozenset[str]
+
+    @classmethod
+    def of(cls, ruleset: RuleSet) -> Baseline:
+        return cls(len(ruleset), frozenset(ruleset.orders))
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One policy expanded and guarded on its own: what it adds to the merged rule set.
+
+    A policy that cannot expand fails here alone (PolicyError), before any merge; the result
+    depends only on the policy's bytes and the context (catalog, guards), so a later pass
+    reuses it while neither changes.
+    """
+
+    policy: Policy
+    infos: Mapping[str, OrderInfo]
+    blocks: tuple[tuple[str, Expanded], ...]
+    unblocks: tuple[tuple[str, Expanded], ...]
+    findings: tuple[Finding, ...]
+
+
+def prepare(policy: Policy, catalog: Catalog, guards: Guards) -> Prepared:
+    """Expand and guard every order of `policy`; every expansion problem is reported at once."""
+    with gc_paused():
+        infos: dict[str, OrderInfo] = {}
+        blocks: list[tuple[str, Expanded]] = []
+        unblocks: list[tuple[str, Expanded]] = []
+        findings: list[Finding] = []
+        problems: list[Problem] = []
+        for i, order in enumerate(policy.orders):
+            key = order_key(policy, order)
+            infos[key] = _info(policy, order)
+            try:
+                expanded = expand_order(policy, i, order, catalog)
+            except PolicyError as e:
+                problems.extend(e.problems or (Problem(e.where, e.message),))
+                continue
+            if order.action == "unblock":
+                unblocks.append((key, expanded))
+            else:
+                kept, order_findings = _guard(key, order, expanded, guards)
+                findings.extend(order_findings)
+                blocks.append((key, kept))
+        raise_problems(problems, PolicyError)
+        return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings))
+
+
 def compile_policies(
     policies: Sequence[Policy],
     catalog: Catalog,
     settings: CompileSettings,
     now: datetime,
     *,
-    previous: RuleSet | None = None,
+    previous: RuleSet | Baseline | None = None,
 ) -> Compilation:
+    """Select (newest valid serial per issuer), prepare and merge: the whole pipeline in memory.
+
+    The daemon and the CLI go through `selection.select` with verified files and the state;
+    this is the same path for policies already in memory (tests, benchmarks). A policy that
+    cannot expand raises here (there is no older policy to fall back to).
+    """
+    from blockd.selection import Candidate, select
+
+    sel = select([Candidate(p) for p in policies], (), {}, now,
+                 lambda p: prepare(p, catalog, settings.guards), strict=True)
+    return merge(sel.prepared, settings, previous, sel.order_statuses(), sel.policy_statuses())
+
+
+def merge(
+    prepared: Sequence[Prepared],
+    settings: CompileSettings,
+    previous: RuleSet | Baseline | None = None,
+    statuses: Mapping[str, Status] | None = None,
+    policy_statuses: Mapping[str, str] | None = None,
+) -> Compilation:
+    """The policies in force, each already prepared -> one RuleSet with exact provenance.
+
+    `statuses` gives the orders of policies not in force (pending, superseded, expired) their
+    status in the result; `policy_statuses` is the same per file.
+    """
     # Millions of short-lived tuples would trigger the cyclic collector over and over (half
     # the run time at 1M rules); compile makes no reference cycles, so pause it.
+    baseline = Baseline.of(previous) if isinstance(previous, RuleSet) else previous
     with gc_paused():
-        return _compile(policies, catalog, settings, now, previous)
+        return _merge(prepared, settings, baseline, statuses or {}, policy_statuses or {})
 
 
-def _compile(
-    policies: Sequence[Policy], catalog: Catalog, settings: CompileSettings, now: datetime, previous: RuleSet | None
-) -> Compilation:
-    results: dict[str, OrderResult] = {}
-    policy_status: dict[str, str] = {}
-    active = _active(policies, now, results, policy_status)
-
+def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Baseline | None,
+           statuses: Mapping[str, Status], policy_statuses: Mapping[str, str]) -> Compilation:
+    results: dict[str, OrderResult] = {k: OrderResult(k, v) for k, v in statuses.items()}
+    policy_status: dict[str, str] = dict(policy_statuses)
     findings: list[Finding] = []
     warnings: list[str] = []
     infos: dict[str, OrderInfo] = {}
     blocks: list[tuple[str, Expanded]] = []
     unblocks: list[tuple[str, Expanded]] = []
-    for policy in active:
-        for i, order in enumerate(policy.orders):
-            key = order_key(policy, order)
-            infos[key] = _info(policy, order)
-            expanded = expand_order(policy, i, order, catalog)
-            if order.action == "unblock":
-                unblocks.append((key, expanded))
-                results[key] = OrderResult(key, "unblock")
-            else:
-                kept, order_findings = _guard(key, order, expanded, settings.guards)
-                findings.extend(order_findings)
-                blocks.append((key, kept))
+    for prep in prepared:
+        policy_status[prep.policy.source] = "active"
+        infos.update(prep.infos)
+        blocks.extend(prep.blocks)
+        unblocks.extend(prep.unblocks)
+        findings.extend(prep.findings)
+        for key, _ in prep.unblocks:
+            results[key] = OrderResult(key, "unblock")
+    active = [prep.policy for prep in prepared]
 
     block_keys = [key for key, _ in blocks]
     blocks = _growth(blocks, order_lookup(active), previous, settings, findings)
@@ -160,30 +239,6 @@ def _compile(
                        MappingProxyType(policy_status))
 
 
-def _active(policies: Iterable[Policy], now: datetime, results: dict[str, OrderResult],
-            policy_status: dict[str, str]) -> list[Policy]:
-    newest: dict[str, Policy] = {}
-    for p in policies:
-        if p.issuer not in newest or p.serial > newest[p.issuer].serial:
-            newest[p.issuer] = p
-    active = []
-    for p in sorted(policies, key=lambda p: (p.issuer, p.serial)):
-        if newest[p.issuer] is not p:
-            status: Status = "superseded"
-        elif now < p.not_before:
-            status = "pending"
-        elif now > p.not_after:
-            status = "expired"
-        else:
-            active.append(p)
-            policy_status[p.source] = "active"
-            continue
-        policy_status[p.source] = status
-        for o in p.orders:
-            results[order_key(p, o)] = OrderResult(order_key(p, o), status)
-    return active
-
-
 def _info(p: Policy, o: Order) -> OrderInfo:
     b = o.legal_basis
     return OrderInfo(o.id, p.issuer, p.serial, b.authority, b.reference, b.url, o.action, o.dns_answer,
@@ -225,11 +280,11 @@ def _guard(key: str, order: Order, exp: Expanded, guards: Guards) -> tuple[Expan
     return Expanded(tuple(domains), tuple(cidrs), exp.via), findings
 
 
-def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], previous: RuleSet | None,
+def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], previous: Baseline | None,
             settings: CompileSettings, findings: list[Finding]) -> list[tuple[str, Expanded]]:
-    if previous is None or len(previous) < settings.growth_floor:
+    if previous is None or previous.size < settings.growth_floor:
         return blocks
-    limit = int(len(previous) * settings.growth_factor)
+    limit = int(previous.size * settings.growth_factor)
     size = lambda exp: len(exp.domains) + len(exp.cidrs)  # noqa: E731
     total = sum(size(exp) for _, exp in blocks)
     if total <= limit:
@@ -249,7 +304,7 @@ def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], pre
             continue
         findings.append(Finding(
             key, "*", "growth",
-            f"adding {size(exp)} rules would grow the rule set from {len(previous)} to {running + size(exp)}, "
+            f"adding {size(exp)} rules would grow the rule set from {previous.size} to {running + size(exp)}, "
             f"more than {settings.growth_factor}x; the whole order is refused",
         ))
     return old + kept

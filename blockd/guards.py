@@ -13,6 +13,7 @@ The checks are pure; `load_shared_infra` is the one I/O step (operators refresh 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import idna
 from publicsuffixlist import PSLFILE
 
 from blockd import ranges
-from blockd.errors import CatalogError, Problem, raise_problems
+from blockd.errors import CatalogError, InputError, Problem, raise_problems
+from blockd.fsutil import read_regular
 from blockd.model import Cidr
 
 _HOST = {4: ranges.HOST4, 6: ranges.HOST6}
@@ -129,17 +131,40 @@ class SharedInfra:
         return out
 
 
-def load_shared_infra(directory: Path | None) -> SharedInfra:
-    """`<provider>.txt` files: `# provider: Name`, `# source: …` headers, then one prefix a line."""
+MAX_SHARED_INFRA_BYTES = 16 << 20
+
+
+def read_shared_infra(directory: Path | None) -> dict[str, tuple[str, bytes]]:
+    """`<provider>.txt` files -> {file name: (path, bytes)}; CatalogError names one that cannot be read."""
     if directory is None:
-        return SharedInfra.build(())
+        return {}
     if not directory.is_dir():
         raise CatalogError("shared-infrastructure directory does not exist", where=str(directory))
+    out = {}
+    for path in sorted(directory.glob("*.txt")):
+        try:
+            out[path.name] = (str(path), read_regular(path, MAX_SHARED_INFRA_BYTES, what="shared-infrastructure list"))
+        except InputError as e:
+            raise CatalogError(e.message, where=e.where) from None
+    return out
+
+
+def load_shared_infra(directory: Path | None) -> SharedInfra:
+    return parse_shared_infra(read_shared_infra(directory).values())
+
+
+def parse_shared_infra(files: Iterable[tuple[str, bytes]]) -> SharedInfra:
+    """`# provider: Name`, `# source: …` headers, then one prefix a line; every bad line reported."""
     providers = []
     problems: list[Problem] = []
-    for path in sorted(directory.glob("*.txt")):
-        name, source, cidrs = path.stem, "", []
-        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for where, data in files:
+        name, source, cidrs = Path(where).stem, "", []
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(Problem(where, f"not UTF-8 (byte {e.start}); expected a text file"))
+            continue
+        for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if line.startswith("#"):
                 key, _, value = line[1:].partition(":")
@@ -153,7 +178,7 @@ def load_shared_infra(directory: Path | None) -> SharedInfra:
             try:
                 cidrs.append(ranges.parse_cidr(line))
             except ValueError as e:
-                problems.append(Problem(f"{path}:{lineno}", str(e)))
+                problems.append(Problem(f"{where}:{lineno}", str(e)))
         providers.append(Provider(name, source, tuple(sorted(set(cidrs)))))
     raise_problems(problems, CatalogError)
     return SharedInfra.build(tuple(providers))

@@ -1,27 +1,36 @@
-"""Files -> verified inputs: trust store, catalog, guards, and the policies that pass intake.
+"""Files -> verified inputs: trust store, catalog, guards, and the policy files as candidates.
 
-The I/O half of the pipeline (the other half, `compile`, is pure):
+The I/O half of the pipeline (`selection` and `compile` are the pure half):
 
-    load_context(settings)            trust store -> signed catalog + ASN table -> guards data
-    read_policies(paths, ctx, now)    per file: verify signatures -> parse -> replay check ->
-                                      time window; bad files are collected, never raised
+    load_context(settings, previous)   trust store -> signed catalog + ASN table -> guards data;
+                                       a bad file is refused alone: the last good catalog (held,
+                                       or the state's copy) stays in use, and the refusal is
+                                       returned as an InputFailure for the log, metrics, audit
+    read_candidates(paths, ctx)        per file: read (regular, size-checked) -> verify -> parse;
+                                       never raises: a bad file becomes an Unreadable
+    state_candidates(ctx)              the state's copies of the accepted policies, verified again
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 
 from blockd import trust
-from blockd.catalog import load_catalog
+from blockd.catalog import CatalogFiles, build_catalog, read_catalog_files
 from blockd.compile import CompileSettings
-from blockd.errors import BlockdError, NotYetValidError
-from blockd.guards import Guards, default_psl, load_shared_infra
-from blockd.model import Catalog, Policy
-from blockd.policy import check_window, load_policy
+from blockd.errors import BlockdError, CatalogError, InputError
+from blockd.fsutil import read_regular
+from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
+from blockd.model import Catalog
+from blockd.policy import load_signed_policy
+from blockd.selection import Candidate, Unreadable
 from blockd.settings import Settings
 from blockd.state import StateStore
+
+SHARED_INFRA = "shared-infra/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,57 +40,137 @@ class Context:
     catalog: Catalog
     compile: CompileSettings
     state: StateStore
+    #: changes whenever anything a policy's expansion depends on changes (keys, catalog, guards)
+    key: str = ""
+    #: the files the catalog and guards were built from
+    files: CatalogFiles | None = None
+    #: "live" (the configured files) or "state copy" (they failed; the last good copy is in use)
+    origin: str = "live"
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
+    """A refused policy file, as passes report it (log, metrics, audit, attestation)."""
+
     path: str
     error: BlockdError
-
-    @property
-    def reason(self) -> str:
-        """A bounded label for metrics: the error class, e.g. `signature`, `replay`, `expired`."""
-        return type(self.error).__name__.removesuffix("Error").lower() or "error"
+    #: bounded label: signature, policy, replay, conflict, expand, ...
+    reason: str = "error"
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Intake:
-    accepted: tuple[Policy, ...]  # valid now
-    pending: tuple[Policy, ...]  # verified, not_before still ahead (not an error: it takes effect then)
-    rejected: tuple[Rejected, ...]
+class InputFailure:
+    """A context input refused alone; what was in use before stays in use."""
+
+    input: str  # bounded label: trust_store, catalog
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
 
 
-def load_context(settings: Settings) -> Context:
-    store = trust.load_trust_store(settings.trust_store)
-    catalog = load_catalog(settings.catalog_dir, settings.prefix_table, store)
+def load_context(settings: Settings, previous: Context | None = None, *, save: bool = True
+                 ) -> tuple[Context, list[InputFailure]]:
+    """The context to verify and expand policies with, and what was refused building it.
+
+    Raises only when there is nothing to fall back to: no trust store at all, or a catalog that
+    fails with neither a previous context nor a state copy. With `save`, a catalog that loads
+    cleanly becomes the state's copy (the daemon; the CLI's read-only commands pass False).
+    """
+    state = previous.state if previous is not None else StateStore(settings.state_dir)
+    failures: list[InputFailure] = []
+    try:
+        store = trust.load_trust_store(settings.trust_store)
+    except InputError as e:
+        if previous is None:
+            raise
+        failures.append(InputFailure("trust_store", e.where, f"{e.message}; the trust store loaded before stays in use"))
+        store = previous.store
+    failures += [InputFailure("trust_store", p.where, p.message) for p in store.problems]
+
+    files: CatalogFiles | None = None
+    try:
+        files = read_context_files(settings)
+        if previous is not None and previous.files is not None and previous.store.digest == store.digest \
+                and previous.files.digest == files.digest and previous.origin == "live":
+            return previous, failures  # nothing changed: no re-parse, and the expansions stay cached
+        ctx = build_context(settings, store, files, state, "live")
+    except CatalogError as e:
+        fallback = previous.files if previous is not None and previous.files is not None else state.context_copy()
+        origin = "held" if previous is not None and previous.files is not None else "state copy"
+        if fallback is None:
+            raise
+        try:
+            ctx = build_context(settings, store, fallback, state, "state copy")
+        except CatalogError as e2:
+            raise CatalogError(f"{e.message}; and the last good copy fails too: {e2}", where=e.where) from None
+        failures.append(InputFailure("catalog", e.where, f"{e.message}; the last good catalog ({origin}) stays in use"))
+        return ctx, failures
+    try:
+        if save:
+            state.save_context_copy(files)
+    except OSError as e:
+        failures.append(InputFailure("state", str(state.directory), f"cannot save the catalog's copy: {e.strerror}"))
+    return ctx, failures
+
+
+def read_context_files(settings: Settings) -> CatalogFiles:
+    files = read_catalog_files(settings.catalog_dir, settings.prefix_table)
+    infra = read_shared_infra(settings.shared_infra_dir)
+    if not infra:
+        return files
+    merged, paths = dict(files.files), dict(files.paths)
+    for name, (path, data) in infra.items():
+        merged[SHARED_INFRA + name], paths[SHARED_INFRA + name] = data, path
+    return CatalogFiles(MappingProxyType(merged), MappingProxyType(paths))
+
+
+def build_context(settings: Settings, store: trust.TrustStore, files: CatalogFiles, state: StateStore,
+                  origin: str) -> Context:
+    catalog = build_catalog(files, store)
+    infra = parse_shared_infra((files.where(n), d) for n, d in sorted(files.files.items()) if n.startswith(SHARED_INFRA))
+    if settings.shared_infra_dir is not None and not any(n.startswith(SHARED_INFRA) for n in files.files):
+        raise CatalogError("no shared-infrastructure lists (*.txt); the guard would check nothing",
+                           where=str(settings.shared_infra_dir))
     g = settings.guards
-    guards = Guards(default_psl(), load_shared_infra(settings.shared_infra_dir), g.min_prefix_v4, g.min_prefix_v6)
+    guards = Guards(default_psl(), infra, g.min_prefix_v4, g.min_prefix_v6)
     compile_settings = CompileSettings(
         guards, g.growth_factor, g.growth_floor, settings.allow_domains, settings.allow_cidrs
     )
-    return Context(settings, store, catalog, compile_settings, StateStore(settings.state_dir))
+    key = hashlib.sha256(f"{store.digest}\0{files.digest}\0{g!r}".encode()).hexdigest()
+    return Context(settings, store, catalog, compile_settings, state, key, files, origin)
 
 
 def policy_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.yaml") if p.is_file()) + sorted(
-        p for p in directory.glob("*.yml") if p.is_file()
+    return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) + sorted(
+        p for p in directory.glob("*.yml") if not p.name.startswith(".")
     )
 
 
-def read_policies(paths: list[Path], ctx: Context, now: datetime) -> Intake:
-    accepted: list[Policy] = []
-    pending: list[Policy] = []
-    rejected: list[Rejected] = []
+def read_candidates(paths: list[Path], ctx: Context) -> tuple[list[Candidate], list[Unreadable]]:
+    candidates: list[Candidate] = []
+    unreadable: list[Unreadable] = []
     for path in paths:
         try:
-            policy = load_policy(path, ctx.store, max_bytes=ctx.settings.max_policy_bytes)
-            ctx.state.check_replay(policy)
-            check_window(policy, now)
-        except NotYetValidError:
-            pending.append(policy)
-            continue
+            policy, signed = load_signed_policy(path, ctx.store, max_bytes=ctx.settings.max_policy_bytes)
         except BlockdError as e:
-            rejected.append(Rejected(str(path), e))
+            unreadable.append(Unreadable(str(path), e, _digest_of(path, ctx.settings.max_policy_bytes)))
             continue
-        accepted.append(policy)
-    return Intake(tuple(accepted), tuple(pending), tuple(rejected))
+        candidates.append(Candidate(policy, signed))
+    return candidates, unreadable
+
+
+def state_candidates(ctx: Context) -> tuple[list[Candidate], list[Unreadable]]:
+    """The accepted copies, verified as any file is (a tampered copy is refused, not trusted)."""
+    found, bad = read_candidates(ctx.state.accepted_paths(), ctx)
+    return [Candidate(c.policy, c.signed, from_state=True) for c in found], bad
+
+
+def _digest_of(path: Path, max_bytes: int) -> str | None:
+    """SHA-256 of a refused file when it can be read safely (for the attestation's `rejected`)."""
+    try:
+        return hashlib.sha256(read_regular(path, max_bytes)).hexdigest()
+    except InputError:
+        return None

@@ -140,7 +140,7 @@ def parse_secret_key(text: str, where: str = "", password: bytes | None = None) 
     if kdf == _KDF_SCRYPT:
         if password is None:
             raise SignatureError(
-                "secret key is password-protected; set BLOCKD_KEY_PASSWORD or pass --password-file",
+                "secret key is password-protected; set its password in the BLOCKD_KEY_PASSWORD environment variable",
                 where=where,
             )
         stream = _scrypt_stream(password, salt, ops, mem, len(body))

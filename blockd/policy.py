@@ -9,11 +9,13 @@ The format is documented in docs/policy-format.md. `check_window` and the replay
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from blockd import ranges, strictyaml, trust
 from blockd.errors import ExpiredError, InputError, NotYetValidError, PolicyError, SignatureError
+from blockd.fsutil import read_regular
 from blockd.model import DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets
 from blockd.names import display, normalise
 from blockd.schema import Reader, join
@@ -24,29 +26,55 @@ SERVICE_NAME = r"[a-z0-9][a-z0-9-]{0,63}"
 MAX_POLICY_BYTES = 64 << 20
 
 
-def read_signed(path: Path, store: trust.TrustStore, *, role: str, max_bytes: int) -> tuple[bytes, trust.Verified]:
+MAX_SIGNATURE_BYTES = 16 << 10  # a minisign signature with a long trusted comment is well under 1 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class SignedFile:
+    """Exactly the bytes that were verified: the file and each detached signature beside it.
+
+    The state directory records these, never a second read of the paths (which could have
+    been swapped in between and would then fail verification after a restart).
+    """
+
+    data: bytes
+    signatures: tuple[tuple[str, bytes], ...]  # (signature path, bytes)
+    verified: trust.Verified
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def read_signed(path: Path, store: trust.TrustStore, *, role: str, max_bytes: int,
+                what: str = "policy file") -> SignedFile:
     """Read a file and verify its detached signatures; nothing is parsed before this returns."""
     where = str(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise PolicyError(f"file is {size} bytes; the limit is {max_bytes} bytes", where=where)
-        data = path.read_bytes()
-        sigs = [(str(p), p.read_text(errors="replace")) for p in trust.signature_paths(path)]
-    except OSError as e:
-        raise PolicyError(f"cannot read: {e.strerror}", where=where) from None
-    return data, trust.verify(data, sigs, store, role=role, where=where)
+        data = read_regular(path, max_bytes, what=what)
+        sigs = tuple((str(p), read_regular(p, MAX_SIGNATURE_BYTES, what="minisign signature"))
+                     for p in trust.signature_paths(path))
+    except InputError as e:
+        raise PolicyError(e.message, where=e.where) from None
+    texts = [(name, raw.decode("utf-8", errors="replace")) for name, raw in sigs]
+    return SignedFile(data, sigs, trust.verify(data, texts, store, role=role, where=where))
 
 
 def load_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POLICY_BYTES) -> Policy:
-    data, verified = read_signed(path, store, role="policy", max_bytes=max_bytes)
-    policy = parse_policy(data, str(path), signers=verified.signers)
-    if policy.issuer != verified.issuer:
+    return load_signed_policy(path, store, max_bytes=max_bytes)[0]
+
+
+def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POLICY_BYTES
+                       ) -> tuple[Policy, SignedFile]:
+    """Verify, then parse: the Policy and the exact bytes it was parsed from."""
+    signed = read_signed(path, store, role="policy", max_bytes=max_bytes)
+    policy = parse_policy(signed.data, str(path), signers=signed.verified.signers)
+    if policy.issuer != signed.verified.issuer:
         raise SignatureError(
-            f"file says issuer {policy.issuer!r} but is signed by keys of issuer {verified.issuer!r}",
+            f"file says issuer {policy.issuer!r} but is signed by keys of issuer {signed.verified.issuer!r}",
             where=str(path),
         )
-    return policy
+    return policy, signed
 
 
 def parse_policy(data: bytes, source: str, *, signers: tuple[str, ...] = ()) -> Policy:

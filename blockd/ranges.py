@@ -24,6 +24,8 @@ class CidrSyntaxError(ValueError):
 def parse_cidr(text: str) -> Cidr:
     """`'91.108.4.0/22'` or `'2001:b28:f23d::/48'` (a bare address means /32 or /128).
 
+    IPv4-mapped IPv6 (`::ffff:149.154.167.50`, `::ffff:0:0/96`) is returned as the IPv4 prefix.
+
     Host bits must be zero: `10.1.2.3/8` is refused rather than silently widened or narrowed,
     because either reading could block the wrong addresses.
     """
@@ -47,6 +49,10 @@ def parse_cidr(text: str) -> Cidr:
     if net & host[plen]:
         fixed = format_cidr(version, net & ~host[plen], plen)
         raise CidrSyntaxError(f"host bits set in {text!r}; the network is {fixed}")
+    if version == 6 and plen >= 96 and net >> 32 == 0xFFFF:
+        # IPv4-mapped (::ffff:a.b.c.d): on the wire this is IPv4 traffic, so it is enforced as the
+        # IPv4 prefix it names (and meets the IPv4 guards: ::ffff:0:0/96 is 0.0.0.0/0).
+        return Cidr(4, net & 0xFFFFFFFF, plen - 96)
     return Cidr(version, net, plen)
 
 

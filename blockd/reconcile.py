@@ -1,16 +1,19 @@
-"""One reconcile pass: load -> verify -> compile -> apply every enforcer -> read back -> record.
+"""One reconcile pass: load -> verify -> select -> merge -> record -> apply every enforcer -> read back.
 
-    context   trust store, signed catalog, guards data        (a bad catalog keeps the last good one)
-    intake    the policy directory and the state's accepted copies, verified and replay-checked;
-              per issuer the newest policy valid now is in force
-    compile   pure; a policy that names unknown services is rejected and the rest recompiled
-    record    newly accepted policies go to the state directory before anything is applied, so a
-              crash after this point restores them (fail closed)
+    context   trust store, signed catalog, guards data     a bad file is refused alone; the last
+                                                           good catalog (or the state's copy) stays
+    intake    the policy directory and the state's accepted copies, read and verified
+    select    pure: per issuer the newest serial valid now that expands cleanly is in force; every
+              file gets one status (active, pending, superseded, expired, rejected) and a reason;
+              a policy that cannot expand is rejected alone and its issuer keeps the last good one
+    merge     pure: the prepared policies in force -> one RuleSet with exact provenance
+    record    newly accepted policies (exactly the bytes verified) go to the state directory in one
+              atomic commit before anything is applied, so a crash after this restores them
     apply     each enforcer diffs and commits atomically; one failing keeps its old state and
               does not stop the others
     readback  each Applied carries the read-back digest; in sync when it equals the desired one
 
-A bad new policy never disturbs what is enforced: the last good rule set stays live.
+A bad new input never disturbs what is enforced: the last good rule set stays live.
 """
 
 from __future__ import annotations
@@ -20,17 +23,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import structlog
 
-from blockd import trust
-from blockd.compile import Compilation, compile_policies
+from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
-from blockd.errors import BlockdError, EnforcerError, InputError, PolicyError
-from blockd.intake import Context, Rejected, load_context, policy_files, read_policies
+from blockd.errors import EnforcerError
+from blockd.intake import Context, InputFailure, Rejected, load_context, policy_files, read_candidates, state_candidates
 from blockd.model import Applied, Policy, RuleSet
-from blockd.policy import check_window, load_policy
+from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
 
 log = structlog.get_logger("blockd.reconcile")
@@ -49,6 +50,10 @@ class PassResult:
     next_boundary: datetime | None
     #: policy digest -> when its file was first seen
     received: dict[str, datetime]
+    #: every file's status and reason (the selection's verdicts)
+    verdicts: tuple[Verdict, ...] = ()
+    #: context inputs refused in this pass (newly: each is reported once)
+    input_failures: tuple[InputFailure, ...] = ()
 
 
 @dataclass
@@ -59,95 +64,94 @@ class Reconciler:
     desired: RuleSet | None = None
     received: dict[str, datetime] = field(default_factory=dict)  # policy digest -> first seen
     _rejected_seen: set[tuple[str, str]] = field(default_factory=set)
+    _failures_seen: set[str] = field(default_factory=set)
+    #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
+    #: is not expanded again
+    _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
 
-    def refresh_context(self) -> None:
-        """Reload trust store and catalog; on error keep the last good ones (if any)."""
-        try:
-            self.ctx = load_context(self.settings)
-        except BlockdError as e:
-            if self.ctx is None:
-                raise
-            log.error("context_reload_failed", error=str(e))
+    def refresh_context(self) -> list[InputFailure]:
+        """Reload trust store and catalog; a bad file is refused and the last good ones stay."""
+        self.ctx, failures = load_context(self.settings, self.ctx)
+        return failures
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
         now = now or datetime.now(timezone.utc)
         t0 = time.perf_counter()
         # Verification and compilation are CPU work: off the event loop, which keeps answering
         # DNS and pinging the watchdog meanwhile.
-        _, comp, in_force, pending, rejected = await asyncio.to_thread(self._prepare, now)
+        sel, comp, failures = await asyncio.to_thread(self._prepare, now)
         desired = comp.ruleset
         changed = self.desired is None or desired.digest != self.desired.digest
         applied, failed = await self.apply_all(desired)
         self.desired = desired
+        if not failed:
+            self._save_baseline(desired)
+        rejected = [Rejected(v.source, v.error, v.kind, v.digest) for v in sel.with_status("rejected")
+                    if v.error is not None]
         # Report each (file, reason) once, not on every pass while the file lies there.
-        new = tuple(r for r in rejected if (r.path, r.reason) not in self._rejected_seen)
-        self._rejected_seen = {(r.path, r.reason) for r in rejected}
+        new = tuple(r for r in rejected if (r.path, str(r.error)) not in self._rejected_seen)
+        self._rejected_seen = {(r.path, str(r.error)) for r in rejected}
         for r in new:
             log.warning("policy_rejected", path=r.path, reason=r.reason, error=str(r.error))
+        new_failures = tuple(f for f in failures if str(f) not in self._failures_seen)
+        self._failures_seen = {str(f) for f in failures}
+        for f in new_failures:
+            log.error("input_refused", input=f.input, where=f.where, error=f.message)
+        in_force = sel.in_force
+        pending = tuple(v.policy for v in sel.with_status("pending") if v.policy is not None)
+        for p in (*in_force, *pending):
+            self.received.setdefault(p.digest, now)
         log.info("reconcile_pass", reason=reason, digest=desired.digest[:16], changed=changed,
                  policies=len(in_force), pending=len(pending), rejected=len(new), failed=sorted(failed),
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
-        return PassResult(comp, tuple(in_force), tuple(pending), new, applied, failed, changed,
-                          _next_boundary(in_force, pending, now),
-                          {p.digest: self.received[p.digest] for p in in_force})
+        return PassResult(comp, in_force, pending, new, applied, failed, changed,
+                          sel.next_boundary(now), {p.digest: self.received[p.digest] for p in in_force},
+                          sel.verdicts, new_failures)
 
-    def _prepare(self, now: datetime) -> tuple[Context, Compilation, list[Policy], list[Policy], list[Rejected]]:
-        self.refresh_context()
+    def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
+        failures = self.refresh_context()
         assert self.ctx is not None
         ctx = self.ctx
-        in_force, pending, rejected = self._intake(ctx, now)
-        comp, in_force, more = self._compile(ctx, in_force, now)
-        for p in in_force:
-            self._record_if_new(ctx, p, now)
-        return ctx, comp, in_force, pending, rejected + more
+        sel = self.select(ctx, now)
+        baseline = ctx.state.baseline() if self.desired is None else self.desired
+        comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
+        self._record(ctx, sel, now)
+        return sel, comp, failures
 
-    def _intake(self, ctx: Context, now: datetime) -> tuple[list[Policy], list[Policy], list[Rejected]]:
+    def select(self, ctx: Context, now: datetime) -> Selection:
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
-        intake = read_policies(directory, ctx, now)
-        rejected = list(intake.rejected)
-        newest: dict[str, Policy] = {}
-        for p in intake.accepted:
-            if p.issuer not in newest or p.serial > newest[p.issuer].serial:
-                newest[p.issuer] = p
-        # The state's copies: what was accepted before, still in force unless replaced.
-        for path in ctx.state.accepted_paths():
-            try:
-                p = load_policy(path, ctx.store)
-                check_window(p, now)
-            except BlockdError as e:
-                rejected.append(Rejected(str(path), e))
-                continue
-            if p.issuer not in newest or p.serial > newest[p.issuer].serial:
-                newest[p.issuer] = p
-        for p in newest.values():
-            self.received.setdefault(p.digest, now)
-        for p in intake.pending:
-            self.received.setdefault(p.digest, now)
-        return sorted(newest.values(), key=lambda p: p.issuer), list(intake.pending), rejected
+        found, bad = read_candidates(directory, ctx)
+        kept, kept_bad = state_candidates(ctx)
+        cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
-    def _compile(self, ctx: Context, policies: list[Policy], now: datetime
-                 ) -> tuple[Compilation, list[Policy], list[Rejected]]:
-        """Compile; a policy that cannot expand (unknown service, ASN) is rejected alone."""
-        rejected: list[Rejected] = []
-        while True:
-            try:
-                return compile_policies(policies, ctx.catalog, ctx.compile, now, previous=self.desired), policies, rejected
-            except PolicyError as e:
-                culprit = next((p for p in policies if _names(e, p.source)), None)
-                if culprit is None:
-                    raise
-                rejected.append(Rejected(culprit.source, e))
-                policies = [p for p in policies if p is not culprit]
+        def prepared(p: Policy) -> Prepared:
+            key = (p.digest, ctx.key)
+            hit = cache.get(key)
+            if hit is None or hit.policy.source != p.source:
+                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards)
+            return hit
 
-    def _record_if_new(self, ctx: Context, policy: Policy, now: datetime) -> None:
-        acc = ctx.state.accepted().get(policy.issuer)
-        if acc is not None and acc.serial == policy.serial:
+        sel = select([*found, *kept], [*bad, *kept_bad], ctx.state.accepted_serials(), now, prepared)
+        live = {p.policy.digest for p in sel.prepared} | {v.digest for v in sel.verdicts if v.status == "pending"}
+        self._prepared = {k: v for k, v in cache.items() if k[0] in live}
+        return sel
+
+    def _record(self, ctx: Context, sel: Selection, now: datetime) -> None:
+        """One atomic commit of the policies newly in force, with exactly the bytes verified."""
+        entries = [(v.policy, v.signed) for v in newly_accepted(sel, ctx.state.accepted_serials())]
+        if entries:
+            ctx.state.commit(entries, now)
+            for p, _ in entries:
+                log.info("policy_accepted", issuer=p.issuer, serial=p.serial, digest=p.digest[:16],
+                         orders=len(p.orders))
+
+    def _save_baseline(self, desired: RuleSet) -> None:
+        if self.ctx is None:
             return
-        path = Path(policy.source)
-        sigs = [(str(s), s.read_bytes()) for s in trust.signature_paths(path)]
-        ctx.state.record(policy, path.read_bytes(), sigs, now)
-        log.info("policy_accepted", issuer=policy.issuer, serial=policy.serial, digest=policy.digest[:16],
-                 orders=len(policy.orders))
+        try:
+            self.ctx.state.save_baseline(Baseline.of(desired))
+        except OSError as e:
+            log.error("baseline_write_failed", path=str(self.ctx.state.directory), error=e.strerror)
 
     async def apply_all(self, desired: RuleSet) -> tuple[dict[str, Applied], dict[str, str]]:
         applied: dict[str, Applied] = {}
@@ -164,12 +168,3 @@ class Reconciler:
                      in_sync=result.in_sync, duration_s=round(result.duration_s, 4))
         return applied, failed
 
-
-def _names(error: InputError, source: str) -> bool:
-    wheres = [error.where] + [p.where for p in error.problems]
-    return any(w.startswith(source) for w in wheres if w)
-
-
-def _next_boundary(in_force: Sequence[Policy], pending: Sequence[Policy], now: datetime) -> datetime | None:
-    times = [p.not_after for p in in_force if p.not_after > now] + [p.not_before for p in pending if p.not_before > now]
-    return min(times, default=None)

@@ -152,6 +152,8 @@ def load_settings(path: Path | None) -> Settings:
     daemon = dataclass_from(r, DaemonSettings, m.get("daemon"), "daemon", m.lines.get("daemon"))
     if daemon is not None:
         daemon = _resolve(daemon, base)
+    if enforcers is not None and daemon is not None:
+        _validate(r, m, enforcers, daemon)
     r.raise_if_any(ConfigError)
     assert enforcers is not None and daemon is not None
     return Settings(
@@ -177,3 +179,76 @@ def _resolve(d: DaemonSettings, base: Path) -> DaemonSettings:
 
     fix = {k: str(base / v) for k in ("operator_key", "attest_dir", "audit_log") if (v := getattr(d, k))}
     return replace(d, **fix)
+
+
+def _line(m: object, *keys: str) -> int | None:
+    """The line of a nested key (or of the nearest parent that has one)."""
+    line = None
+    for key in keys:
+        lines = getattr(m, "lines", None)
+        if not isinstance(lines, dict) or key not in lines:
+            break
+        line = lines[key]
+        m = m[key]  # type: ignore[index]
+    return line
+
+
+def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+    """Values that parse but cannot work: every one is reported with the others."""
+    from blockd.model import DNS_ANSWERS
+
+    for key, minimum, why in (("drift_check_s", 1.0, "a read-back loop at 0 s would spin the CPU"),
+                              ("poll_s", 0.1, "polling at 0 s would spin the CPU"),
+                              ("attest_period_s", 60.0, "statements at that rate would fill the disk")):
+        value = getattr(d, key)
+        if not value >= minimum:
+            r.error(join("daemon", key), _line(m, "daemon", key), f"{value!r} is too small ({why}); expected a "
+                    f"number of seconds >= {minimum:g}")
+    if e.dns is not None:
+        for key in ("default_answer", "override_answer"):
+            value = getattr(e.dns, key)
+            if value is not None and value not in DNS_ANSWERS:
+                r.error(join("enforcers.dns", key), _line(m, "enforcers", "dns", key),
+                        f"bad value {value!r}; expected one of {', '.join(DNS_ANSWERS)}")
+    if d.attest_dir and not d.operator_key:
+        r.error("daemon.operator_key", _line(m, "daemon"), "attest_dir is set but operator_key is not; attestations "
+                "are signed with the operator's minisign secret key")
+    for key in ("attest_dir", "audit_log"):
+        value = getattr(d, key)
+        if not value:
+            continue
+        parent = Path(value) if key == "attest_dir" else Path(value).parent
+        if parent.exists() and not parent.is_dir():
+            r.error(join("daemon", key), _line(m, "daemon", key), f"{str(parent)!r} is not a directory")
+    _clashes(r, m, e, d)
+
+
+def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+    """Two listeners on one address and port (a wildcard address overlaps every address)."""
+    listeners: list[tuple[str, str, int, str, int | None]] = []  # (proto, host, port, path, line)
+    if e.dns is not None:
+        for i, (host, port) in enumerate(e.dns.listen):
+            for proto in ("udp", "tcp"):
+                listeners.append((proto, host, port, f"enforcers.dns.listen[{i}]", _line(m, "enforcers", "dns", "listen")))
+    if e.rpz is not None:
+        for i, (host, port) in enumerate(e.rpz.listen):
+            for proto in ("udp", "tcp"):
+                listeners.append((proto, host, port, f"enforcers.rpz.listen[{i}]", _line(m, "enforcers", "rpz", "listen")))
+    if d.metrics_listen is not None:
+        host, port = d.metrics_listen
+        listeners.append(("tcp", host, port, "daemon.metrics_listen", _line(m, "daemon", "metrics_listen")))
+    for i, (proto, host, port, path, line) in enumerate(listeners):
+        for proto2, host2, port2, path2, _ in listeners[:i]:
+            if proto == proto2 and port == port2 and path != path2 and _overlap(host, host2):
+                r.error(path, line, f"{host}:{port} ({proto}) is also {path2} ({host2}:{port2}); each listener "
+                        f"needs its own address or port")
+                break
+
+
+def _overlap(a: str, b: str) -> bool:
+    wild = {"0.0.0.0", "::", ""}
+    if a == b:
+        return True
+    v6 = lambda h: ":" in h  # noqa: E731
+    # `::` is dual-stack on Linux by default: it overlaps IPv4 addresses too.
+    return (a in wild and (b == "::" or v6(a) or not v6(b))) or (b in wild and (a == "::" or v6(b) or not v6(a)))

@@ -3,6 +3,9 @@
     state/
       accepted.json                       {issuer: {serial, digest, accepted_at, file}}
       policies/<issuer>/<serial>.yaml     the accepted bytes, with their signatures beside them
+      baseline.json                       size and orders of the last rule set (growth guard)
+      context/manifest.json, <sha256>     the last catalog, prefix table and shared-infra
+                                          files that loaded cleanly (used when the live ones fail)
 
 Writes are ordered so a crash at any point leaves a consistent state: the policy copy and its
 signatures are written (atomically) first, then `accepted.json` is replaced atomically, and
@@ -12,14 +15,25 @@ so enforcement resumes without waiting for the policy directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 
+import structlog
+
+from blockd.catalog import CatalogFiles
+from blockd.compile import Baseline
 from blockd.errors import PolicyError, ReplayError
 from blockd.fsutil import atomic_write
 from blockd.model import Policy
+from blockd.policy import SignedFile
+from blockd.selection import AcceptedSerial
+
+log = structlog.get_logger("blockd.state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +49,7 @@ class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._index = directory / "accepted.json"
+        self._baseline = directory / "baseline.json"
 
     def accepted(self) -> dict[str, Accepted]:
         try:
@@ -64,22 +79,105 @@ class StateStore:
                 where=policy.source,
             )
 
-    def record(self, policy: Policy, data: bytes, signatures: list[tuple[str, bytes]], now: datetime) -> Accepted:
-        """Persist `policy` (already verified and replay-checked) as its issuer's accepted one."""
-        self.check_replay(policy)
-        rel = f"policies/{policy.issuer}/{policy.serial}.yaml"
-        copy = self.directory / rel
-        atomic_write(copy, data)
-        for i, (_, sig) in enumerate(signatures):
-            atomic_write(copy.with_name(f"{copy.name}.{i}.minisig"), sig)
-        index = {k: _as_json(v) for k, v in self.accepted().items()}
-        rec = Accepted(policy.issuer, policy.serial, policy.digest, now.strftime("%Y-%m-%dT%H:%M:%SZ"), rel)
-        index[policy.issuer] = _as_json(rec)
-        atomic_write(self._index, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
-        for old in copy.parent.iterdir():
-            if not old.name.startswith(f"{policy.serial}.yaml"):
-                old.unlink()
-        return rec
+    def accepted_serials(self) -> dict[str, AcceptedSerial]:
+        return {issuer: AcceptedSerial(a.serial, a.digest) for issuer, a in self.accepted().items()}
+
+    def record(self, policy: Policy, signed: SignedFile, now: datetime) -> Accepted:
+        """Persist one policy as its issuer's accepted one (see `commit`)."""
+        return self.commit([(policy, signed)], now)[0]
+
+    def commit(self, entries: Sequence[tuple[Policy, SignedFile]], now: datetime) -> list[Accepted]:
+        """Persist policies (verified, selected) as accepted, all or none.
+
+        Each entry's bytes must be the ones its digest was taken from: the state never
+        stores anything but what was verified. Everything is checked before anything is
+        written; the copies are written first, then `accepted.json` is replaced once (the
+        commit point), then older copies are removed.
+        """
+        index = self.accepted()
+        records: list[tuple[Accepted, Path, SignedFile]] = []
+        for policy, signed in entries:
+            if signed.digest != policy.digest:
+                raise PolicyError(f"the bytes to record (sha256 {signed.digest[:16]}…) are not the verified ones "
+                                  f"({policy.digest[:16]}…); nothing recorded", where=policy.source)
+            self.check_replay(policy)
+            rel = f"policies/{policy.issuer}/{policy.serial}.yaml"
+            rec = Accepted(policy.issuer, policy.serial, policy.digest, now.strftime("%Y-%m-%dT%H:%M:%SZ"), rel)
+            records.append((rec, self.directory / rel, signed))
+        for _, copy, signed in records:
+            atomic_write(copy, signed.data)
+            for i, (_, sig) in enumerate(signed.signatures):
+                atomic_write(copy.with_name(f"{copy.name}.{i}.minisig"), sig)
+        for rec, _, _ in records:
+            index[rec.issuer] = rec
+        if records:
+            data = {k: _as_json(v) for k, v in sorted(index.items())}
+            atomic_write(self._index, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+        for rec, copy, signed in records:
+            keep = {copy.name} | {f"{copy.name}.{i}.minisig" for i in range(len(signed.signatures))}
+            for old in copy.parent.iterdir():
+                if old.name not in keep:
+                    old.unlink()
+        return [rec for rec, _, _ in records]
+
+    # -- the growth guard's baseline ------------------------------------------------------
+    def baseline(self) -> Baseline | None:
+        """The size and orders of the last rule set applied (None before the first one)."""
+        try:
+            raw = json.loads(self._baseline.read_bytes())
+            return Baseline(int(raw["size"]), frozenset(str(o) for o in raw["orders"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("baseline_unreadable", path=str(self._baseline), error=str(e))
+            return None
+
+    def save_baseline(self, baseline: Baseline) -> None:
+        if baseline == self.baseline():
+            return
+        data = {"size": baseline.size, "orders": sorted(baseline.orders)}
+        atomic_write(self._baseline, json.dumps(data, separators=(",", ":")).encode() + b"\n")
+
+    # -- the last good catalog ------------------------------------------------------------
+    def context_copy(self) -> CatalogFiles | None:
+        """The catalog, prefix table and shared-infrastructure files last loaded cleanly.
+
+        Stored content-addressed (`context/<sha256>`) under a manifest replaced atomically,
+        so a crash while saving leaves the previous copy whole. Still verified on use.
+        """
+        directory = self.directory / "context"
+        try:
+            manifest = json.loads((directory / "manifest.json").read_bytes())
+            files, paths = {}, {}
+            for name, digest in manifest["files"].items():
+                blob = directory / digest
+                data = blob.read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise ValueError(f"{blob} does not match its digest")
+                files[name], paths[name] = data, f"{blob} (state copy of {name})"
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("context_copy_unreadable", path=str(directory), error=str(e))
+            return None
+        paths[""] = f"{directory} (state copy)"
+        return CatalogFiles(MappingProxyType(files), MappingProxyType(paths))
+
+    def save_context_copy(self, files: CatalogFiles) -> None:
+        directory = self.directory / "context"
+        current = self.context_copy()
+        if current is not None and current.digest == files.digest:
+            return
+        manifest = {}
+        for name, data in sorted(files.files.items()):
+            digest = hashlib.sha256(data).hexdigest()
+            if not (directory / digest).exists():
+                atomic_write(directory / digest, data)
+            manifest[name] = digest
+        atomic_write(directory / "manifest.json", json.dumps({"files": manifest}, indent=1).encode() + b"\n")
+        for blob in directory.iterdir():
+            if blob.name != "manifest.json" and blob.name not in manifest.values() and not blob.name.startswith("."):
+                blob.unlink()
 
     def accepted_paths(self) -> list[Path]:
         return [self.directory / rec.file for rec in sorted(self.accepted().values(), key=lambda a: a.issuer)]

@@ -17,6 +17,7 @@ that role produced valid signatures. Signatures sit beside the file: `F.minisig`
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from blockd import minisign, strictyaml
-from blockd.errors import ConfigError, SignatureError
+from blockd.errors import ConfigError, InputError, Problem, SignatureError
+from blockd.fsutil import read_regular
 from blockd.schema import Reader
 
 ROLES = ("policy", "catalog")
@@ -44,6 +46,10 @@ class TrustStore:
     issuers: Mapping[str, Issuer]
     #: key id -> issuer name
     owners: Mapping[bytes, str]
+    #: files refused while loading (each skipped alone), for the log, metrics and the audit log
+    problems: tuple[Problem, ...] = ()
+    #: SHA-256 over the keys, thresholds and roles loaded: equal digests, equal trust
+    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,44 +58,77 @@ class Verified:
     signers: tuple[str, ...]  # key ids (hex) with valid signatures
 
 
+MAX_KEY_BYTES = 4 << 10
+MAX_ISSUER_BYTES = 64 << 10
+
+
 def load_trust_store(directory: Path) -> TrustStore:
+    """Every issuer directory that is whole; a bad key or issuer file is refused alone.
+
+    A key file that does not parse is skipped (its issuer keeps its other keys); an issuer
+    whose `issuer.yaml` is bad, or whose threshold its usable keys cannot meet, is left out
+    whole (guessing a threshold would weaken it). Each refusal is in `problems`, for the log,
+    a metric and the audit log. Only a missing trust store is an error: nothing verifies then.
+    """
     if not directory.is_dir():
         raise ConfigError(f"trust store {str(directory)!r} is not a directory", where=str(directory))
     issuers: dict[str, Issuer] = {}
     owners: dict[bytes, str] = {}
+    problems: list[Problem] = []
+    digest = hashlib.sha256()
     for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
         where = str(sub)
         if not re.fullmatch(ISSUER_NAME, sub.name):
-            raise ConfigError(f"issuer directory name {sub.name!r} must match {ISSUER_NAME}", where=where)
-        keys: dict[bytes, minisign.PublicKey] = {}
-        for pub in sorted(sub.glob("*.pub")):
-            key = minisign.parse_public_key(pub.read_text(), where=str(pub))
-            if key.key_id in owners or key.key_id in keys:
-                other = owners.get(key.key_id, sub.name)
-                raise ConfigError(f"key {key.id_hex} is listed twice (also under {other!r})", where=str(pub))
-            keys[key.key_id] = key
-            owners[key.key_id] = sub.name
-        threshold, roles = 1, frozenset({"policy"})
-        meta = sub / "issuer.yaml"
-        if meta.exists():
-            r = Reader(str(meta))
-            doc = r.mapping(strictyaml.load(meta.read_bytes(), str(meta)), "", 1, optional=("threshold", "roles"))
-            if doc is not None:
-                if "threshold" in doc:
-                    threshold = r.integer(doc["threshold"], "threshold", doc.lines["threshold"], minimum=1) or 1
-                if "roles" in doc:
-                    roles = frozenset(
-                        x for x in (r.choice(v, p, ln, ROLES) for v, p, ln in r.items(doc["roles"], "roles", doc.lines["roles"])) if x
-                    )
-            r.raise_if_any(ConfigError)
-        if not keys:
-            raise ConfigError(f"issuer {sub.name!r} has no *.pub keys", where=where)
-        if threshold > len(keys):
-            raise ConfigError(
-                f"threshold {threshold} is more than the {len(keys)} key(s) of issuer {sub.name!r}", where=str(meta)
-            )
-        issuers[sub.name] = Issuer(sub.name, threshold, roles, MappingProxyType(keys))
-    return TrustStore(MappingProxyType(issuers), MappingProxyType(owners))
+            problems.append(Problem(where, f"issuer directory name {sub.name!r} must match {ISSUER_NAME}; skipped"))
+            continue
+        try:
+            issuer, key_problems = _load_issuer(sub, owners, digest)
+        except InputError as e:
+            problems.append(Problem(e.where or where, f"{e.message}; issuer {sub.name!r} skipped"))
+            continue
+        problems.extend(key_problems)
+        issuers[sub.name] = issuer
+        owners.update({key_id: sub.name for key_id in issuer.keys})
+    return TrustStore(MappingProxyType(issuers), MappingProxyType(owners), tuple(problems), digest.hexdigest())
+
+
+def _load_issuer(sub: Path, owners: Mapping[bytes, str], digest: hashlib._Hash) -> tuple[Issuer, list[Problem]]:
+    problems: list[Problem] = []
+    keys: dict[bytes, minisign.PublicKey] = {}
+    for pub in sorted(sub.glob("*.pub")):
+        try:
+            raw = read_regular(pub, MAX_KEY_BYTES, what="minisign public key")
+            key = minisign.parse_public_key(raw.decode("utf-8", errors="replace"), where=str(pub))
+        except InputError as e:
+            problems.append(Problem(e.where or str(pub), f"{e.message}; key skipped"))
+            continue
+        if key.key_id in owners or key.key_id in keys:
+            other = owners.get(key.key_id, sub.name)
+            problems.append(Problem(str(pub), f"key {key.id_hex} is listed twice (also under {other!r}); skipped"))
+            continue
+        digest.update(f"{sub.name}\0{key.id_hex}\0".encode() + key.key)
+        keys[key.key_id] = key
+    threshold, roles = 1, frozenset({"policy"})
+    meta = sub / "issuer.yaml"
+    if meta.exists():
+        r = Reader(str(meta))
+        raw = read_regular(meta, MAX_ISSUER_BYTES, what="issuer file")
+        doc = r.mapping(strictyaml.load(raw, str(meta)), "", 1, optional=("threshold", "roles"))
+        if doc is not None:
+            if "threshold" in doc:
+                threshold = r.integer(doc["threshold"], "threshold", doc.lines["threshold"], minimum=1) or 1
+            if "roles" in doc:
+                roles = frozenset(
+                    x for x in (r.choice(v, p, ln, ROLES) for v, p, ln in r.items(doc["roles"], "roles", doc.lines["roles"])) if x
+                )
+        r.raise_if_any(ConfigError)
+        digest.update(raw)
+    if not keys:
+        raise ConfigError(f"issuer {sub.name!r} has no usable *.pub keys", where=str(sub))
+    if threshold > len(keys):
+        raise ConfigError(f"threshold {threshold} is more than the {len(keys)} usable key(s) of issuer "
+                          f"{sub.name!r}", where=str(meta))
+    return Issuer(sub.name, threshold, roles, MappingProxyType(keys)), problems
 
 
 def signature_paths(path: Path) -> list[Path]:

@@ -78,7 +78,7 @@ def test_accept_then_plan_then_rollback(capsys, env, write_policy) -> None:
     assert plan["remove"] == {"domains": [], "ipv4": ["192.0.2.128/25"], "ipv6": []}
     assert run(capsys, "accept", *env, str(v2))[0] == 0
     code, out = run(capsys, "check", *env, str(v1))
-    assert code == 1 and "rollback refused: serial 1 is lower than serial 2" in out
+    assert code == 1 and "SUPERSEDED issuer reg serial 1: serial 1 is below serial 2, accepted before" in out
 
 
 def test_keygen_sign_verify(capsys, tmp_path: Path, keys: Keys) -> None:

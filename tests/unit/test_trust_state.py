@@ -10,7 +10,7 @@ import pytest
 
 from blockd import trust
 from blockd.errors import ConfigError, ReplayError, SignatureError
-from blockd.policy import load_policy
+from blockd.policy import load_policy, load_signed_policy
 from blockd.state import StateStore
 from tests.conftest import make_trust
 
@@ -90,10 +90,27 @@ def test_signature_checked_before_parsing(tmp_path: Path) -> None:
 
 
 def test_bad_trust_store(tmp_path: Path) -> None:
+    """A bad issuer file is refused alone: that issuer is left out, the others load."""
     keys = make_trust(tmp_path)
     (keys.trust / "reg" / "issuer.yaml").write_text("threshold: 5\n")
-    with pytest.raises(ConfigError, match="threshold 5 is more than the 1 key"):
-        trust.load_trust_store(keys.trust)
+    store = trust.load_trust_store(keys.trust)
+    assert "reg" not in store.issuers and "op" in store.issuers
+    assert any("threshold 5 is more than the 1 usable key" in p.message for p in store.problems)
+    with pytest.raises(ConfigError, match="is not a directory"):
+        trust.load_trust_store(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"garbage\n", "key skipped"),
+    (b"", "key skipped"),
+])
+def test_bad_key_file_is_skipped_alone(tmp_path: Path, content: bytes, expect: str) -> None:
+    keys = make_trust(tmp_path)
+    (keys.trust / "reg" / "broken.pub").write_bytes(content)
+    store = trust.load_trust_store(keys.trust)
+    assert "reg" in store.issuers and len(store.issuers["reg"].keys) == 1
+    (problem,) = store.problems
+    assert problem.where.endswith("broken.pub") and expect in problem.message
 
 
 def test_replay_rules(tmp_path: Path) -> None:
@@ -102,8 +119,8 @@ def test_replay_rules(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "state")
     p5 = _policy(tmp_path, 5, name="p5.yaml")
     keys.sign(p5)
-    pol5 = load_policy(p5, store)
-    state.record(pol5, p5.read_bytes(), [("s", p5.with_name("p5.yaml.minisig").read_bytes())], NOW)
+    pol5, signed5 = load_signed_policy(p5, store)
+    state.record(pol5, signed5, NOW)
     state.check_replay(pol5)  # the same bytes again are fine
 
     p4 = _policy(tmp_path, 4, name="p4.yaml")
@@ -130,7 +147,7 @@ def test_record_replaces_older_copies(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "state")
     for serial in (1, 2):
         p = _policy(tmp_path, serial, name=f"p{serial}.yaml")
-        sig = keys.sign(p)
-        state.record(load_policy(p, store), p.read_bytes(), [(str(sig), sig.read_bytes())], NOW)
+        keys.sign(p)
+        state.record(*load_signed_policy(p, store), NOW)
     files = sorted(f.name for f in (tmp_path / "state" / "policies" / "reg").iterdir())
     assert files == ["2.yaml", "2.yaml.0.minisig"]
