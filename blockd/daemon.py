@@ -28,6 +28,7 @@ from blockd.errors import EnforcerError
 from blockd.model import RuleSet
 from blockd.reconcile import PassResult, Reconciler
 from blockd.sdnotify import Notifier
+from blockd.selection import STATUSES, status_counts
 from blockd.settings import Settings
 from blockd.watch import watch
 
@@ -189,6 +190,8 @@ class Daemon:
         self._boundary = result.next_boundary
         self._observe(result, time.perf_counter() - t0)
         if self.accountability is not None:
+            for f in result.new_input_failures:
+                self.accountability.event("input_refused", input=f.input, where=f.where, error=f.message)
             self.accountability.after_pass(result)
 
     def _observe(self, r: PassResult, duration_s: float) -> None:
@@ -197,6 +200,14 @@ class Daemon:
         mt.last_reconcile.set(time.time())
         for rej in r.rejected:
             mt.rejections.labels(rej.reason).inc()
+        counts = status_counts(r.verdicts)
+        issuers = {i for i, _ in counts} | {p.issuer for p in r.policies}
+        m.replace_labels(mt.policy_status, {(i, st): counts.get((i, st), 0) for i in issuers for st in STATUSES})
+        refused = {f.input for f in r.input_failures}
+        for name in ("trust_store", "catalog", "state"):
+            mt.input_refused.labels(name).set(1 if name in refused else 0)
+        for f in r.new_input_failures:
+            mt.input_failures.labels(f.input).inc()
         m.replace_labels(mt.policy_serial, {(p.issuer,): p.serial for p in r.policies})
         m.replace_labels(mt.policy_issued, {(p.issuer,): p.issued_at.timestamp() for p in r.policies})
         m.replace_labels(mt.policy_expiry, {(p.issuer,): p.not_after.timestamp() for p in r.policies})

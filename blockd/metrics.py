@@ -41,6 +41,9 @@ class Metrics:
     time_to_enforce: Histogram
     order_deadline: Gauge
     order_enforced: Gauge
+    policy_status: Gauge
+    input_refused: Gauge
+    input_failures: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -83,7 +86,17 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                              ["order"], registry=r),
         order_enforced=Gauge("blockd_order_enforced", "1 when the order's rules are live on every enforcer",
                              ["order"], registry=r),
+        policy_status=Gauge("blockd_policy_status", "Policy files per issuer and status (active, pending, superseded, "
+                            "expired, rejected); issuer \"\" when a file was refused before its issuer was known",
+                            ["issuer", "status"], registry=r),
+        input_refused=Gauge("blockd_input_refused", "1 while an input (trust_store, catalog, state) is refused and the "
+                            "last good one is in use", ["input"], registry=r),
+        input_failures=Counter("blockd_input_failures_total", "Inputs refused (each refusal counted once)", ["input"],
+                               registry=r),
     )
+    for name in ("trust_store", "catalog", "state"):
+        m.input_refused.labels(name).set(0)
+        m.input_failures.labels(name)
     m.build.info({"version": __version__})
     return m
 

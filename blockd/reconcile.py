@@ -52,8 +52,10 @@ class PassResult:
     received: dict[str, datetime]
     #: every file's status and reason (the selection's verdicts)
     verdicts: tuple[Verdict, ...] = ()
-    #: context inputs refused in this pass (newly: each is reported once)
+    #: context inputs refused in this pass (the last good ones are in use)
     input_failures: tuple[InputFailure, ...] = ()
+    #: of those, the ones not seen in the pass before (logged, counted, audited once)
+    new_input_failures: tuple[InputFailure, ...] = ()
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Reconciler:
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
         return PassResult(comp, in_force, pending, new, applied, failed, changed,
                           sel.next_boundary(now), {p.digest: self.received[p.digest] for p in in_force},
-                          sel.verdicts, new_failures)
+                          sel.verdicts, tuple(failures), new_failures)
 
     def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
         failures = self.refresh_context()

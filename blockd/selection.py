@@ -115,14 +115,7 @@ class Selection:
         return {v.source: v.status for v in self.verdicts}
 
     def counts(self) -> dict[tuple[str, Status], int]:
-        """(issuer, status) -> files; issuer "" for files refused before their issuer was known."""
-        out: dict[tuple[str, Status], int] = {}
-        for v in self.verdicts:
-            if v.from_state and v.status != "active":
-                continue  # the state's own copy is not a file anyone put down
-            key = (v.issuer or "", v.status)
-            out[key] = out.get(key, 0) + 1
-        return out
+        return status_counts(self.verdicts)
 
 
 def select(
@@ -240,4 +233,15 @@ def newly_accepted(sel: Selection, accepted: Mapping[str, AcceptedSerial]) -> li
         if v.from_state or v.signed is None or (acc is not None and acc.serial == v.serial):
             continue
         out.append(v)
+    return out
+
+
+def status_counts(verdicts: Iterable[Verdict]) -> dict[tuple[str, Status], int]:
+    """(issuer, status) -> files; issuer "" for files refused before their issuer was known."""
+    out: dict[tuple[str, Status], int] = {}
+    for v in verdicts:
+        if v.from_state and v.status != "active":
+            continue  # the state's own copy is not a file anyone put down
+        key = (v.issuer or "", v.status)
+        out[key] = out.get(key, 0) + 1
     return out
