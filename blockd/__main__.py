@@ -30,6 +30,7 @@ from blockd.settings import Settings, load_settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 MAX_SIGN_BYTES = 1 << 30
+MAX_STATEMENT_BYTES = 256 << 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,6 +411,7 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for name in args.files:
         try:
+            read_regular(Path(name), MAX_STATEMENT_BYTES, what="attestation statement")
             st = attest.verify(Path(name), key)
             pred = st["predicate"]
             results.append({"file": name, "ok": True, "id": pred["attestation"]["id"],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from blockd import ranges, strictyaml
 from blockd.errors import ConfigError, InputError
+from blockd.fsutil import read_regular
 from blockd.model import Cidr
 from blockd.names import display, normalise
 from blockd.dns.rpz import RpzSettings
@@ -87,6 +88,7 @@ def defaults(base: Path = Path(".")) -> Settings:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20
 _PATHS = ("trust_store", "policy_dir", "catalog_dir", "prefix_table", "shared_infra_dir", "state_dir")
 
 
@@ -95,11 +97,11 @@ def load_settings(path: Path | None) -> Settings:
         return defaults()
     source = str(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config: {e.strerror}", where=source) from None
+        data = read_regular(path, MAX_CONFIG_BYTES, what="config file")
+    except InputError as e:
+        raise ConfigError(e.message, where=e.where) from None
     try:
-        doc = strictyaml.load(data, source, max_bytes=1 << 20)
+        doc = strictyaml.load(data, source, max_bytes=MAX_CONFIG_BYTES)
     except InputError as e:
         raise ConfigError(e.message, where=e.where) from None
     r = Reader(source)
@@ -199,7 +201,7 @@ def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> N
 
     for key, minimum, why in (("drift_check_s", 1.0, "a read-back loop at 0 s would spin the CPU"),
                               ("poll_s", 0.1, "polling at 0 s would spin the CPU"),
-                              ("attest_period_s", 60.0, "statements at that rate would fill the disk")):
+                              ("attest_period_s", 1.0, "statements at that rate would fill the disk")):
         value = getattr(d, key)
         if not value >= minimum:
             r.error(join("daemon", key), _line(m, "daemon", key), f"{value!r} is too small ({why}); expected a "

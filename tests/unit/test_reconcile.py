@@ -1,0 +1,193 @@
+"""A reconcile pass on the dry-run enforcer: a bad new input is refused alone, the rest stays."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from blockd import minisign
+from blockd.enforcers.dryrun import DryRunEnforcer
+from blockd.reconcile import PassResult, Reconciler
+from blockd.settings import GuardSettings, Settings
+from tests.conftest import ROOT, Keys
+
+NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
+POLICY = """\
+issuer: reg
+serial: {serial}
+issued_at: 2026-11-01T00:00:00Z
+not_before: 2026-11-01T00:00:00Z
+not_after: 2030-01-01T00:00:00Z
+orders:
+  - id: o{serial}
+    legal_basis: {{authority: Court, reference: R{serial}}}
+    action: block
+    targets: {{{targets}}}
+"""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, keys: Keys, catalog_dir: Path) -> Settings:
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    return Settings(trust_store=keys.trust, policy_dir=tmp_path / "policies", catalog_dir=catalog_dir,
+                    prefix_table=tmp_path / "prefix2as.txt", shared_infra_dir=ROOT / "policies" / "shared-infra",
+                    state_dir=tmp_path / "state")
+
+
+def run_pass(rec: Reconciler) -> PassResult:
+    return asyncio.run(rec.run_pass(now=NOW))
+
+
+def held(rec: Reconciler) -> tuple[int, int]:
+    rs = rec.enforcers[0]._held  # type: ignore[attr-defined]
+    return len(rs.domains), len(rs.v4) + len(rs.v6)
+
+
+@pytest.mark.parametrize("bad_targets, error", [
+    ("services: [telegramm]", "unknown service 'telegramm'"),
+    ("asns: [64512]", "AS64512 has no prefixes"),
+    ("services: [telegram], asns: [AS64999]", "AS64999 has no prefixes"),
+])
+def test_a_bad_new_serial_is_refused_alone(settings: Settings, write_policy, bad_targets: str, error: str) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    first = run_pass(rec)
+    assert [p.serial for p in first.policies] == [1]
+    before = first.compilation.ruleset.digest
+    enforced = held(rec)
+    assert enforced[0] > 0 and enforced[1] > 0
+
+    write_policy(POLICY.format(serial=2, targets=bad_targets), name="p-2.yaml")
+    second = run_pass(rec)
+    assert [p.serial for p in second.policies] == [1], "the issuer keeps its last good policy"
+    assert second.compilation.ruleset.digest == before and held(rec) == enforced
+    assert second.compilation.orders["reg/o1"] == first.compilation.orders["reg/o1"]
+    (rej,) = second.rejected
+    assert rej.path.endswith("p-2.yaml") and rej.reason == "expand" and error in str(rej.error)
+    assert rej.sha256 is not None and len(rej.sha256) == 64
+    assert {(v.source.rsplit("/", 1)[-1], v.status) for v in second.verdicts} == {("p-1.yaml", "active"),
+                                                                                 ("p-2.yaml", "rejected")}
+    # reported once, not on every pass while the file lies there
+    assert run_pass(rec).rejected == ()
+
+    # a restart (new process, state only) enforces serial 1, and still refuses serial 2
+    again = Reconciler(settings, [DryRunEnforcer("nft")])
+    third = run_pass(again)
+    assert [p.serial for p in third.policies] == [1] and third.compilation.ruleset.digest == before
+    assert held(again) == enforced
+    (settings.policy_dir / "p-1.yaml").unlink()  # the state's copy carries it on its own
+    assert [p.serial for p in run_pass(Reconciler(settings, [DryRunEnforcer("nft")])).policies] == [1]
+
+
+def test_older_serials_in_the_directory_are_superseded_not_rejections(settings: Settings, write_policy) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    run_pass(rec)
+    write_policy(POLICY.format(serial=2, targets="domains: [b.example]"), name="p-2.yaml")
+    for _ in range(3):
+        r = run_pass(rec)
+        assert r.rejected == ()
+        assert sorted((Path(v.source).name, v.status) for v in r.verdicts) == [("p-1.yaml", "superseded"),
+                                                                              ("p-2.yaml", "active")]
+
+
+def test_the_state_records_exactly_the_verified_bytes(settings: Settings, write_policy) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    path = write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    signed = path.read_bytes()
+    run_pass(rec)
+    copy = settings.state_dir / "policies" / "reg" / "1.yaml"
+    assert copy.read_bytes() == signed
+    from blockd.policy import SignedFile
+    from blockd.trust import Verified
+
+    p = rec.select(rec.ctx, NOW).prepared[0].policy  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="not the verified ones"):
+        rec.ctx.state.commit([(replace(p, serial=2), SignedFile(b"other", (), Verified("reg", ())))], NOW)  # type: ignore[union-attr]
+
+
+def test_growth_guard_baseline_survives_a_restart(settings: Settings, write_policy) -> None:
+    s = replace(settings, guards=GuardSettings(growth_floor=2, growth_factor=2.0))
+    rec = Reconciler(s, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example, b.example, c.example]"), name="p-1.yaml")
+    run_pass(rec)
+    many = ", ".join(f"n{i}.example" for i in range(20))
+    write_policy(POLICY.format(serial=2, targets=f"domains: [{many}]"), name="p-2.yaml")
+    restarted = Reconciler(s, [DryRunEnforcer("nft")])  # no rule set in memory: the baseline is on disk
+    r = run_pass(restarted)
+    assert r.compilation.orders["reg/o2"].status == "refused"
+    assert any(f.guard == "growth" and "from 3 to" in f.reason for f in r.compilation.findings)
+
+
+def test_an_untrusted_catalog_keeps_the_last_good_one_even_after_a_restart(settings: Settings, write_policy,
+                                                                             catalog_dir: Path) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    good = run_pass(rec).compilation.ruleset.digest
+    # an attacker (or a mistake) replaces a catalog file, signed by a key nobody trusts
+    svc = catalog_dir / "telegram.yaml"
+    svc.write_text(svc.read_text().replace("telegram.org", "example.org"))
+    svc.with_name("telegram.yaml.minisig").write_text(minisign.sign(svc.read_bytes(), minisign.generate()))
+    r = run_pass(rec)
+    assert r.compilation.ruleset.digest == good
+    (failure,) = r.new_input_failures
+    assert failure.input == "catalog" and failure.where.endswith("catalog/telegram.yaml")
+    assert "is not in the trust store" in failure.message and "last good catalog" in failure.message
+    # restart: nothing in memory, the state's copy of the catalog is used (and verified)
+    again = Reconciler(settings, [DryRunEnforcer("nft")])
+    r2 = run_pass(again)
+    assert r2.compilation.ruleset.digest == good and [p.serial for p in r2.policies] == [1]
+    assert r2.input_failures[0].input == "catalog" and "state copy" in r2.input_failures[0].message
+
+
+def test_a_broken_key_file_does_not_stop_a_restart(settings: Settings, write_policy, keys: Keys) -> None:
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    (keys.trust / "reg" / "zz-new.pub").write_text("untrusted comment: half a key\nRWQ\n")
+    r = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert [p.serial for p in r.policies] == [1]
+    assert [f.input for f in r.input_failures] == ["trust_store"] and "zz-new.pub" in r.input_failures[0].where
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "directory"])
+def test_non_regular_policy_files_are_refused_without_reading(settings: Settings, write_policy, kind: str) -> None:
+    import os
+
+    target = settings.policy_dir / "odd.yaml"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "devzero":
+        target.symlink_to("/dev/zero")
+    else:
+        target.mkdir()
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    r = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert [p.serial for p in r.policies] == [1]
+    (rej,) = r.rejected
+    assert rej.path.endswith("odd.yaml") and "not a regular file" in str(rej.error)
+
+
+def test_ipv4_mapped_addresses_are_enforced_as_ipv4(settings: Settings, write_policy) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="cidrs: ['::ffff:149.154.167.50', '::ffff:0:0/96']"),
+                 name="p-1.yaml")
+    r = run_pass(rec)
+    rs = r.compilation.ruleset
+    assert len(rs.v6) == 0 and [(x.first, x.last) for x in rs.v4] == [(0x959AA732, 0x959AA732)]
+    assert any(f.rule == "0.0.0.0/0" and f.guard == "min_prefix" for f in r.compilation.refused)
+
+
+def test_shutil_copy_of_state_is_enough_to_restore(settings: Settings, write_policy, tmp_path: Path) -> None:
+    """The state directory alone (backed up and restored elsewhere) restores what was in force."""
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    moved = tmp_path / "restored-state"
+    shutil.copytree(settings.state_dir, moved)
+    shutil.rmtree(settings.policy_dir)
+    r = run_pass(Reconciler(replace(settings, state_dir=moved), [DryRunEnforcer("nft")]))
+    assert [p.serial for p in r.policies] == [1]
