@@ -252,6 +252,9 @@ class Daemon:
         serials = ", ".join(f"{p.issuer}#{p.serial}" for p in self.last.policies) or "no policy"
         c = self.last.compilation.ruleset.counts()
         bad = f"; FAILING: {', '.join(sorted(self.last.failed))}" if self.last.failed else ""
+        refused = sum(1 for v in self.last.verdicts if v.status == "rejected" and not v.from_state)
+        bad += f"; {refused} policy file(s) REFUSED (blockd check)" if refused else ""
+        bad += "".join(f"; {f.input} REFUSED, last good in use" for f in self.last.input_failures)
         return (f"{serials}; {c['domain_exact'] + c['domain_subtree']} names, "
                 f"{c['ipv4_ranges']} IPv4 + {c['ipv6_ranges']} IPv6 ranges{bad}")
 
