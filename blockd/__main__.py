@@ -27,9 +27,11 @@ from blockd.policy import read_signed
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.ranges import format_addr, subtract, to_cidrs
 from blockd.settings import Settings, load_settings
+from blockd.state import StateStore
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 MAX_SIGN_BYTES = 1 << 30
+MAX_VERIFY_BYTES = 64 << 20  # the largest file blockd verifies (a policy or a prefix table)
 MAX_STATEMENT_BYTES = 256 << 20
 
 
@@ -170,7 +172,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for name in args.files:
         try:
-            v = read_signed(Path(name), store, role=args.role, max_bytes=MAX_SIGN_BYTES, what="file").verified
+            v = read_signed(Path(name), store, role=args.role, max_bytes=MAX_VERIFY_BYTES, what="file").verified
             results.append({"file": name, "ok": True, "issuer": v.issuer, "signers": list(v.signers)})
         except BlockdError as e:
             results.append({"file": name, "ok": False, "error": str(e)})
@@ -318,11 +320,12 @@ def cmd_accept(args: argparse.Namespace) -> int:
     superseded, or with rules a guard refuses) stops the whole command and nothing is written;
     a pending file is left for the daemon to record when it takes effect.
     """
-    ev = _evaluate(args)
-    ok = _takes_effect(ev)
-    given = set(ev.given)
-    todo = [v for v in newly_accepted(ev.selection, ev.ctx.state.accepted_serials()) if v.source in given] if ok else []
-    done = ev.ctx.state.commit([(v.policy, v.signed) for v in todo], ev.now) if todo else []
+    with StateStore(_settings(args).state_dir).lock("blockd accept"):
+        ev = _evaluate(args)
+        ok = _takes_effect(ev)
+        given = set(ev.given)
+        todo = [v for v in newly_accepted(ev.selection, ev.ctx.state.accepted_serials()) if v.source in given] if ok else []
+        done = ev.ctx.state.commit([(v.policy, v.signed) for v in todo], ev.now) if todo else []
     data = _report("accept", ev, ok)
     data["accepted"] = [{"issuer": r.issuer, "serial": r.serial, "sha256": r.digest} for r in done]
     lines = _verdict_lines(ev) + [f"accepted {r.issuer} serial {r.serial}" for r in done]

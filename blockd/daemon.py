@@ -24,12 +24,13 @@ from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
-from blockd.errors import EnforcerError
+from blockd.errors import BlockdError, EnforcerError
 from blockd.model import RuleSet
 from blockd.reconcile import PassResult, Reconciler
 from blockd.sdnotify import Notifier
 from blockd.selection import STATUSES, status_counts
 from blockd.settings import Settings
+from blockd.state import StateLock, StateStore
 from blockd.watch import watch
 
 log = structlog.get_logger("blockd.daemon")
@@ -84,6 +85,7 @@ class Daemon:
         self._boundary: datetime | None = None
         self._reloading = False
         self.last: PassResult | None = None
+        self._lock: StateLock | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> int:
@@ -91,6 +93,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            self._lock = StateStore(self.settings.state_dir).lock()
+        except (BlockdError, OSError) as e:
+            log.error("start_failed", reason="state_locked", error=str(e))
+            for enforcer in self.enforcers:
+                await enforcer.aclose()
+            return 1
         await self._pass("start")
         if self.last is None:
             # Fail closed: with no rule set there is nothing safe to serve. Kernel rules from
@@ -156,6 +165,8 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self._lock is not None:
+            self._lock.close()
         log.info("daemon_stopped", kept_rules=not remove_rules)
 
     # -- passes -----------------------------------------------------------------------------

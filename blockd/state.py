@@ -3,6 +3,7 @@
     state/
       accepted.json                       {issuer: {serial, digest, accepted_at, file}}
       policies/<issuer>/<serial>.yaml     the accepted bytes, with their signatures beside them
+      lock                                flock held by the daemon for its life (and by `accept`)
       baseline.json                       size and orders of the last rule set (growth guard)
       context/manifest.json, <sha256>     the last catalog, prefix table and shared-infra
                                           files that loaded cleanly (used when the live ones fail)
@@ -15,8 +16,10 @@ so enforcement resumes without waiting for the policy directory.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +46,26 @@ class Accepted:
     digest: str
     accepted_at: str
     file: str  # relative to the state directory
+
+
+class StateLockedError(PolicyError):
+    pass
+
+
+class StateLock:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StateStore:
@@ -78,6 +101,27 @@ class StateStore:
                 f"{rec.serial + 1} or higher",
                 where=policy.source,
             )
+
+    def lock(self, holder: str = "blockd run") -> StateLock:
+        """Hold the state directory alone (flock on `lock`) until the returned lock is closed.
+
+        The daemon holds it for its life; `accept` for its commit. A second holder gets a
+        PolicyError naming the first one, and nothing is written by it.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateLockedError(f"the state directory is held by {who}; only one blockd may use it (a second "
+                                   f"daemon would drive the same kernel table and state); stop it first",
+                                   where=str(self.directory)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
+        return StateLock(fd)
 
     def accepted_serials(self) -> dict[str, AcceptedSerial]:
         return {issuer: AcceptedSerial(a.serial, a.digest) for issuer, a in self.accepted().items()}

@@ -99,3 +99,15 @@ def _alert_fires_on_a_real_scrape(b: Box) -> None:
     finally:
         prom.terminate()
         prom.wait(10)
+
+
+def test_a_second_daemon_on_one_state_directory_refuses_to_start(box: Box) -> None:
+    # without the audit log (whose own lock would stop the second one earlier)
+    box.config.write_text("".join(line for line in box.config.read_text().splitlines(keepends=True)
+                                  if "audit_log" not in line))
+    box.write_policy("p-1.yaml", POLICY.format(serial=1, service="telegram"))
+    box.start()
+    second = box.run(sys.executable, "-m", "blockd", "run", "--config", str(box.config))
+    assert second.returncode == 1
+    assert "state_locked" in second.stdout + second.stderr and "only one blockd may use it" in second.stdout + second.stderr
+    assert box.proc is not None and box.proc.poll() is None and box.blocked("kept1.example")

@@ -115,3 +115,26 @@ def test_every_shipped_file_loads_verifies_and_compiles(capsys, monkeypatch) -> 
     code, out = run(capsys, "check", "--now", NOW, "--state-dir", "/nonexistent-blockd-state")
     assert code == 0, out
     assert "order demo-regulator/demo-2026-001: enforced" in out
+
+
+def test_plan_uses_the_newest_serial_whatever_the_argument_order(capsys, env, write_policy) -> None:
+    v9 = write_policy(POLICY.format(serial=9, domains="nine.example", cidrs="192.0.2.0/24"), name="p-9.yaml")
+    v10 = write_policy(POLICY.format(serial=10, domains="ten.example", cidrs="192.0.2.0/24"), name="p-10.yaml")
+    for order in ((v10, v9), (v9, v10)):
+        code, out = run(capsys, "plan", *env, "--json", *map(str, order))
+        plan = json.loads(out)
+        assert code == 1  # p-9 is superseded: it would not take effect
+        assert plan["add"]["domains"] == ["ten.example"], plan
+        assert {(Path(p["file"]).name, p["status"]) for p in plan["policies"]} == {("p-9.yaml", "superseded"),
+                                                                                  ("p-10.yaml", "active")}
+
+
+def test_accept_refuses_while_a_daemon_holds_the_state(capsys, env, write_policy, tmp_path: Path) -> None:
+    from blockd.state import StateStore
+
+    v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
+    with StateStore(tmp_path / "state").lock("blockd run"):
+        code, out = run(capsys, "accept", *env, str(v1))
+        assert code == 1 and "the state directory is held by blockd run (pid" in out, out
+        assert not (tmp_path / "state" / "accepted.json").exists()
+    assert run(capsys, "accept", *env, str(v1))[0] == 0
