@@ -118,7 +118,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._pass_loop()),
-                    tg.create_task(watch(self.settings.policy_dir, self._wake.set, poll_s=self.settings.daemon.poll_s)),
+                    tg.create_task(watch(self.settings.policy_dir, self._wake.set, poll_s=self.settings.daemon.poll_s,
+                                         on_replaced=lambda how: self.metrics.policy_dir_events.labels(how).inc())),
                     tg.create_task(self._drift_loop()),
                     tg.create_task(self._stats_loop()),
                 ]

@@ -44,6 +44,7 @@ class Metrics:
     policy_status: Gauge
     input_refused: Gauge
     input_failures: Counter
+    policy_dir_events: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -93,7 +94,11 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                             "last good one is in use", ["input"], registry=r),
         input_failures=Counter("blockd_input_failures_total", "Inputs refused (each refusal counted once)", ["input"],
                                registry=r),
+        policy_dir_events=Counter("blockd_policy_dir_events_total", "The policy directory itself was removed or "
+                                  "replaced (the watch was re-armed)", ["event"], registry=r),
     )
+    for how in ("removed", "replaced"):
+        m.policy_dir_events.labels(how)
     for name in ("trust_store", "catalog", "state"):
         m.input_refused.labels(name).set(0)
         m.input_failures.labels(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -88,3 +89,41 @@ def test_watcher_wakes_on_rename(tmp_path: Path, force_poll: bool) -> None:
         return count
 
     assert asyncio.run(scenario()) >= 2
+
+
+REPLACE_WAYS = {
+    "rm -rf and mkdir": lambda d: (shutil.rmtree(d), d.mkdir()),
+    "mv a new directory over it": lambda d: ((d.parent / "new").mkdir(), shutil.rmtree(d), os.rename(d.parent / "new", d)),
+    "rename away, then re-create": lambda d: (os.rename(d, d.parent / "old"), d.mkdir()),
+}
+
+
+@pytest.mark.parametrize("how", list(REPLACE_WAYS))
+@pytest.mark.parametrize("force_poll", [False, True], ids=["inotify", "poll"])
+def test_watcher_follows_a_replaced_directory(tmp_path: Path, force_poll: bool, how: str) -> None:
+    """After the directory is replaced, a file landing in the new one still wakes the daemon."""
+    d = tmp_path / "policies"
+    d.mkdir()
+
+    async def scenario() -> list[str]:
+        woke = asyncio.Event()
+        events: list[str] = []
+        task = asyncio.create_task(watch(d, woke.set, poll_s=0.2, settle_s=0.01, force_poll=force_poll,
+                                         on_replaced=events.append))
+        await asyncio.wait_for(woke.wait(), 5)
+        REPLACE_WAYS[how](d)
+        deadline = asyncio.get_running_loop().time() + 10
+        # The identity check runs at least every poll_s. Polling alone cannot tell a directory
+        # re-created on the same inode number; its file snapshot still sees what lands there.
+        while "replaced" not in events and not (force_poll and how == "rm -rf and mkdir"):
+            assert asyncio.get_running_loop().time() < deadline, events
+            await asyncio.sleep(0.05)
+        woke.clear()
+        (d / ".p.yaml.tmp").write_text("x")
+        os.replace(d / ".p.yaml.tmp", d / "p.yaml")
+        await asyncio.wait_for(woke.wait(), 5)
+        task.cancel()
+        return events
+
+    events = asyncio.run(scenario())
+    assert "replaced" in events or (force_poll and how == "rm -rf and mkdir")
