@@ -220,6 +220,8 @@ class Daemon:
             mt.input_refused.labels(name).set(1 if name in refused else 0)
         for f in r.new_input_failures:
             mt.input_failures.labels(f.input).inc()
+        if r.state_error is not None:
+            mt.state_write_failures.inc()
         m.replace_labels(mt.policy_serial, {(p.issuer,): p.serial for p in r.policies})
         m.replace_labels(mt.policy_issued, {(p.issuer,): p.issued_at.timestamp() for p in r.policies})
         m.replace_labels(mt.policy_expiry, {(p.issuer,): p.not_after.timestamp() for p in r.policies})
@@ -266,7 +268,9 @@ class Daemon:
         bad = f"; FAILING: {', '.join(sorted(self.last.failed))}" if self.last.failed else ""
         refused = sum(1 for v in self.last.verdicts if v.status == "rejected" and not v.from_state)
         bad += f"; {refused} policy file(s) REFUSED (blockd check)" if refused else ""
-        bad += "".join(f"; {f.input} REFUSED, last good in use" for f in self.last.input_failures)
+        bad += "".join(f"; {f.input} REFUSED, last good in use" for f in self.last.input_failures if f.input != "state")
+        if self.last.state_error:
+            bad += f"; STATE DIRECTORY NOT WRITABLE ({self.last.state_error}): new policies wait, retrying"
         return (f"{serials}; {c['domain_exact'] + c['domain_subtree']} names, "
                 f"{c['ipv4_ranges']} IPv4 + {c['ipv6_ranges']} IPv6 ranges{bad}")
 

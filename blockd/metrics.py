@@ -45,6 +45,7 @@ class Metrics:
     input_refused: Gauge
     input_failures: Counter
     policy_dir_events: Counter
+    state_write_failures: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -96,6 +97,10 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                                registry=r),
         policy_dir_events=Counter("blockd_policy_dir_events_total", "The policy directory itself was removed or "
                                   "replaced (the watch was re-armed)", ["event"], registry=r),
+        state_write_failures=Counter(
+            "blockd_state_write_failures_total", "Passes that could not record newly accepted policies in the state "
+            "directory (full, read-only, immutable): the new orders wait, not enforced, and the pass is retried",
+            registry=r),
     )
     for how in ("removed", "replaced"):
         m.policy_dir_events.labels(how)

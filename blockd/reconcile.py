@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import structlog
@@ -56,6 +56,8 @@ class PassResult:
     input_failures: tuple[InputFailure, ...] = ()
     #: of those, the ones not seen in the pass before (logged, counted, audited once)
     new_input_failures: tuple[InputFailure, ...] = ()
+    #: the state directory could not record newly accepted policies (they wait; retried)
+    state_error: str | None = None
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Reconciler:
     #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
     #: is not expanded again
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
+    #: why the last pass could not record newly accepted policies (None: it could)
+    state_error: str | None = None
 
     def refresh_context(self) -> list[InputFailure]:
         """Reload trust store and catalog; a bad file is refused and the last good ones stay."""
@@ -108,21 +112,37 @@ class Reconciler:
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
         return PassResult(comp, in_force, pending, new, applied, failed, changed,
                           sel.next_boundary(now), {p.digest: self.received[p.digest] for p in in_force},
-                          sel.verdicts, tuple(failures), new_failures)
+                          sel.verdicts, tuple(failures), new_failures, self.state_error)
 
     def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
         failures = self.refresh_context()
         assert self.ctx is not None
         ctx = self.ctx
         sel = self.select(ctx, now)
+        try:
+            self._record(ctx, sel, now)
+            self.state_error = None
+        except OSError as e:
+            # Nothing new is applied before it is recorded (a crash would otherwise forget it):
+            # the issuers keep their accepted policies, the new ones wait, the daemon retries.
+            self.state_error = f"{e.strerror or e}: {e.filename or ctx.state.directory}"
+            held = {v.digest: v for v in newly_accepted(sel, ctx.state.accepted_serials())}
+            sel = self.select(ctx, now, hold_back=held, why=self.state_error)
+            failures = [*failures, InputFailure("state", str(ctx.state.directory),
+                                                f"cannot record newly accepted policies ({self.state_error}); they "
+                                                f"are not enforced until it succeeds")]
         baseline = ctx.state.baseline() if self.desired is None else self.desired
         comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
-        self._record(ctx, sel, now)
         return sel, comp, failures
 
-    def select(self, ctx: Context, now: datetime) -> Selection:
+    def select(self, ctx: Context, now: datetime, *, hold_back: dict[str, Verdict] | None = None,
+               why: str = "") -> Selection:
+        """The selection over the policy directory and the state; `hold_back` (by digest) are
+        verified files that cannot be recorded yet: they are pending, with `why`."""
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
         found, bad = read_candidates(directory, ctx)
+        if hold_back:
+            found = [c for c in found if c.policy.digest not in hold_back]
         kept, kept_bad = state_candidates(ctx)
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
@@ -134,6 +154,11 @@ class Reconciler:
             return hit
 
         sel = select([*found, *kept], [*bad, *kept_bad], ctx.state.accepted_serials(), now, prepared)
+        if hold_back:
+            waiting = tuple(replace(v, status="pending", kind="state", reason=f"verified, not in force until the state "
+                                    f"directory records it ({why}); retrying") for v in hold_back.values())
+            sel = Selection(sel.prepared, tuple(sorted(sel.verdicts + waiting,
+                                                       key=lambda v: (v.issuer or "", v.serial or 0, v.source))))
         live = {p.policy.digest for p in sel.prepared} | {v.digest for v in sel.verdicts if v.status == "pending"}
         self._prepared = {k: v for k, v in cache.items() if k[0] in live}
         return sel

@@ -3,7 +3,7 @@
     state/
       accepted.json                       {issuer: {serial, digest, accepted_at, file}}
       policies/<issuer>/<serial>.yaml     the accepted bytes, with their signatures beside them
-      lock                                flock held by the daemon for its life (and by `accept`)
+      lock                                who holds the flock on this directory (the daemon, `accept`)
       baseline.json                       size and orders of the last rule set (growth guard)
       context/manifest.json, <sha256>     the last catalog, prefix table and shared-infra
                                           files that loaded cleanly (used when the live ones fail)
@@ -103,24 +103,29 @@ class StateStore:
             )
 
     def lock(self, holder: str = "blockd run") -> StateLock:
-        """Hold the state directory alone (flock on `lock`) until the returned lock is closed.
+        """Hold the state directory alone (flock on the directory itself) until the lock is closed.
 
         The daemon holds it for its life; `accept` for its commit. A second holder gets a
-        PolicyError naming the first one, and nothing is written by it.
+        StateLockedError naming the first one, and nothing is written by it. Locking needs no
+        write: a full or read-only state directory can still be locked (and served from).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            who = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            try:
+                who = (self.directory / "lock").read_text(errors="replace").strip() or "another process"
+            except OSError:
+                who = "another process"
             raise StateLockedError(f"the state directory is held by {who}; only one blockd may use it (a second "
                                    f"daemon would drive the same kernel table and state); stop it first",
                                    where=str(self.directory)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
+        try:
+            atomic_write(self.directory / "lock", f"{holder} (pid {os.getpid()})\n".encode())
+        except OSError as e:  # who holds it is a courtesy; the flock is the lock
+            log.warning("state_lock_note_failed", path=str(self.directory / "lock"), error=e.strerror)
         return StateLock(fd)
 
     def accepted_serials(self) -> dict[str, AcceptedSerial]:

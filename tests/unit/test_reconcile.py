@@ -191,3 +191,29 @@ def test_shutil_copy_of_state_is_enough_to_restore(settings: Settings, write_pol
     shutil.rmtree(settings.policy_dir)
     r = run_pass(Reconciler(replace(settings, state_dir=moved), [DryRunEnforcer("nft")]))
     assert [p.serial for p in r.policies] == [1]
+
+
+def test_a_state_that_cannot_be_written_holds_the_new_serial_back(settings: Settings, write_policy) -> None:
+    """Nothing is applied before it is recorded: serial 1 stays, serial 2 waits (pending, kind state),
+    and the next pass once the write works takes it."""
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    before = run_pass(rec).compilation.ruleset.digest
+    blocker = settings.state_dir / "policies" / "reg" / "2.yaml"
+    blocker.mkdir()  # a real fault: the copy cannot be renamed into place (EISDIR)
+    write_policy(POLICY.format(serial=2, targets="domains: [b.example]"), name="p-2.yaml")
+    r = run_pass(rec)
+    assert [p.serial for p in r.policies] == [1] and r.compilation.ruleset.digest == before
+    assert r.state_error is not None and "Is a directory" in r.state_error
+    waiting = [v for v in r.verdicts if v.serial == 2]
+    assert [(v.status, v.kind) for v in waiting] == [("pending", "state")]
+    assert "not in force until the state directory records it" in waiting[0].reason
+    assert r.compilation.orders["reg/o2"].status == "pending"
+    assert [f.input for f in r.new_input_failures] == ["state"]
+    import json as _json
+
+    assert _json.loads((settings.state_dir / "accepted.json").read_text())["reg"]["serial"] == 1
+    blocker.rmdir()
+    r = run_pass(rec)
+    assert [p.serial for p in r.policies] == [2] and r.state_error is None
+    assert _json.loads((settings.state_dir / "accepted.json").read_text())["reg"]["serial"] == 2
