@@ -35,6 +35,9 @@ from blockd.watch import watch
 
 log = structlog.get_logger("blockd.daemon")
 
+#: the longest a boundary timer waits before it looks at the wall clock again
+BOUNDARY_TICK_S = 5.0
+
 
 def build_enforcers(settings: Settings) -> list[Enforcer]:
     """The configured enforcers, kernel first: addresses go live before names are answered."""
@@ -175,11 +178,16 @@ class Daemon:
         while True:
             timeout = None
             if self._boundary is not None:
-                timeout = max(0.0, (self._boundary - datetime.now(timezone.utc)).total_seconds()) + 0.001
+                # Re-checked at least every BOUNDARY_TICK_S against the wall clock (as blockd.clock
+                # judges it): a clock step while waiting moves the boundary, the timer follows.
+                left = (self._boundary - self.reconciler.now()).total_seconds()
+                timeout = min(max(0.0, left) + 0.001, BOUNDARY_TICK_S)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
                 reason = "change"
             except TimeoutError:
+                if self._boundary is not None and self.reconciler.now() < self._boundary:
+                    continue  # not there yet (the wait was capped)
                 reason = "time"  # a not_before or not_after was reached
             self._wake.clear()
             reloading, self._reloading = self._reloading, False
@@ -222,6 +230,8 @@ class Daemon:
             mt.input_failures.labels(f.input).inc()
         if r.state_error is not None:
             mt.state_write_failures.inc()
+        if self.reconciler.clock is not None:
+            mt.clock_behind.set(self.reconciler.clock.step_back_s)
         m.replace_labels(mt.policy_serial, {(p.issuer,): p.serial for p in r.policies})
         m.replace_labels(mt.policy_issued, {(p.issuer,): p.issued_at.timestamp() for p in r.policies})
         m.replace_labels(mt.policy_expiry, {(p.issuer,): p.not_after.timestamp() for p in r.policies})
@@ -313,6 +323,9 @@ class Daemon:
 
     async def _stats_loop(self, interval: float = 5.0) -> None:
         while True:
+            self.reconciler.now()  # measures a wall clock step, also while no pass runs
+            if self.reconciler.clock is not None:
+                self.metrics.clock_behind.set(self.reconciler.clock.step_back_s)
             for e in self.enforcers:
                 stats: Callable[[], object] | None = getattr(e, "stats", None)
                 if stats is not None:

@@ -46,6 +46,7 @@ class Metrics:
     input_failures: Counter
     policy_dir_events: Counter
     state_write_failures: Counter
+    clock_behind: Gauge
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -101,6 +102,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
             "blockd_state_write_failures_total", "Passes that could not record newly accepted policies in the state "
             "directory (full, read-only, immutable): the new orders wait, not enforced, and the pass is retried",
             registry=r),
+        clock_behind=Gauge("blockd_clock_behind_seconds", "How far the wall clock is behind the highest time seen "
+                           "(a step back); validity windows are judged at the highest time", registry=r),
     )
     for how in ("removed", "replaced"):
         m.policy_dir_events.labels(how)

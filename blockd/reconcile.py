@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 import structlog
 
+from blockd.clock import MonotonicWallClock
 from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import EnforcerError
@@ -74,6 +75,16 @@ class Reconciler:
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
+    clock: MonotonicWallClock | None = None
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            self.clock = MonotonicWallClock(self.settings.state_dir / "clock.json")
+
+    def now(self) -> datetime:
+        """The time windows are judged at: the wall clock, never stepping back (blockd.clock)."""
+        assert self.clock is not None
+        return self.clock.now()
 
     def refresh_context(self) -> list[InputFailure]:
         """Reload trust store and catalog; a bad file is refused and the last good ones stay."""
@@ -81,7 +92,7 @@ class Reconciler:
         return failures
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
-        now = now or datetime.now(timezone.utc)
+        now = now or self.now()
         t0 = time.perf_counter()
         # Verification and compilation are CPU work: off the event loop, which keeps answering
         # DNS and pinging the watchdog meanwhile.
@@ -107,6 +118,8 @@ class Reconciler:
         pending = tuple(v.policy for v in sel.with_status("pending") if v.policy is not None)
         for p in (*in_force, *pending):
             self.received.setdefault(p.digest, now)
+        if self.clock is not None:
+            self.clock.save()
         log.info("reconcile_pass", reason=reason, digest=desired.digest[:16], changed=changed,
                  policies=len(in_force), pending=len(pending), rejected=len(new), failed=sorted(failed),
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())

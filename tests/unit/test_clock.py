@@ -1,0 +1,44 @@
+"""blockd.clock: validity is judged at a time that never goes backwards, and keeps flowing."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from blockd.clock import MonotonicWallClock
+
+T = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+S = timedelta(seconds=1)
+
+# (wall offset s, monotonic s) -> expected (judged offset s, behind s)
+STEPS = [
+    ((0, 0), (0, 0)),
+    ((10, 10), (10, 0)),          # both clocks advance together
+    ((-86390, 20), (20, 86410)),  # the wall clock steps back a day: time keeps flowing from 10 s
+    ((-86380, 30), (30, 86410)),
+    ((40, 40), (40, 0)),          # fixed: the wall clock is right again
+    ((3640, 50), (3640, 0)),      # a forward step (a clock being corrected) is taken
+]
+
+
+def test_steps_back_are_ridden_out_and_forward_steps_taken(tmp_path: Path) -> None:
+    clock = MonotonicWallClock(tmp_path / "clock.json")
+    for (wall, mono), (judged, behind) in STEPS:
+        assert clock.now(T + wall * S, float(mono)) == T + judged * S, (wall, mono)
+        assert round(clock.step_back_s) == behind
+
+
+def test_the_mark_survives_a_restart(tmp_path: Path) -> None:
+    clock = MonotonicWallClock(tmp_path / "clock.json")
+    clock.now(T, time.monotonic())
+    clock.save()
+    again = MonotonicWallClock(tmp_path / "clock.json")
+    stepped_back = T - timedelta(days=1)
+    judged = again.now(stepped_back, again._mono)
+    assert T <= judged < T + 5 * S and round(again.step_back_s) >= 86400
+
+
+def test_an_unreadable_mark_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "clock.json").write_text("{not json")
+    assert MonotonicWallClock(tmp_path / "clock.json").now(T, 0.0) == T
