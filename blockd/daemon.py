@@ -31,7 +31,7 @@ from blockd.sdnotify import Notifier
 from blockd.selection import STATUSES, status_counts
 from blockd.settings import Settings
 from blockd.state import StateLock, StateStore
-from blockd.watch import watch
+from blockd.watch import identity, snapshot, watch
 
 log = structlog.get_logger("blockd.daemon")
 
@@ -89,6 +89,7 @@ class Daemon:
         self._reloading = False
         self.last: PassResult | None = None
         self._lock: StateLock | None = None
+        self._seen: tuple[object, ...] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> int:
@@ -191,13 +192,26 @@ class Daemon:
                 reason = "time"  # a not_before or not_after was reached
             self._wake.clear()
             reloading, self._reloading = self._reloading, False
+            if reason == "change" and not reloading and self._inputs_unchanged():
+                log.debug("pass_skipped", reason="the policy directory and the state are as the last pass saw them")
+                continue
             await self._pass("reload" if reloading else reason)
             if reloading:
                 self.notifier.ready(self._status())  # ends systemd's "reloading" state
             else:
                 self.notifier.status(self._status())
 
+    def _inputs_unchanged(self) -> bool:
+        """True when a wake-up finds the files exactly as the last pass read them (the watcher's
+        first call, events of a burst that one pass already covered): no second full pass."""
+        return self.last is not None and self._input_snapshot() == self._seen
+
+    def _input_snapshot(self) -> tuple[object, ...]:
+        # The state directory is not in it: only this daemon writes there (it holds the lock).
+        return snapshot(self.settings.policy_dir), identity(self.settings.policy_dir)
+
     async def _pass(self, reason: str) -> None:
+        self._seen = self._input_snapshot()  # before reading: a change during the pass is not lost
         t0 = time.perf_counter()
         try:
             async with self._apply_lock:
