@@ -24,7 +24,7 @@ from blockd.compile import CompileSettings
 from blockd.errors import BlockdError, CatalogError, InputError
 from blockd.fsutil import read_regular
 from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
-from blockd.model import Catalog
+from blockd.model import Catalog, Policy
 from blockd.policy import load_signed_policy
 from blockd.selection import Candidate, Unreadable
 from blockd.settings import Settings
@@ -149,12 +149,17 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
-def read_candidates(paths: list[Path], ctx: Context) -> tuple[list[Candidate], list[Unreadable]]:
+ParseCache = dict[tuple[str, str, tuple[str, ...]], Policy]
+
+
+def read_candidates(paths: list[Path], ctx: Context, parsed: ParseCache | None = None
+                    ) -> tuple[list[Candidate], list[Unreadable]]:
     candidates: list[Candidate] = []
     unreadable: list[Unreadable] = []
     for path in paths:
         try:
-            policy, signed = load_signed_policy(path, ctx.store, max_bytes=ctx.settings.max_policy_bytes)
+            policy, signed = load_signed_policy(path, ctx.store, max_bytes=ctx.settings.max_policy_bytes,
+                                                parsed=parsed)
         except BlockdError as e:
             unreadable.append(Unreadable(str(path), e, _digest_of(path, ctx.settings.max_policy_bytes)))
             continue
@@ -162,9 +167,9 @@ def read_candidates(paths: list[Path], ctx: Context) -> tuple[list[Candidate], l
     return candidates, unreadable
 
 
-def state_candidates(ctx: Context) -> tuple[list[Candidate], list[Unreadable]]:
+def state_candidates(ctx: Context, parsed: ParseCache | None = None) -> tuple[list[Candidate], list[Unreadable]]:
     """The accepted copies, verified as any file is (a tampered copy is refused, not trusted)."""
-    found, bad = read_candidates(ctx.state.accepted_paths(), ctx)
+    found, bad = read_candidates(ctx.state.accepted_paths(), ctx, parsed)
     return [Candidate(c.policy, c.signed, from_state=True) for c in found], bad
 
 

@@ -64,11 +64,22 @@ def load_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POL
     return load_signed_policy(path, store, max_bytes=max_bytes)[0]
 
 
-def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POLICY_BYTES
+def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POLICY_BYTES,
+                       parsed: dict[tuple[str, str, tuple[str, ...]], Policy] | None = None
                        ) -> tuple[Policy, SignedFile]:
-    """Verify, then parse: the Policy and the exact bytes it was parsed from."""
+    """Verify, then parse: the Policy and the exact bytes it was parsed from.
+
+    `parsed` caches the parse by (sha256, file, signers): bytes that were parsed before are
+    verified again (always) but not parsed again, so a pass over a large unchanged policy
+    costs a hash and a signature check.
+    """
     signed = read_signed(path, store, role="policy", max_bytes=max_bytes)
-    policy = parse_policy(signed.data, str(path), signers=signed.verified.signers)
+    key = (signed.digest, str(path), signed.verified.signers)
+    policy = parsed.get(key) if parsed is not None else None
+    if policy is None:
+        policy = parse_policy(signed.data, str(path), signers=signed.verified.signers)
+        if parsed is not None:
+            parsed[key] = policy
     if policy.issuer != signed.verified.issuer:
         raise SignatureError(
             f"file says issuer {policy.issuer!r} but is signed by keys of issuer {signed.verified.issuer!r}",

@@ -30,7 +30,7 @@ from blockd.clock import MonotonicWallClock
 from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import EnforcerError
-from blockd.intake import Context, InputFailure, Rejected, load_context, policy_files, read_candidates, state_candidates
+from blockd.intake import Context, InputFailure, ParseCache, Rejected, load_context, policy_files, read_candidates, state_candidates
 from blockd.model import Applied, Policy, RuleSet
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
@@ -73,6 +73,10 @@ class Reconciler:
     #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
     #: is not expanded again
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
+    #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
+    _parsed: ParseCache = field(default_factory=dict)
+    #: the last merge and its inputs: a pass whose inputs did not change reuses the rule set
+    _merged: tuple[object, Compilation] | None = None
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
     clock: MonotonicWallClock | None = None
@@ -144,8 +148,14 @@ class Reconciler:
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]
+        statuses, policy_statuses = sel.order_statuses(), sel.policy_statuses()
+        key = (ctx.key, tuple((p.policy.digest, p.policy.source) for p in sel.prepared),
+               tuple(sorted(statuses.items())), tuple(sorted(policy_statuses.items())))
+        if self._merged is not None and self._merged[0] == key:
+            return sel, self._merged[1], failures  # the same inputs: the same rule set, not merged again
         baseline = ctx.state.baseline() if self.desired is None else self.desired
-        comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
+        comp = merge(sel.prepared, ctx.compile, baseline, statuses, policy_statuses)
+        self._merged = (key, comp)
         return sel, comp, failures
 
     def select(self, ctx: Context, now: datetime, *, hold_back: dict[str, Verdict] | None = None,
@@ -153,10 +163,10 @@ class Reconciler:
         """The selection over the policy directory and the state; `hold_back` (by digest) are
         verified files that cannot be recorded yet: they are pending, with `why`."""
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
-        found, bad = read_candidates(directory, ctx)
+        found, bad = read_candidates(directory, ctx, self._parsed)
         if hold_back:
             found = [c for c in found if c.policy.digest not in hold_back]
-        kept, kept_bad = state_candidates(ctx)
+        kept, kept_bad = state_candidates(ctx, self._parsed)
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
         def prepared(p: Policy) -> Prepared:
@@ -174,6 +184,11 @@ class Reconciler:
                                                        key=lambda v: (v.issuer or "", v.serial or 0, v.source))))
         live = {p.policy.digest for p in sel.prepared} | {v.digest for v in sel.verdicts if v.status == "pending"}
         self._prepared = {k: v for k, v in cache.items() if k[0] in live}
+        # Keep the parses of the files that are still there (whatever their status: an old
+        # serial left in the directory is read on every pass).
+        present = {(v.digest, v.source) for v in sel.verdicts}
+        present |= {(c.policy.digest, c.policy.source) for c in (*found, *kept)}
+        self._parsed = {k: p for k, p in self._parsed.items() if (k[0], k[1]) in present}
         return sel
 
     def _record(self, ctx: Context, sel: Selection, now: datetime) -> None:

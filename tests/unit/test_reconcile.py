@@ -217,3 +217,24 @@ def test_a_state_that_cannot_be_written_holds_the_new_serial_back(settings: Sett
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [2] and r.state_error is None
     assert _json.loads((settings.state_dir / "accepted.json").read_text())["reg"]["serial"] == 2
+
+
+def test_a_pass_with_nothing_changed_reuses_the_parse_the_expansion_and_the_merge(settings: Settings,
+                                                                                  write_policy) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    first = run_pass(rec)
+    again = run_pass(rec)
+    assert again.policies[0] is first.policies[0], "an unchanged file is verified again, not parsed again"
+    assert again.compilation is first.compilation, "the same inputs are not merged again"
+    assert not again.changed
+    write_policy(POLICY.format(serial=2, targets="services: [telegram]"), name="p-2.yaml")
+    third = run_pass(rec)
+    assert third.compilation is not first.compilation and [p.serial for p in third.policies] == [2]
+    # the file's bytes are still checked on every pass: a tampered file is refused at once
+    path = settings.policy_dir / "p-2.yaml"
+    path.write_text(path.read_text().replace("R2", "R3"))
+    fourth = run_pass(rec)
+    assert [p.serial for p in fourth.policies] == [2] and fourth.policies[0].source.startswith(str(settings.state_dir))
+    assert any(v.source.endswith("p-2.yaml") and v.status == "rejected" and v.kind == "signature"
+               for v in fourth.verdicts)
