@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 
 import structlog
 
@@ -30,7 +30,9 @@ from blockd.clock import MonotonicWallClock
 from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import EnforcerError
-from blockd.intake import Context, InputFailure, ParseCache, Rejected, load_context, policy_files, read_candidates, state_candidates
+from blockd.intake import (
+    Context, InputFailure, ParseCache, Rejected, load_context, policy_files, read_candidates, state_candidates,
+)
 from blockd.model import Applied, Policy, RuleSet
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
@@ -120,8 +122,6 @@ class Reconciler:
             log.error("input_refused", input=f.input, where=f.where, error=f.message)
         in_force = sel.in_force
         pending = tuple(v.policy for v in sel.with_status("pending") if v.policy is not None)
-        for p in (*in_force, *pending):
-            self.received.setdefault(p.digest, now)
         if self.clock is not None:
             self.clock.save()
         log.info("reconcile_pass", reason=reason, digest=desired.digest[:16], changed=changed,
@@ -136,6 +136,9 @@ class Reconciler:
         assert self.ctx is not None
         ctx = self.ctx
         sel = self.select(ctx, now)
+        for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
+            if v.digest is not None:
+                self.received.setdefault(v.digest, now)
         try:
             self._record(ctx, sel, now)
             self.state_error = None

@@ -15,7 +15,7 @@ LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not LIB.exists(), reason="libfaketime missing (make deps)")]
 
 
-def test_a_clock_stepped_back_neither_drops_nor_revives(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_clock_stepped_back_neither_drops_nor_revives(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     offset = box.tmp / "faketime"
     offset.write_text("+0\n")
     monkeypatch.setenv("LD_PRELOAD", str(LIB))

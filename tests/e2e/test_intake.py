@@ -43,7 +43,7 @@ def zone(b: Box) -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line and not line.startswith(";") and "CNAME" in line}
 
 
-def test_a_typo_in_a_new_serial_keeps_the_old_one_everywhere(box: Box) -> None:
+def test_a_typo_in_a_new_serial_keeps_the_old_one_everywhere(box: Box) -> None:  # noqa: F811
     with_rpz(box)
     box.write_policy("p-1.yaml", POLICY.format(serial=1, service="telegram"))
     box.start()
@@ -101,7 +101,7 @@ def _alert_fires_on_a_real_scrape(b: Box) -> None:
         prom.wait(10)
 
 
-def test_a_second_daemon_on_one_state_directory_refuses_to_start(box: Box) -> None:
+def test_a_second_daemon_on_one_state_directory_refuses_to_start(box: Box) -> None:  # noqa: F811
     # without the audit log (whose own lock would stop the second one earlier)
     box.config.write_text("".join(line for line in box.config.read_text().splitlines(keepends=True)
                                   if "audit_log" not in line))
