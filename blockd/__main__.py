@@ -320,6 +320,46 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- the regulator's side: compliance across operators, registry imports ----------------------
+
+
+def _duration(text: str) -> float:
+    """`90000`, `25h`, `90m`, `2d` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or a number with s, m, h or d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def cmd_compliance(args: argparse.Namespace) -> int:
+    from blockd.compliance import html, report
+    from blockd.compliance.check import check
+
+    now = _now(args)
+    try:
+        rep, refused = check([Path(p) for p in args.policies], Path(args.operators), Path(args.statements),
+                             _settings(args), now, args.max_age)
+    except BlockdError as e:
+        _emit_error(args, e)
+        return report.EXIT_INPUT
+    doc = report.to_json(rep, refused_inputs=refused)
+    if args.html:
+        out = Path(args.html)
+        atomic_write(out, html.render(doc, base=out.parent).encode())
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(report.verdict_line(doc) if args.quiet else report.text(doc, verbose=args.verbose))
+    return int(doc["exit_code"])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from blockd.demo import run_demo
 
@@ -394,6 +434,23 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", "-k", help="operator public key: verify the head's and attestations' signatures")
     sp.add_argument("--no-head", action="store_true", help="do not require the audit.head file")
     sp.set_defaults(func=cmd_audit_verify)
+
+    sp = add("compliance", cmd_compliance, "regulator: check operators' signed statements against the orders "
+             "(exit 0 all comply, 1 some do not, 2 an input was refused, 3 only pending)")
+    sp.add_argument("--policies", "-P", nargs="+", required=True, metavar="POLICY",
+                    help="the regulator's signed policies (files or directories)")
+    sp.add_argument("--operators", "-k", required=True, metavar="DIR",
+                    help="operators' public keys: DIR/<operator>.pub or DIR/<operator>/*.pub")
+    sp.add_argument("--statements", "-s", required=True, metavar="DIR",
+                    help="the attestation files received (any tree; each is matched to its operator by key)")
+    sp.add_argument("--trust-store", dest="trust_store", help="trust store for the regulator's own keys")
+    sp.add_argument("--catalog", dest="catalog_dir", help="the regulator's service catalog directory")
+    sp.add_argument("--max-age", type=_duration, default=_duration("25h"),
+                    help="a latest statement older than this is stale (seconds, or 25h, 90m, 2d; default 25h)")
+    sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+    sp.add_argument("--verbose", "-v", action="store_true", help="problems and evidence per cell")
+    sp.add_argument("--quiet", "-q", action="store_true", help="only the one-line verdict")
 
     sp = add("demo", cmd_demo, "run blockd on the signed sample policy in a lab of network namespaces (root)")
     sp.add_argument("--verbose", "-v", action="store_true", help="print blockd's log at the end")
