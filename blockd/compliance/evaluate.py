@@ -121,8 +121,9 @@ class OperatorSummary:
     in_sync: bool | None
     readback: tuple[Readback, ...]
     failures: tuple[Failure, ...]
-    problems: tuple[str, ...]
+    problems: tuple[str, ...]  # the chain's and the read-back's; per order see `failing`
     complies: bool
+    failing: tuple[str, ...] = ()  # "<order key>: <verdict>" for each cell that does not comply
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +194,8 @@ def evaluate(exp: Expected, keys: Mapping[bytes, OperatorKey], statements: Seque
             name, key_ids.get(name, ""), len(chain), chain[0].seq if chain else None,
             latest.seq if latest else None, latest.issued_at if latest else None, latest.path if latest else None,
             stale, in_sync, readback, fails, tuple(problems),
-            not problems and all(c.complies or c.verdict == "refused" for c in own)))
+            not problems and all(c.complies or c.verdict == "refused" for c in own),
+            tuple(f"{c.order}: {c.verdict}" for c in own if not c.complies and c.verdict != "refused")))
     unattributed = tuple(f for f in failures if f.operator is None)
     if all(s.complies for s in summaries) and not unattributed:
         verdict, code = "comply", EXIT_COMPLY
@@ -238,6 +240,19 @@ def _cell(o: ExpectedOrder, operator: str, chain: Sequence[Statement], latest: S
             if first < o.issued_at:
                 problems.append(f"{s.path} claims enforcement at {first:%Y-%m-%dT%H:%M:%SZ}, before the order was "
                                 f"issued ({o.issued_at:%Y-%m-%dT%H:%M:%SZ})")
+    if first is not None and evidence is not None:
+        # A backdated claim: a statement issued after the claimed time that does not show the
+        # order enforced contradicts it. The chain then supports only the evidence's own time.
+        for s in chain:
+            if s.path == evidence:
+                break
+            c = s.orders.get((o.key, o.serial))
+            if s.issued_at >= first and (c is None or c.enforced_everywhere_at is None):
+                problems.append(f"{evidence} claims enforcement since {first:%Y-%m-%dT%H:%M:%SZ}, but {s.path} "
+                                f"(issued {s.issued_at:%Y-%m-%dT%H:%M:%SZ}) does not show it enforced; counted "
+                                "from the statement that first does")
+                first = next(x.issued_at for x in chain if x.path == evidence)
+                break
     disagree = [f"{s.path} covers {p.name or o.policy} ({p.issuer} serial {p.serial}) with sha256 {p.sha256[:16]}…; "
                 f"the regulator issued {o.policy_sha256[:16]}…"
                 for s in chain for p in s.policies

@@ -67,9 +67,9 @@ def _timeline(doc: dict[str, Any], order: dict[str, Any], names: list[str]) -> s
 
     deadline_s = (t(order["deadline"]) - t(order["issued_at"])).total_seconds() if order["deadline"] else None
     horizon = max([*spans, deadline_s or 0, 3600.0]) * 1.1
-    width, left, row = 640, 110, 18
+    width, left, row = 700, 110, 18
     height = row * len(names) + 24
-    scale = (width - left - 10) / horizon
+    scale = (width - left - 90) / horizon
     parts = [f'<svg class="timeline" data-order="{escape(order["key"])}" width="{width}" height="{height}" '
              f'role="img" aria-label="time to enforce {escape(order["key"])}">']
     for i, name in enumerate(names):
@@ -125,7 +125,7 @@ def render(doc: dict[str, Any], *, base: Path) -> str:
         latest = escape(op["latest_at"] or "-")
         if href:
             latest = f'<a href="{escape(href)}">{latest}</a>'
-        problems = "".join(f"<li>{escape(p)}</li>" for p in op["problems"])
+        problems = "".join(f"<li>{escape(p)}</li>" for p in [*op["failing"], *op["problems"]])
         out.append(f'<tr data-operator="{escape(op["name"])}" data-complies="{str(op["complies"]).lower()}">'
                    f'<td>{escape(op["name"])}<br><span class=small>key {escape(op["key_id"])}</span></td>'
                    f'<td class="{"ok" if op["complies"] else "bad"}">{"yes" if op["complies"] else "no"}</td>'

@@ -39,6 +39,7 @@ def to_json(r: Report, *, refused_inputs: list[dict[str, object]] | None = None)
                      for x in s.readback],
         "failed": [{"path": f.path, "reason": f.reason} for f in s.failures],
         "problems": list(s.problems),
+        "failing": list(s.failing),
     } for s in r.operators]
     by_verdict = {v: sum(c.verdict == v for c in r.cells) for v in VERDICTS}
     refused_inputs = refused_inputs or []
@@ -107,6 +108,8 @@ def text(doc: dict[str, Any], *, verbose: bool = False) -> str:
         lines.append(f"operator {op['name']} (key {op['key_id']}): {state}; {op['statements']} statements, seq "
                      f"{op['first_seq']}..{op['last_seq']}, latest {op['latest_at'] or '-'}")
         lines += [f"  {p}" for p in op["problems"]]
+        if op["failing"]:
+            lines.append(f"  orders not complied with: {', '.join(op['failing'])}")
     for f in doc["unattributed"]:
         lines.append(f"unattributed {f['path']}: {f['reason']}")
     lines.append(verdict_line(doc))

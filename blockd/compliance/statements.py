@@ -182,7 +182,10 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
         if not isinstance(e, Mapping):
             raise ValueError(f"predicate.enforcers.{name}: expected an object, got {type(e).__name__}")
         failed = e.get("failed") is True or e.get("status") == "failed"
-        counts = {k: v for k, v in (e.get("counts") or {}).items() if isinstance(v, int)}
+        raw_counts = e.get("counts") if e.get("counts") is not None else {}
+        if not isinstance(raw_counts, Mapping):
+            raise ValueError(f"predicate.enforcers.{name}.counts: expected an object of kind -> count")
+        counts = {k: v for k, v in raw_counts.items() if isinstance(v, int)}
         enforcers.append(EnforcerState(name, where_of(name), e.get("in_sync") is True and not failed, failed,
                                        MappingProxyType(counts), _opt_str(e.get("readback_digest"))))
     policies: list[PolicyClaim] = []
@@ -193,13 +196,16 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
             raise ValueError(f"{at}: expected an object")
         policies.append(PolicyClaim(str(p.get("name", "")), _str(p, "sha256", at), _str(p, "issuer", at),
                                     _int(p, "serial", at), str(p.get("status", ""))))
-        for j, o in enumerate(p.get("orders") or ()):
+        listed = p.get("orders") if p.get("orders") is not None else []
+        if not isinstance(listed, list):
+            raise ValueError(f"{at}.orders: expected a list")
+        for j, o in enumerate(listed):
             oat = f"{at}.orders[{j}]"
             if not isinstance(o, Mapping):
                 raise ValueError(f"{oat}: expected an object")
             serial = _int(o, "serial", oat)
             key = _str(o, "key", oat)
-            enforced = o.get("enforced_at") or {}
+            enforced = o.get("enforced_at", {}) if o.get("enforced_at") is not None else {}
             if not isinstance(enforced, Mapping):
                 raise ValueError(f"{oat}.enforced_at: expected an object of enforcer -> time")
             orders[(key, serial)] = OrderClaim(
