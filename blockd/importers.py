@@ -342,7 +342,9 @@ def ps_check_checksum(data: bytes, entries: list[str], checksum: bytes, where: s
     given = raw.split()[0].lower() if raw.split() else ""
     if not re.fullmatch(r"[0-9a-f]{64}", given):
         raise ChecksumError(f"{where}: checksum {given[:80]!r} is not a SHA-256 (64 hex digits)")
-    joined = hashlib.sha256("\n".join(e for e in entries).rstrip("\n").encode()).hexdigest()
+    # The API hashes the entries joined by "\n"; a text export saved with a final newline has an
+    # empty last entry, which the API never had.
+    joined = hashlib.sha256("\n".join(entries).rstrip("\n").encode()).hexdigest()
     if given == joined:
         return "entries"
     if given == hashlib.sha256(data).hexdigest():

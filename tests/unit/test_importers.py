@@ -314,3 +314,67 @@ def test_refilter_lists(name: str, domains: int, cidrs: int) -> None:
     lines = gzip.decompress((DATA / "refilter" / name).read_bytes()).decode().splitlines()
     result = list_to_policy(lines, **LIST_KW, subtree=True)
     assert (result.orders, result.domains, result.cidrs, result.skipped) == (1, domains, cidrs, ())
+
+
+# -- Piracy Shield ------------------------------------------------------------------------------
+
+PS_KW: dict[str, Any] = {"issuer": "it-agcom", "serial": 3, "order_id": "ps-0042", "authority": "AGCOM",
+                         "reference": "ticket 0042", **WHEN}
+
+PS_CASES = [
+    pytest.param(b'{"status": "success", "data": ["a.example", "B.Example."]}', "fqdn",
+                 {"domains": ["a.example", "b.example"]}, [], id="json-envelope-fqdn"),
+    pytest.param(b'["198.51.100.7", "203.0.113.0/24"]', "ipv4", {"cidrs": ["198.51.100.7/32", "203.0.113.0/24"]},
+                 [], id="bare-json-ipv4"),
+    pytest.param(b"2001:db8::1\n2001:db8:1::/48\n\n", "ipv6", {"cidrs": ["2001:db8::1/128", "2001:db8:1::/48"]},
+                 [], id="text-ipv6-trailing-newline"),
+    pytest.param(b"a.example\n192.0.2.1\nbad name\n", "fqdn", {"domains": ["a.example"]},
+                 ["f:line 2: '192.0.2.1': looks like an IP address", "f:line 3: 'bad name'"], id="fqdn-unusable"),
+    pytest.param(b"192.0.2.1\n2001:db8::1\n192.0.2.1/24\nexample.com\n", "ipv4", {"cidrs": ["192.0.2.1/32"]},
+                 ["f:line 2: '2001:db8::1': an IPv6 entry in the IPv4 list",
+                  "f:line 3: '192.0.2.1/24': host bits set", "f:line 4: 'example.com'"], id="ipv4-wrong-kind"),
+]
+
+
+@pytest.mark.parametrize(("data", "kind", "want", "skipped"), PS_CASES)
+def test_piracy_shield_lists(data: bytes, kind: str, want: dict[str, list[str]], skipped: list[str]) -> None:
+    from blockd.importers import piracy_shield_to_policy, ps_entries
+
+    result = piracy_shield_to_policy([(kind, "f", ps_entries(data, "f"))], **PS_KW)
+    (order,) = orders(result)
+    assert order["id"] == "ps-0042" and order["legal_basis"]["authority"] == "AGCOM"
+    assert order["targets"] == want
+    assert len(result.skipped) == len(skipped)
+    for line, fragment in zip(result.skipped, skipped, strict=True):
+        assert fragment in line
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b'{"status": "error", "code": 1003, "message": "Permission denied"}', "without status 'success'"),
+    (b'{"status": "success", "data": [1, 2]}', "expected a list of strings"),
+    (b"{not json", "looks like JSON but does not parse"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_piracy_shield_bad_exports(data: bytes, match: str) -> None:
+    from blockd.importers import ps_entries
+
+    with pytest.raises(ValueError, match=match):
+        ps_entries(data, "f")
+
+
+def test_piracy_shield_checksums() -> None:
+    import hashlib
+    import json
+
+    from blockd.importers import ChecksumError, ps_check_checksum, ps_entries
+
+    data = b'{"status": "success", "data": ["a.example", "b.example"]}'
+    entries = ps_entries(data, "f")
+    joined = hashlib.sha256(b"a.example\nb.example").hexdigest()
+    assert ps_check_checksum(data, entries, joined.encode(), "f") == "entries"
+    assert ps_check_checksum(data, entries, json.dumps({"status": "success", "data": joined}).encode(), "f") == "entries"
+    assert ps_check_checksum(data, entries, f"{hashlib.sha256(data).hexdigest()}  f.json\n".encode(), "f") == "file"
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch: the checksum file says 0000"):
+        ps_check_checksum(data, entries, b"0" * 64, "f")
+    with pytest.raises(ChecksumError, match="is not a SHA-256"):
+        ps_check_checksum(data, entries, b"abc", "f")
