@@ -215,9 +215,7 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
                 _opt_time(o.get("received_at"), f"{oat}.received_at"),
                 _opt_str(o.get("deadline_status")),
             )
-    summary = pred.get("orders") if isinstance(pred.get("orders"), Mapping) else {}
-    ruleset = pred.get("ruleset") if isinstance(pred.get("ruleset"), Mapping) else {}
-    operator_obj = pred.get("operator") if isinstance(pred.get("operator"), Mapping) else {}
+    summary, ruleset, operator_obj = (_opt_obj(pred, k) for k in ("orders", "ruleset", "operator"))
     return Statement(
         path=path, sha256=sha256, operator=operator, operator_name=str(operator_obj.get("name", "")),
         id=_str(att, "id", "predicate.attestation"), seq=_int(att, "seq", "predicate.attestation"),
@@ -234,6 +232,11 @@ def _obj(m: Mapping[str, Any], key: str, at: str = "") -> Mapping[str, Any]:
     if not isinstance(v, Mapping):
         raise ValueError(f"{at + '.' if at else ''}{key}: expected an object, got {type(v).__name__}")
     return v
+
+
+def _opt_obj(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = m.get(key)
+    return v if isinstance(v, Mapping) else {}
 
 
 def _list(m: Mapping[str, Any], key: str, at: str) -> list[Any]:
