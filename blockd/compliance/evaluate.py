@@ -31,6 +31,8 @@ from blockd.model import Policy
 
 HELD = frozenset({"enforced", "partially_refused", "unblocked", "unblock"})
 EXIT_COMPLY, EXIT_NOT_COMPLY, EXIT_PENDING = 0, 1, 3
+#: a statement dated more than this after `now` is reported (clocks differ by seconds, not minutes)
+FUTURE_SLACK_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,9 @@ def chain_problems(chain: Sequence[Statement]) -> list[str]:
         elif cur.seq > prev.seq + 1:
             gap = f"{prev.seq + 1}" if cur.seq == prev.seq + 2 else f"{prev.seq + 1}..{cur.seq - 1}"
             problems.append(f"seq {gap} missing between {prev.path} and {cur.path}")
+        elif cur.issued_at < prev.issued_at:
+            problems.append(f"seq {cur.seq} ({cur.path}) was issued {cur.issued_at:%Y-%m-%dT%H:%M:%SZ}, before seq "
+                            f"{prev.seq} ({prev.issued_at:%Y-%m-%dT%H:%M:%SZ}): its times cannot be trusted")
         elif cur.previous_sha256 != prev.sha256:
             problems.append(f"seq {cur.seq} ({cur.path}) names previous sha256 {str(cur.previous_sha256)[:16]}… "
                             f"but seq {prev.seq} hashes to {prev.sha256[:16]}…: a statement was replaced")
@@ -179,6 +184,10 @@ def evaluate(exp: Expected, keys: Mapping[bytes, OperatorKey], statements: Seque
         problems += chain_problems(chain)
         latest = chain[-1] if chain else None
         stale = latest is not None and (now - latest.issued_at).total_seconds() > max_age_s
+        future = [s for s in chain if (s.issued_at - now).total_seconds() > FUTURE_SLACK_S]
+        if future:
+            problems.append(f"{future[0].path} is dated {future[0].issued_at:%Y-%m-%dT%H:%M:%SZ}, after now "
+                            f"({now:%Y-%m-%dT%H:%M:%SZ}): a clock ahead, or a statement made for later")
         if latest is None:
             problems.append("no verified statement received")
         elif stale:

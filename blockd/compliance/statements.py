@@ -186,8 +186,12 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
         if not isinstance(raw_counts, Mapping):
             raise ValueError(f"predicate.enforcers.{name}.counts: expected an object of kind -> count")
         counts = {k: v for k, v in raw_counts.items() if isinstance(v, int)}
-        enforcers.append(EnforcerState(name, where_of(name), e.get("in_sync") is True and not failed, failed,
-                                       MappingProxyType(counts), _opt_str(e.get("readback_digest"))))
+        readback, desired = _opt_str(e.get("readback_digest")), _opt_str(e.get("desired_digest"))
+        # In sync is what the digests say, not only what the flag says: a flag that contradicts
+        # them (a bug, or an edited-then-re-signed statement) is not taken as in sync.
+        agrees = readback is None or desired is None or readback == desired
+        enforcers.append(EnforcerState(name, where_of(name), e.get("in_sync") is True and not failed and agrees,
+                                       failed, MappingProxyType(counts), readback))
     policies: list[PolicyClaim] = []
     orders: dict[tuple[str, int], OrderClaim] = {}
     for i, p in enumerate(_list(pred, "policies", "predicate")):
@@ -221,7 +225,8 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
         id=_str(att, "id", "predicate.attestation"), seq=_int(att, "seq", "predicate.attestation"),
         issued_at=_time(att.get("issued_at"), "predicate.attestation.issued_at"),
         previous_sha256=_opt_str(att.get("previous_sha256")),
-        in_sync=pred.get("in_sync") is True, ruleset_digest=_opt_str(ruleset.get("digest")),
+        in_sync=pred.get("in_sync") is True and bool(enforcers) and all(e.in_sync for e in enforcers),
+        ruleset_digest=_opt_str(ruleset.get("digest")),
         enforcers=tuple(enforcers), policies=tuple(policies), orders=MappingProxyType(orders),
         orders_truncated=summary.get("truncated") is True,
     )

@@ -299,3 +299,23 @@ def test_backdated_and_impossible_claims(fx: fixture.Fixture, real: tuple[dict[s
                             fixture.T0 + timedelta(hours=31), 3600 * 25)
     c = next(c for c in rep.cells if c.operator == "alpha" and c.order == o.key)
     assert c.verdict == "missed" and any("before the order was issued" in p for p in c.problems)
+
+
+def test_in_sync_is_what_the_digests_say(real: tuple[dict[str, Any], statements.Statement]) -> None:
+    """A statement whose in_sync flag contradicts its own digests is not taken as in sync."""
+    d = json.loads(json.dumps(real[0]))
+    assert statements.parse(d, path="x", sha256="c" * 64, operator="alpha").in_sync
+    d["predicate"]["enforcers"]["dns"]["readback_digest"] = "e" * 64  # flag still says in_sync: true
+    s = statements.parse(d, path="x", sha256="c" * 64, operator="alpha")
+    assert not s.in_sync and not next(e for e in s.enforcers if e.name == "dns").in_sync
+
+
+def test_chain_times_backwards_and_future(fx: fixture.Fixture, real: tuple[dict[str, Any], statements.Statement]) -> None:
+    chain = _chain(real[1], [1, 2])
+    chain[1] = replace(chain[1], issued_at=chain[0].issued_at - timedelta(hours=1))
+    assert "was issued 2026-11-23T22:00:00Z, before seq 1" in evaluate.chain_problems(chain)[0]
+    keys, _ = statements.load_keys(fx.keys)
+    ahead = replace(real[1], seq=1, previous_sha256=None, issued_at=NOW + timedelta(hours=2))
+    rep = evaluate.evaluate(_expected(fx), keys, [ahead], [], NOW, 25 * 3600)
+    alpha = next(o for o in rep.operators if o.name == "alpha")
+    assert not alpha.complies and any("after now" in p for p in alpha.problems)
