@@ -353,6 +353,10 @@ def cmd_compliance(args: argparse.Namespace) -> int:
     if args.html:
         out = Path(args.html)
         atomic_write(out, html.render(doc, base=out.parent).encode())
+    if args.prometheus:
+        from blockd.compliance.metrics import exposition
+
+        atomic_write(Path(args.prometheus), exposition(doc, datetime.now(timezone.utc).timestamp()))
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -532,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-age", type=_duration, default=_duration("25h"),
                     help="a latest statement older than this is stale (seconds, or 25h, 90m, 2d; default 25h)")
     sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    sp.add_argument("--prometheus", metavar="FILE", help="also write metrics for node_exporter's textfile "
+                    "collector (alerts: monitoring/compliance_alerts.yml)")
     sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
     sp.add_argument("--verbose", "-v", action="store_true", help="problems and evidence per cell")
     sp.add_argument("--quiet", "-q", action="store_true", help="only the one-line verdict")
