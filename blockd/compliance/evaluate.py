@@ -27,7 +27,7 @@ from datetime import datetime
 
 from blockd.compile import Compilation, order_key
 from blockd.compliance.statements import KINDS, Failure, OperatorKey, Statement
-from blockd.model import Policy
+from blockd.model import Policy, RuleSet
 
 HELD = frozenset({"enforced", "partially_refused", "unblocked", "unblock"})
 EXIT_COMPLY, EXIT_NOT_COMPLY, EXIT_PENDING = 0, 1, 3
@@ -68,8 +68,24 @@ def expected(policies: Sequence[Policy], compilation: Compilation) -> Expected:
                 order_key(p, o), o.id, p.issuer, p.serial, _name(p.source), p.digest, o.action,
                 o.legal_basis.reference, p.issued_at, o.deadline, res.status if res else "not_compiled",
                 res.rules if res else 0))
-    return Expected(tuple(orders), dict(compilation.ruleset.counts()), compilation.ruleset.digest,
+    return Expected(tuple(orders), expected_counts(compilation.ruleset), compilation.ruleset.digest,
                     {p.digest: _name(p.source) for p in policies})
+
+
+def expected_counts(rs: RuleSet) -> dict[str, int]:
+    """What a rule set comes to in each enforcer's own unit, computed with the enforcers' own
+    pure functions: the rule set's kinds, nft's interval elements, ipset's CIDRs, BGP prefixes."""
+    from blockd.enforcers.bgp import prefixes_of
+    from blockd.enforcers.ipset import cidr_keys
+    from blockd.enforcers.nft import piece_keys
+
+    prefixes = prefixes_of(rs)
+    out = dict(rs.counts())
+    for v, rules in ((4, rs.v4), (6, rs.v6)):
+        out[f"ipv{v}_elements"] = len(piece_keys(v, rules))
+        out[f"ipv{v}_cidrs"] = len(cidr_keys(v, rules))
+        out[f"ipv{v}_prefixes"] = len(prefixes[v])
+    return out
 
 
 def _name(source: str) -> str:
@@ -194,6 +210,8 @@ def evaluate(exp: Expected, keys: Mapping[bytes, OperatorKey], statements: Seque
             problems.append(f"latest statement {latest.path} was issued {latest.issued_at:%Y-%m-%dT%H:%M:%SZ}, "
                             f"more than {max_age_s:g} s before {now:%Y-%m-%dT%H:%M:%SZ}: stale")
         readback = _readback(exp, latest) if latest else ()
+        problems += [f"latest statement: enforcer {e.name} ({e.where}) failed" for e in (latest.enforcers if latest else ())
+                     if e.failed]
         problems += [f"latest statement: {r.enforcer} ({r.where}) read back {r.got} {r.kind}; the orders expand "
                      f"to {r.expected}" for r in readback if r.got != r.expected]
         own = [_cell(o, name, chain, latest, stale, now) for o in exp.orders]
@@ -225,7 +243,11 @@ def _readback(exp: Expected, latest: Statement) -> tuple[Readback, ...]:
     out = []
     for e in latest.enforcers:
         for kind in KINDS.get(e.where, ()):
-            out.append(Readback(e.name, e.where, kind, None if e.failed else e.counts.get(kind), exp.counts.get(kind, 0)))
+            if kind not in e.counts or kind not in exp.counts:
+                continue
+            if kind == "ipv6_prefixes" and e.counts[kind] == 0:
+                continue  # a BGP session without the IPv6 family announces none, by configuration
+            out.append(Readback(e.name, e.where, kind, e.counts[kind], exp.counts[kind]))
     return tuple(out)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from blockd import attest, minisign, tte
 from blockd.audit import GENESIS, Head
+from blockd.enforcers.nft import piece_keys
 from blockd.model import Applied, RuleSet, diff
 from blockd.reconcile import Reconciler
 from blockd.settings import Settings
@@ -94,8 +95,11 @@ class SimEnforcer:
         held = RuleSet.build(want.domains[self.lose:], want.v4, want.v6) if self.lose else want
         plan = diff(self._held, held)
         self._held = held
+        # Counts in the units the real enforcers report: nft interval elements, DNS names.
+        counts = ({"ipv4_elements": len(piece_keys(4, held.v4)), "ipv6_elements": len(piece_keys(6, held.v6))}
+                  if self.share == "addresses" else held.counts())
         return Applied(self.name, held.digest, want.digest, plan.added, plan.removed, time.perf_counter() - t0,
-                       held.counts())
+                       counts)
 
     async def readback(self) -> RuleSet:
         return self._held

@@ -28,10 +28,11 @@ from blockd.errors import BlockdError
 
 #: enforcer name -> where it enforces; names not listed are shown as they are
 WHERE = {"nft": "kernel", "ipset": "kernel", "dns": "dns", "sinkhole": "dns", "rpz": "rpz", "bgp": "bgp"}
-#: the rule kinds each place holds (its share of the rule set)
-#: (BGP announces prefixes, not the rule set's ranges, and other places are unknown: their
-#: counts are shown but not compared)
-KINDS = {"kernel": ("ipv4_ranges", "ipv6_ranges"),
+#: the count keys, per place, that are its share of the rule set, in the units its enforcers
+#: report them (nft: interval elements, ipset: CIDRs, BGP: prefixes; DNS and RPZ: names).
+#: Only keys a statement carries are compared; other places' counts are shown, not compared.
+KINDS = {"kernel": ("ipv4_elements", "ipv6_elements", "ipv4_cidrs", "ipv6_cidrs", "ipv4_ranges", "ipv6_ranges"),
+         "bgp": ("ipv4_prefixes", "ipv6_prefixes"),
          "dns": ("domain_exact", "domain_subtree"), "rpz": ("domain_exact", "domain_subtree")}
 
 
