@@ -406,7 +406,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             text = _read_input(args.file).decode("utf-8")
             result = importers.list_to_policy(text.splitlines(), **when, order_id=args.order_id,
                                               authority=args.authority, reference=args.reference, url=args.url,
-                                              action=args.action, subtree=args.subtree)
+                                              action=args.action, subtree=args.subtree, syntax=args.syntax)
         else:
             lists = []
             for kind in importers.PS_KINDS:
@@ -571,6 +571,9 @@ def _parser() -> argparse.ArgumentParser:
             ip.add_argument("file", metavar="LIST", help="the list (or .gz)")
             ip.add_argument("--action", choices=("block", "unblock"), default="block")
             ip.add_argument("--subtree", action="store_true", help="a plain name also covers everything below it")
+            ip.add_argument("--syntax", choices=("plain", "clash", "dnsmasq"), default="plain",
+                            help="the list as published for a tool: Clash rules (IP-CIDR,...) or dnsmasq "
+                                 "server=/name/... lines")
         else:
             for kind in ("fqdn", "ipv4", "ipv6"):
                 ip.add_argument(f"--{kind}", action="append", metavar="FILE", help=f"{kind.upper()} list export")

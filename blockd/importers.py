@@ -245,39 +245,50 @@ def list_to_policy(
     url: str | None = None,
     action: str = "block",
     subtree: bool = False,
+    syntax: str = "plain",
 ) -> Imported:
     """A one-entry-per-line list -> a policy with one order holding every entry.
 
-    An entry is a CIDR or bare address if it parses as one, else a domain (`*.name` for a
-    subtree). `#` starts a comment; blank lines are ignored. With `subtree=True` a plain name
+    `plain`: an entry is a CIDR or bare address if it parses as one, else a domain (`*.name` for
+    a subtree); `#` starts a comment; blank lines are ignored. With `subtree=True` a plain name
     also covers everything below it, which is how suffix-matching lists (Re:filter's
     `domains_all.lst`, used as sing-box `domain_suffix`) are meant; the default is the exact name.
+
+    The same lists are also published wrapped for a tool, and `syntax` says which (it is never
+    guessed): `clash` (`IP-CIDR,<prefix>[,no-resolve]`, `IP-CIDR6,…`, `DOMAIN,<name>` exact,
+    `DOMAIN-SUFFIX,<name>` subtree; other rule types are reported) or `dnsmasq`
+    (`server=/<name>/…/…`, `address=`, `ipset=`, `nftset=`, `local=`: each name with its subtree,
+    as dnsmasq matches them).
     """
     _timestamps(issued_at, not_before, not_after)
     if action not in ("block", "unblock"):
         raise ValueError(f"action {action!r}; valid: block, unblock")
+    if syntax not in LIST_SYNTAXES:
+        raise ValueError(f"syntax {syntax!r}; valid: {', '.join(LIST_SYNTAXES)}")
     order = _Order(order_id, authority, reference, url)
     skipped: list[str] = []
     for lineno, raw in enumerate(lines, 1):
-        entry = raw.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        if ":" in entry or entry[0].isdigit():
-            try:
-                order.cidrs[str(parse_cidr(entry))] = None
-                continue
-            except CidrSyntaxError as e:
-                if ":" in entry or "/" in entry:
-                    skipped.append(f"line {lineno}: {entry!r}: {e}")
+        entries, problem = _unwrap(raw, syntax)
+        if problem:
+            skipped.append(f"line {lineno}: {raw.strip()[:200]!r}: {problem}")
+        for entry, kind in entries:
+            where = f"line {lineno}: {entry!r}"
+            if kind == "cidr" or (kind is None and (":" in entry or entry[0].isdigit())):
+                try:
+                    order.cidrs[str(parse_cidr(entry))] = None
                     continue
-        try:
-            name = normalise_domain(entry)
-        except ValueError as e:
-            skipped.append(f"line {lineno}: {entry!r}: {e}")
-            continue
-        if subtree and not name.startswith("*."):
-            name = "*." + name
-        order.domains[name] = None
+                except CidrSyntaxError as e:
+                    if kind == "cidr" or ":" in entry or "/" in entry:
+                        skipped.append(f"{where}: {e}")
+                        continue
+            try:
+                name = normalise_domain(entry)
+            except ValueError as e:
+                skipped.append(f"{where}: {e}")
+                continue
+            if (kind == "subtree" or (kind is None and subtree)) and not name.startswith("*."):
+                name = "*." + name
+            order.domains[name] = None
     orders = [order] if order.domains or order.cidrs else []
     return _render(
         orders,
@@ -289,6 +300,35 @@ def list_to_policy(
         not_after=not_after,
         action=action,
     )
+
+
+LIST_SYNTAXES = ("plain", "clash", "dnsmasq")
+_CLASH = {"IP-CIDR": "cidr", "IP-CIDR6": "cidr", "DOMAIN": "exact", "DOMAIN-SUFFIX": "subtree"}
+_DNSMASQ = ("server", "address", "ipset", "nftset", "local")
+
+
+def _unwrap(raw: str, syntax: str) -> tuple[list[tuple[str, str | None]], str | None]:
+    """One line -> ([(entry, kind)], problem). kind: cidr, exact, subtree, or None (plain: by form)."""
+    if syntax == "plain":
+        entry = raw.split("#", 1)[0].strip()
+        return ([(entry, None)] if entry else []), None
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        return [], None
+    if syntax == "clash":
+        parts = [p.strip() for p in line.split(",")]
+        if parts[0] not in _CLASH:
+            return [], f"Clash rule type {parts[0]!r} is not a name or prefix; usable: {', '.join(_CLASH)}"
+        if len(parts) < 2 or not parts[1] or (len(parts) > 2 and parts[2:] != ["no-resolve"]):
+            return [], "expected TYPE,VALUE or TYPE,VALUE,no-resolve"
+        return [(parts[1], _CLASH[parts[0]])], None
+    key, eq, rest = line.partition("=")
+    if not eq or key.strip() not in _DNSMASQ or not rest.startswith("/"):
+        return [], f"not a dnsmasq domain option ({', '.join(o + '=/name/…' for o in _DNSMASQ)})"
+    names = rest.split("/")[1:-1]
+    if not names or any(not n for n in names):
+        return [], "expected /name/[name/…] before the target"
+    return [(n, "subtree") for n in names], None
 
 
 # -- Piracy Shield (AGCOM, Italy) ------------------------------------------------------------

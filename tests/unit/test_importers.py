@@ -378,3 +378,27 @@ def test_piracy_shield_checksums() -> None:
         ps_check_checksum(data, entries, b"0" * 64, "f")
     with pytest.raises(ChecksumError, match="is not a SHA-256"):
         ps_check_checksum(data, entries, b"abc", "f")
+
+
+WRAPPED = [
+    pytest.param("clash", "IP-CIDR,192.0.2.0/24\nIP-CIDR6,2001:db8::/32,no-resolve\nDOMAIN,a.example\n"
+                 "DOMAIN-SUFFIX,b.example\n# c\nGEOIP,RU\nIP-CIDR,c.example\nIP-CIDR,1.2.3.4/24\n",
+                 {"domains": ["a.example", "*.b.example"], "cidrs": ["192.0.2.0/24", "2001:db8::/32"]},
+                 ["line 6: 'GEOIP,RU': Clash rule type 'GEOIP'", "line 7: 'c.example': not an IPv4",
+                  "line 8: '1.2.3.4/24': host bits set"], id="clash"),
+    pytest.param("dnsmasq", "server=/a.example/127.0.0.1#5353\nipset=/b.example/c.example/blocked\n"
+                 "address=/d.example/0.0.0.0\nconf-dir=/etc/dnsmasq.d\nserver=//1.1.1.1\n",
+                 {"domains": ["*.a.example", "*.b.example", "*.c.example", "*.d.example"]},
+                 ["line 4: 'conf-dir=/etc/dnsmasq.d': not a dnsmasq domain option",
+                  "line 5: 'server=//1.1.1.1': expected /name/"], id="dnsmasq"),
+]
+
+
+@pytest.mark.parametrize(("syntax", "text", "want", "skipped"), WRAPPED)
+def test_wrapped_lists(syntax: str, text: str, want: dict[str, list[str]], skipped: list[str]) -> None:
+    result = list_to_policy(text.splitlines(), **LIST_KW, syntax=syntax)
+    (order,) = orders(result)
+    assert order["targets"] == want
+    assert len(result.skipped) == len(skipped), result.skipped
+    for line, fragment in zip(result.skipped, skipped, strict=True):
+        assert fragment in line
