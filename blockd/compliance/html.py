@@ -32,9 +32,11 @@ def _link(path: str | None, base: Path) -> str | None:
     if not path:
         return None
     try:
-        return Path(os.path.relpath(path, base)).as_posix()
+        rel = Path(os.path.relpath(path, base)).as_posix()
     except ValueError:
         return Path(path).resolve().as_uri()
+    # Always a path, never read as a scheme: a statement named `javascript:….json` stays a file.
+    return rel if rel.startswith("../") else f"./{rel}"
 
 
 def _dur(s: float | None) -> str:

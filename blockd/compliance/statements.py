@@ -161,9 +161,11 @@ def collect(root: Path, keys: Mapping[bytes, OperatorKey], *, max_bytes: int = 2
             bad.append(Failure(where, f"signed by key {sig.key_id_hex}, which is no operator's key"))
             continue
         try:
+            before = path.read_bytes()
             doc = attest.verify(path, owner.key)
-            data = path.read_bytes()
-            good.append(parse(doc, path=where, sha256=hashlib.sha256(data).hexdigest(), operator=owner.operator))
+            if path.read_bytes() != before:  # the hash must be of the bytes that verified
+                raise BlockdError(f"{where}: changed while it was being verified; check again")
+            good.append(parse(doc, path=where, sha256=hashlib.sha256(before).hexdigest(), operator=owner.operator))
         except BlockdError as e:
             bad.append(Failure(where, str(e), owner.operator))
         except (ValueError, TypeError, KeyError) as e:

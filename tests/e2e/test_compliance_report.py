@@ -81,7 +81,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     assert parsed.cells["cell-bravo-demo-regulator/fx-mirror"] == "complies"  # 30 h, deadline 7 d
     # Each cell links to the statement it rests on, relative to the page, and the file is there.
     link = parsed.links["cell-bravo-demo-regulator/fx-casino"]
-    assert link == "statements/bravo/attestation-20261121T060000Z-000002.json"
+    assert link == "./statements/bravo/attestation-20261121T060000Z-000002.json"
     assert (page.parent / link).is_file()
     assert all((page.parent / h).is_file() for h in parsed.links.values())
     assert sorted(parsed.bars) == sorted(list(want) * 3)  # one bar per enforced cell in the timeline

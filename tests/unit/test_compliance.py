@@ -319,3 +319,16 @@ def test_chain_times_backwards_and_future(fx: fixture.Fixture, real: tuple[dict[
     rep = evaluate.evaluate(_expected(fx), keys, [ahead], [], NOW, 25 * 3600)
     alpha = next(o for o in rep.operators if o.name == "alpha")
     assert not alpha.complies and any("after now" in p for p in alpha.problems)
+
+
+def test_html_links_are_paths_and_text_is_escaped(doc: dict[str, Any], tmp_path: Path) -> None:
+    from blockd.compliance import html
+
+    evil = json.loads(json.dumps(doc))
+    c = evil["cells"][0]
+    c["evidence"] = str(tmp_path / "javascript:alert(1).json")
+    c["problems"] = ['<script>alert("x")</script>']
+    evil["operators"][0]["problems"] = ["<img src=x onerror=alert(1)>"]
+    page = html.render(evil, base=tmp_path)
+    assert 'href="./javascript:alert(1).json"' in page
+    assert "<script>" not in page and "<img" not in page and "&lt;img src=x" in page
