@@ -424,7 +424,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             result = importers.piracy_shield_to_policy(lists, **when, order_id=args.order_id,
                                                        authority=args.authority, reference=args.reference,
                                                        url=args.url)
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+    except UnicodeDecodeError as e:
+        _emit_error(args, BlockdError(f"{inputs[-1] if inputs else args.file}: not {e.encoding} at byte {e.start} "
+                                      f"({e.object[e.start:e.start + 1]!r}); the format is {e.encoding}"))
+        return EXIT_REFUSED
+    except (ValueError, OSError) as e:
         _emit_error(args, BlockdError(str(e)))
         return EXIT_REFUSED
     if args.output:

@@ -402,3 +402,16 @@ def test_wrapped_lists(syntax: str, text: str, want: dict[str, list[str]], skipp
     assert len(result.skipped) == len(skipped), result.skipped
     for line, fragment in zip(result.skipped, skipped, strict=True):
         assert fragment in line
+
+
+def test_import_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockd.__main__ import main
+
+    bad = tmp_path / "bad.lst"
+    bad.write_bytes(b"a.example\n\xff\n")
+    common = ["--issuer", "x", "--serial", "1", "-o", str(tmp_path / "out.yaml")]
+    assert main(["import", "list", str(bad), "--order-id", "o", "--authority", "a", "--reference", "r", *common]) == 1
+    assert capsys.readouterr().err == f"blockd: error: {bad}: not utf-8 at byte 10 (b'\\xff'); the format is utf-8\n"
+    assert main(["import", "zi", str(tmp_path / "missing.csv"), *common]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "out.yaml").exists()
