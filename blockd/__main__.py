@@ -443,6 +443,138 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- the regulator's side: compliance across operators, registry imports ----------------------
+
+
+def _duration(text: str) -> float:
+    """`90000`, `25h`, `90m`, `2d` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or a number with s, m, h or d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def cmd_compliance(args: argparse.Namespace) -> int:
+    from blockd.compliance import html, report
+    from blockd.compliance.check import check
+
+    now = _now(args)
+    try:
+        rep, refused = check([Path(p) for p in args.policies], Path(args.operators), Path(args.statements),
+                             _settings(args), now, args.max_age)
+    except BlockdError as e:
+        _emit_error(args, e)
+        return report.EXIT_INPUT
+    doc = report.to_json(rep, refused_inputs=refused)
+    if args.html:
+        out = Path(args.html)
+        atomic_write(out, html.render(doc, base=out.parent).encode())
+    if args.prometheus:
+        from blockd.compliance.metrics import exposition
+
+        atomic_write(Path(args.prometheus), exposition(doc, datetime.now(timezone.utc).timestamp()))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(report.verdict_line(doc) if args.quiet else report.text(doc, verbose=args.verbose))
+    return int(doc["exit_code"])
+
+
+def _read_input(name: str) -> bytes:
+    """A file's bytes; `.gz` files are decompressed (by name: the suffix says so, nothing is sniffed)."""
+    import gzip
+
+    data = Path(name).read_bytes()
+    return gzip.decompress(data) if name.endswith(".gz") else data
+
+
+def _when(text: str | None, default: datetime, what: str) -> datetime:
+    if text is None:
+        return default
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"blockd: error: --{what} {text!r}: expected ISO 8601 with a zone, e.g. 2026-11-29T12:00:00Z") from None
+    if t.tzinfo is None:
+        raise SystemExit(f"blockd: error: --{what} {text!r} needs a time zone, e.g. 2026-11-29T12:00:00Z")
+    return t.astimezone(timezone.utc)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Registry formats -> an unsigned policy YAML for review and signing (`blockd sign`)."""
+    from datetime import timedelta
+
+    from blockd import importers
+
+    issued = _when(args.issued_at, datetime.now(timezone.utc).replace(microsecond=0), "issued-at")
+    not_before = _when(args.not_before, issued, "not-before")
+    not_after = _when(args.not_after, not_before + timedelta(days=args.valid_days), "not-after")
+    when = {"issuer": args.issuer, "serial": args.serial, "issued_at": issued, "not_before": not_before,
+            "not_after": not_after}
+    inputs: list[str] = []
+    checks: list[dict[str, str]] = []
+    try:
+        if args.format == "zi":
+            inputs = [args.file]
+            result = importers.zi_to_policy(_read_input(args.file), **when)
+        elif args.format == "list":
+            inputs = [args.file]
+            text = _read_input(args.file).decode("utf-8")
+            result = importers.list_to_policy(text.splitlines(), **when, order_id=args.order_id,
+                                              authority=args.authority, reference=args.reference, url=args.url,
+                                              action=args.action, subtree=args.subtree, syntax=args.syntax)
+        else:
+            lists = []
+            for kind in importers.PS_KINDS:
+                for i, name in enumerate(getattr(args, kind) or ()):
+                    data = _read_input(name)
+                    entries = importers.ps_entries(data, name)
+                    sums = getattr(args, f"{kind}_sha256") or []
+                    if i < len(sums):
+                        matched = importers.ps_check_checksum(data, entries, _read_input(sums[i]), name)
+                        checks.append({"file": name, "checksum": sums[i], "matched": matched})
+                    lists.append((kind, name, entries))
+                    inputs.append(name)
+            if not lists:
+                raise SystemExit("blockd: error: give at least one of --fqdn, --ipv4, --ipv6")
+            result = importers.piracy_shield_to_policy(lists, **when, order_id=args.order_id,
+                                                       authority=args.authority, reference=args.reference,
+                                                       url=args.url)
+    except UnicodeDecodeError as e:
+        _emit_error(args, BlockdError(f"{inputs[-1] if inputs else args.file}: not {e.encoding} at byte {e.start} "
+                                      f"({e.object[e.start:e.start + 1]!r}); the format is {e.encoding}"))
+        return EXIT_REFUSED
+    except (ValueError, OSError) as e:
+        _emit_error(args, BlockdError(str(e)))
+        return EXIT_REFUSED
+    if args.output:
+        atomic_write(Path(args.output), result.policy_yaml.encode())
+    else:
+        sys.stdout.write(result.policy_yaml)
+    summary = {"inputs": inputs, "output": args.output, "orders": result.orders, "domains": result.domains,
+               "cidrs": result.cidrs, "skipped": len(result.skipped),
+               "skipped_by_reason": importers.skipped_summary(result.skipped),
+               "skipped_lines": list(result.skipped), "checksums": checks}
+    lines = [f"imported {', '.join(inputs)}: {result.orders} orders, {result.domains} domains, {result.cidrs} "
+             f"prefixes; {len(result.skipped)} values not used"]
+    lines += [f"  checksum {c['checksum']} matches {c['file']} ({c['matched']})" for c in checks]
+    lines += [f"  {n} x {reason}" for reason, n in summary["skipped_by_reason"].items()]
+    lines += [f"  not used: {s}" for s in result.skipped]
+    # The policy may be on stdout: the report goes to stderr (or is the JSON on stdout with -o).
+    if args.json and args.output:
+        print(json.dumps(summary, indent=2))
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from blockd.demo import run_demo
 
@@ -520,6 +652,63 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", "-k", help="operator public key: verify the head's and attestations' signatures")
     sp.add_argument("--no-head", action="store_true", help="do not require the audit.head file")
     sp.set_defaults(func=cmd_audit_verify, command_name="audit verify")
+
+    sp = add("compliance", cmd_compliance, "regulator: check operators' signed statements against the orders "
+             "(exit 0 all comply, 1 some do not, 2 an input was refused, 3 only pending)")
+    sp.add_argument("--policies", "-P", nargs="+", required=True, metavar="POLICY",
+                    help="the regulator's signed policies (files or directories)")
+    sp.add_argument("--operators", "-k", required=True, metavar="DIR",
+                    help="operators' public keys: DIR/<operator>.pub or DIR/<operator>/*.pub")
+    sp.add_argument("--statements", "-s", required=True, metavar="DIR",
+                    help="the attestation files received (any tree; each is matched to its operator by key)")
+    sp.add_argument("--trust-store", dest="trust_store", help="trust store for the regulator's own keys")
+    sp.add_argument("--catalog", dest="catalog_dir", help="the regulator's service catalog directory")
+    sp.add_argument("--max-age", type=_duration, default=_duration("25h"),
+                    help="a latest statement older than this is stale (seconds, or 25h, 90m, 2d; default 25h)")
+    sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    sp.add_argument("--prometheus", metavar="FILE", help="also write metrics for node_exporter's textfile "
+                    "collector (alerts: monitoring/compliance_alerts.yml)")
+    sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+    sp.add_argument("--verbose", "-v", action="store_true", help="problems and evidence per cell")
+    sp.add_argument("--quiet", "-q", action="store_true", help="only the one-line verdict")
+
+    imp = sub.add_parser("import", help="registry formats -> an unsigned policy YAML for review and signing")
+    imp_sub = imp.add_subparsers(metavar="FORMAT")
+
+    def add_import(fmt: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        ip = imp_sub.add_parser(fmt, parents=[common], help=help, description=help)
+        ip.set_defaults(func=cmd_import, format={"piracy-shield": "ps"}.get(fmt, fmt))
+        ip.add_argument("--issuer", required=True, help="the issuer the policy will be signed as")
+        ip.add_argument("--serial", required=True, type=int, help="policy serial (higher than the last one)")
+        ip.add_argument("--issued-at", help="ISO 8601 with zone (default: now)")
+        ip.add_argument("--not-before", help="default: issued-at")
+        ip.add_argument("--not-after", help="default: not-before + --valid-days")
+        ip.add_argument("--valid-days", type=int, default=365)
+        ip.add_argument("--output", "-o", help="policy YAML to write (default: stdout; the report goes to stderr)")
+        return ip
+
+    ip = add_import("zi", "zapret-info dump.csv (cp1251, ip;domain;url;org;number;date): one order per decision")
+    ip.add_argument("file", metavar="DUMP", help="dump.csv (or .csv.gz)")
+    for fmt, help in (("list", "one entry a line (Re:filter, antifilter): domains and prefixes, one order"),
+                      ("piracy-shield", "Piracy Shield FQDN / IPv4 / IPv6 exports of a ticket (JSON or text), "
+                                        "checked against their SHA-256 files when given: one order")):
+        ip = add_import(fmt, help)
+        ip.add_argument("--order-id", required=True, help="the order id (e.g. the ticket id)")
+        ip.add_argument("--authority", required=True, help="legal basis: the authority")
+        ip.add_argument("--reference", required=True, help="legal basis: the decision's reference")
+        ip.add_argument("--url", help="legal basis: a URL of the decision")
+        if fmt == "list":
+            ip.add_argument("file", metavar="LIST", help="the list (or .gz)")
+            ip.add_argument("--action", choices=("block", "unblock"), default="block")
+            ip.add_argument("--subtree", action="store_true", help="a plain name also covers everything below it")
+            ip.add_argument("--syntax", choices=("plain", "clash", "dnsmasq"), default="plain",
+                            help="the list as published for a tool: Clash rules (IP-CIDR,...) or dnsmasq "
+                                 "server=/name/... lines")
+        else:
+            for kind in ("fqdn", "ipv4", "ipv6"):
+                ip.add_argument(f"--{kind}", action="append", metavar="FILE", help=f"{kind.upper()} list export")
+                ip.add_argument(f"--{kind}-sha256", action="append", metavar="FILE",
+                                help=f"its checksum export (the n-th goes with the n-th --{kind})")
 
     sp = add("demo", cmd_demo, "run blockd on the signed sample policy in a lab of network namespaces (root)",
              [config_only])

@@ -9,12 +9,14 @@ Nothing leaves the namespaces: bd-net has no route anywhere else. The demo start
 `blockd run` in bd-isp with the signed sample Telegram policy, waits for READY=1 (sd_notify),
 then shows a blocked DNS query (NXDOMAIN + EDE 16 with the legal basis), a normal one, a TCP
 connect to a Telegram address that is dropped while another host answers, the counters, and
-the attestation. It removes everything it made on exit, also on Ctrl-C.
+the attestation, and last the regulator's side: `blockd compliance` over the statements the
+operator sent, with a one-line verdict. It removes everything it made on exit, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -192,6 +194,41 @@ def step(title: str) -> Callable[[str], None]:
     return lambda line: print(f"   {line}")
 
 
+def regulator_verdict(work: Path, say: Callable[[str], None]) -> None:
+    """The regulator holds its signed order, the operator's public key and the statements it was
+    sent; `blockd compliance` checks them and gives a one-line verdict."""
+    keys = work / "regulator" / "operator-keys"
+    keys.mkdir(parents=True)
+    shutil.copy(ROOT / "policies/keys/demo-operator.pub", keys / "demo-isp.pub")
+    received = work / "regulator" / "received"
+    if (work / "attestations").is_dir():
+        # The numbered files, which never change: latest.json may be replaced while it is copied.
+        shutil.copytree(work / "attestations", received, ignore=shutil.ignore_patterns("latest.json*"))
+    else:
+        received.mkdir()
+    say(f"blockd compliance --policies policies/examples/telegram.yaml --operators {keys.name}/ "
+        f"--statements {received.name}/ --html report.html")
+    r = sh(sys.executable, "-m", "blockd", "compliance", "--policies", str(ROOT / "policies/examples/telegram.yaml"),
+           "--operators", str(keys), "--statements", str(received), "--html", str(work / "regulator/report.html"),
+           "--json", check=False, timeout=120)
+    try:
+        doc = json.loads(r.stdout)
+    except ValueError:
+        say(f"compliance check failed: {r.stderr.strip() or r.stdout.strip()}")
+        return
+    from blockd.compliance.report import verdict_line
+
+    for c in doc.get("cells", []):
+        tte = c["issued_to_enforced_s"]
+        detail = f"first enforced {c['first_enforced_at']} ({tte / 86400:.1f} days after the order was issued)" \
+            if tte is not None else "not enforced"
+        say(f"{c['operator']}: {c['order']}: {c['verdict']}, {detail}, in {'+'.join(c['where']) or '-'}; "
+            f"deadline {c['deadline'] or 'none'} {c['deadline_status']}; in sync now: {c['in_sync']}")
+    if any(c["deadline_status"] == "missed" for c in doc.get("cells", [])):
+        say("(the sample order's deadline passed before this demo ran: the verdict says so, as it would)")
+    say(f"verdict: {verdict_line(doc)} (exit {r.returncode})")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("blockd demo: needs root (it creates network namespaces)", file=sys.stderr)
@@ -254,6 +291,7 @@ def run_demo(args: argparse.Namespace) -> int:
             say(check.stdout.strip().splitlines()[0] if check.returncode == 0 else f"FAILED: {check.stderr.strip()}")
         else:
             say("no attestation written (see the log)")
+        regulator_verdict(work, step("7. the regulator's side: blockd compliance over what it received"))
         if getattr(args, "verbose", False):
             print("\n== blockd's log")
             print((work / "blockd.log").read_text())
@@ -263,7 +301,10 @@ def run_demo(args: argparse.Namespace) -> int:
             shutil.copytree(work / "attestations", keep / "attestations")
             for f in work.glob("audit.*"):
                 shutil.copy(f, keep / f.name)
-            say(f"kept: {keep / 'attestations' / 'latest.json'} and the audit log {keep / 'audit.jsonl'}")
+            if (work / "regulator").is_dir():
+                shutil.copytree(work / "regulator", keep / "regulator")
+            say(f"kept: {keep / 'attestations' / 'latest.json'}, the audit log {keep / 'audit.jsonl'} and the "
+                f"regulator's report {keep / 'regulator' / 'report.html'}")
         print("\n== done: the lab is removed on exit")
         return 0
     return 0

@@ -13,6 +13,7 @@ pkgs=(
   prometheus                      # promtool, and a real scraper for the e2e test
   bird2                           # a real BGP router for the RTBH enforcer test and benchmark
   faketime                        # libfaketime: the wall clock stepped under a running daemon (tests)
+  chromium                        # headless: renders the compliance HTML report in its test
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -380,6 +380,9 @@ def test_demo_runs_end_to_end() -> None:
     assert "connect 149.154.167.99:443  -> no answer (timed out: dropped)" in text
     assert "connect 93.184.215.14:443   -> hello from 93.184.215.14" in text
     assert "Signature and comment signature verified" in text
+    # The regulator's side: the demo's own statements checked by `blockd compliance`, one verdict line.
+    assert "demo-isp: demo-regulator/demo-2026-001: late, first enforced" in text
+    assert "verdict: DO NOT COMPLY: 0 of 1 operators comply with 1 orders; not: demo-isp (exit 1)" in text
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("bd-") == 0
 
 

@@ -314,3 +314,104 @@ def test_refilter_lists(name: str, domains: int, cidrs: int) -> None:
     lines = gzip.decompress((DATA / "refilter" / name).read_bytes()).decode().splitlines()
     result = list_to_policy(lines, **LIST_KW, subtree=True)
     assert (result.orders, result.domains, result.cidrs, result.skipped) == (1, domains, cidrs, ())
+
+
+# -- Piracy Shield ------------------------------------------------------------------------------
+
+PS_KW: dict[str, Any] = {"issuer": "it-agcom", "serial": 3, "order_id": "ps-0042", "authority": "AGCOM",
+                         "reference": "ticket 0042", **WHEN}
+
+PS_CASES = [
+    pytest.param(b'{"status": "success", "data": ["a.example", "B.Example."]}', "fqdn",
+                 {"domains": ["a.example", "b.example"]}, [], id="json-envelope-fqdn"),
+    pytest.param(b'["198.51.100.7", "203.0.113.0/24"]', "ipv4", {"cidrs": ["198.51.100.7/32", "203.0.113.0/24"]},
+                 [], id="bare-json-ipv4"),
+    pytest.param(b"2001:db8::1\n2001:db8:1::/48\n\n", "ipv6", {"cidrs": ["2001:db8::1/128", "2001:db8:1::/48"]},
+                 [], id="text-ipv6-trailing-newline"),
+    pytest.param(b"a.example\n192.0.2.1\nbad name\n", "fqdn", {"domains": ["a.example"]},
+                 ["f:line 2: '192.0.2.1': looks like an IP address", "f:line 3: 'bad name'"], id="fqdn-unusable"),
+    pytest.param(b"192.0.2.1\n2001:db8::1\n192.0.2.1/24\nexample.com\n", "ipv4", {"cidrs": ["192.0.2.1/32"]},
+                 ["f:line 2: '2001:db8::1': an IPv6 entry in the IPv4 list",
+                  "f:line 3: '192.0.2.1/24': host bits set", "f:line 4: 'example.com'"], id="ipv4-wrong-kind"),
+]
+
+
+@pytest.mark.parametrize(("data", "kind", "want", "skipped"), PS_CASES)
+def test_piracy_shield_lists(data: bytes, kind: str, want: dict[str, list[str]], skipped: list[str]) -> None:
+    from blockd.importers import piracy_shield_to_policy, ps_entries
+
+    result = piracy_shield_to_policy([(kind, "f", ps_entries(data, "f"))], **PS_KW)
+    (order,) = orders(result)
+    assert order["id"] == "ps-0042" and order["legal_basis"]["authority"] == "AGCOM"
+    assert order["targets"] == want
+    assert len(result.skipped) == len(skipped)
+    for line, fragment in zip(result.skipped, skipped, strict=True):
+        assert fragment in line
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b'{"status": "error", "code": 1003, "message": "Permission denied"}', "without status 'success'"),
+    (b'{"status": "success", "data": [1, 2]}', "expected a list of strings"),
+    (b"{not json", "looks like JSON but does not parse"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_piracy_shield_bad_exports(data: bytes, match: str) -> None:
+    from blockd.importers import ps_entries
+
+    with pytest.raises(ValueError, match=match):
+        ps_entries(data, "f")
+
+
+def test_piracy_shield_checksums() -> None:
+    import hashlib
+    import json
+
+    from blockd.importers import ChecksumError, ps_check_checksum, ps_entries
+
+    data = b'{"status": "success", "data": ["a.example", "b.example"]}'
+    entries = ps_entries(data, "f")
+    joined = hashlib.sha256(b"a.example\nb.example").hexdigest()
+    assert ps_check_checksum(data, entries, joined.encode(), "f") == "entries"
+    assert ps_check_checksum(data, entries, json.dumps({"status": "success", "data": joined}).encode(), "f") == "entries"
+    assert ps_check_checksum(data, entries, f"{hashlib.sha256(data).hexdigest()}  f.json\n".encode(), "f") == "file"
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch: the checksum file says 0000"):
+        ps_check_checksum(data, entries, b"0" * 64, "f")
+    with pytest.raises(ChecksumError, match="is not a SHA-256"):
+        ps_check_checksum(data, entries, b"abc", "f")
+
+
+WRAPPED = [
+    pytest.param("clash", "IP-CIDR,192.0.2.0/24\nIP-CIDR6,2001:db8::/32,no-resolve\nDOMAIN,a.example\n"
+                 "DOMAIN-SUFFIX,b.example\n# c\nGEOIP,RU\nIP-CIDR,c.example\nIP-CIDR,1.2.3.4/24\n",
+                 {"domains": ["a.example", "*.b.example"], "cidrs": ["192.0.2.0/24", "2001:db8::/32"]},
+                 ["line 6: 'GEOIP,RU': Clash rule type 'GEOIP'", "line 7: 'c.example': not an IPv4",
+                  "line 8: '1.2.3.4/24': host bits set"], id="clash"),
+    pytest.param("dnsmasq", "server=/a.example/127.0.0.1#5353\nipset=/b.example/c.example/blocked\n"
+                 "address=/d.example/0.0.0.0\nconf-dir=/etc/dnsmasq.d\nserver=//1.1.1.1\n",
+                 {"domains": ["*.a.example", "*.b.example", "*.c.example", "*.d.example"]},
+                 ["line 4: 'conf-dir=/etc/dnsmasq.d': not a dnsmasq domain option",
+                  "line 5: 'server=//1.1.1.1': expected /name/"], id="dnsmasq"),
+]
+
+
+@pytest.mark.parametrize(("syntax", "text", "want", "skipped"), WRAPPED)
+def test_wrapped_lists(syntax: str, text: str, want: dict[str, list[str]], skipped: list[str]) -> None:
+    result = list_to_policy(text.splitlines(), **LIST_KW, syntax=syntax)
+    (order,) = orders(result)
+    assert order["targets"] == want
+    assert len(result.skipped) == len(skipped), result.skipped
+    for line, fragment in zip(result.skipped, skipped, strict=True):
+        assert fragment in line
+
+
+def test_import_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockd.__main__ import main
+
+    bad = tmp_path / "bad.lst"
+    bad.write_bytes(b"a.example\n\xff\n")
+    common = ["--issuer", "x", "--serial", "1", "-o", str(tmp_path / "out.yaml")]
+    assert main(["import", "list", str(bad), "--order-id", "o", "--authority", "a", "--reference", "r", *common]) == 1
+    assert capsys.readouterr().err == f"blockd: error: {bad}: not utf-8 at byte 10 (b'\\xff'); the format is utf-8\n"
+    assert main(["import", "zi", str(tmp_path / "missing.csv"), *common]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "out.yaml").exists()
