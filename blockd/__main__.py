@@ -38,6 +38,7 @@ MAX_STATEMENT_BYTES = 256 << 20
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)  # SUPPRESSed where not given (see _parser)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -465,7 +466,7 @@ def cmd_compliance(args: argparse.Namespace) -> int:
     from blockd.compliance import html, report
     from blockd.compliance.check import check
 
-    now = _now(args)
+    now = args.now or datetime.now(timezone.utc)
     try:
         rep, refused = check([Path(p) for p in args.policies], Path(args.operators), Path(args.statements),
                              _settings(args), now, args.max_age)
@@ -668,7 +669,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     sp.add_argument("--prometheus", metavar="FILE", help="also write metrics for node_exporter's textfile "
                     "collector (alerts: monitoring/compliance_alerts.yml)")
-    sp.add_argument("--now", help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+    sp.add_argument("--now", type=_parse_now, help="evaluate at this time (ISO 8601 with zone) instead of the clock")
     sp.add_argument("--verbose", "-v", action="store_true", help="problems and evidence per cell")
     sp.add_argument("--quiet", "-q", action="store_true", help="only the one-line verdict")
 
