@@ -26,6 +26,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import MappingProxyType
 
 import structlog
@@ -155,6 +156,8 @@ class IpsetEnforcer(nl.KernelEnforcer):
         # readback; None: unknown.
         self._held: dict[int, set[int]] | None = None
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
+        #: when each family's set was last dumped (after a commit touched it, or in a full read)
+        self._read: dict[int, datetime] = {}
         self._revision = {v: self._type_revision(v) for v in (4, 6)}
 
     # -- work, run in a thread (the async interface is nl.KernelEnforcer's) -------------------
@@ -177,14 +180,23 @@ class IpsetEnforcer(nl.KernelEnforcer):
             added, removed = len(want[4]) + len(want[6]), len(held[4]) + len(held[6])
         else:
             self._incremental(adds, dels)
+        # Read back the sets this change touched (both after a replace), right after it.
+        touched = [v for v in (4, 6) if full or adds[v] or dels[v]]
         self._held = want
+        at = datetime.now(timezone.utc)
+        for v in touched:
+            self._read_family(v, at)
+        equal = all(self._held[v] == want[v] for v in touched)
+        reads = [self._read[v] for v in (4, 6) if v in self._read]
         applied = Applied(
-            enforcer=self.name, digest=desired.digest, desired_digest=desired.digest,
-            added=added, removed=removed, duration_s=time.perf_counter() - t0,
-            counts={"ipv4_cidrs": len(want[4]), "ipv6_cidrs": len(want[6])},
+            enforcer=self.name, digest=desired.digest if equal else self._held_ruleset().digest,
+            desired_digest=desired.digest, added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_cidrs": len(self._held[4]), "ipv6_cidrs": len(self._held[6])},
+            readback_scope="full" if len(reads) == 2 and reads[0] == reads[1] else "touched",
+            readback_at=max(reads, default=None), full_readback_at=min(reads, default=None),
         )
         log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, replaced=full,
-                 duration_s=round(applied.duration_s, 4))
+                 in_sync=equal, duration_s=round(applied.duration_s, 4))
         return applied
 
     def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> None:
@@ -249,26 +261,37 @@ class IpsetEnforcer(nl.KernelEnforcer):
 
     def _readback(self) -> RuleSet:
         self._read_kernel()
+        return self._held_ruleset()
+
+    def _held_ruleset(self) -> RuleSet:
         held = self._held or {4: set(), 6: set()}
         return nl.held_ruleset(_spans(4, held[4]), _spans(6, held[6]))
 
     def _read_kernel(self) -> None:
-        held: dict[int, set[int]] = {}
+        self._held = {4: set(), 6: set()}
+        at = datetime.now(timezone.utc)
         for v in (4, 6):
-            held[v] = set()
-            self._maxelem[v] = 0
-            try:
-                for payload in self._sock.dump(self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, self.settings.name(v)))):
-                    a = nl.attrs(payload)
-                    if A_DATA in a:  # the header: only our own type and family count as "present"
-                        ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
-                        self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
-                    if A_ADT in a:
-                        held[v].update(n << 8 | p for n, p in parse_entries(v, a[A_ADT]))
-            except OSError as exc:
-                if exc.errno != ENOENT:
-                    raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
-        self._held = held
+            self._read_family(v, at)
+
+    def _read_family(self, v: int, at: datetime | None = None) -> None:
+        """Dump `<prefix><v>` into `_held[v]` (and its maxelem); `_held` must not be None."""
+        assert self._held is not None
+        held: set[int] = set()
+        self._maxelem[v] = 0
+        try:
+            for payload in self._sock.dump(self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, self.settings.name(v)))):
+                a = nl.attrs(payload)
+                if A_DATA in a:  # the header: only our own type and family count as "present"
+                    ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
+                    self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
+                if A_ADT in a:
+                    held.update(n << 8 | p for n, p in parse_entries(v, a[A_ADT]))
+        except OSError as exc:
+            if exc.errno != ENOENT:
+                self._held = None
+                raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
+        self._held = {**self._held, v: held}
+        self._read[v] = at or datetime.now(timezone.utc)
 
     def _stats(self) -> nl.KernelStats:
         elements = {}
