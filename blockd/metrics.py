@@ -41,6 +41,8 @@ class Metrics:
     time_to_enforce: Histogram
     order_deadline: Gauge
     order_enforced: Gauge
+    write_failures: Counter
+    ready: Gauge
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -83,6 +85,12 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                              ["order"], registry=r),
         order_enforced=Gauge("blockd_order_enforced", "1 when the order's rules are live on every enforcer",
                              ["order"], registry=r),
+        write_failures=Counter("blockd_attestation_write_failures_total",
+                               "Failed writes of statements (attestation), the audit log (audit) or the "
+                               "time-to-enforce state (state); enforcement continues, the write is retried",
+                               ["kind"], registry=r),
+        ready=Gauge("blockd_ready", "1 once every required enforcer has applied and READY=1 was sent",
+                    registry=r),
     )
     m.build.info({"version": __version__})
     return m

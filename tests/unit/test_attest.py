@@ -129,7 +129,9 @@ def test_statement_shape_subjects_enforcers_and_bounded_findings(scenario: dict[
     assert pred["ruleset"]["digest"] == comp.ruleset.digest
     # the read-back digest, not the intended one
     assert pred["enforcers"]["dns"]["readback_digest"] == "f" * 64
-    assert pred["enforcers"]["dns"]["desired_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["committed_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["share_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["status"] == "out_of_sync"
     assert pred["enforcers"]["dns"]["counts"]["domain_exact"] == 0
     assert (pred["enforcers"]["nft"]["in_sync"], pred["enforcers"]["dns"]["in_sync"], pred["in_sync"]) == (True, False, False)
     assert [p["status"] for p in pred["policies"]] == ["superseded", "active", "pending"]
