@@ -131,7 +131,7 @@ class Accountability:
                 self.audit.append(name, **fields, **({"occurred_at": at} if late else {}))
             except OSError as e:
                 self._queue = [(n, f, t, True) for n, f, t, _ in self._queue]
-                self._failed("audit", e, event=name)
+                self._failed("audit", e, audit_event=name)
                 return
             self._queue.pop(0)
             if self.audit.head_stale:  # the entry is in the log; its head file is not updated
@@ -224,7 +224,7 @@ class Accountability:
         self._previous_sha256 = digest
         self.owed = None
         self._recovered("attestation")
-        self.event("attestation_issued", file=path.name, sha256=digest, reason=reason, seq=self._seq)
+        self.event("attestation_issued", file=path.name, sha256=digest, reason=reason, attestation_seq=self._seq)
         return path
 
     def retry(self, r: PassResult | None, enforcers: Mapping[str, attest.EnforcerPass]) -> None:
