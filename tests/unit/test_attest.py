@@ -318,7 +318,7 @@ def test_timing_with_no_enforcers_is_never_enforced() -> None:
 
 def test_the_example_in_docs_verifies(tmp_path: Path) -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "attestation.md").read_text()
-    blocks = re.findall(r"```(?:json)?\n(.*?)```", doc, re.S)
+    blocks = re.findall(r"```(?:\w*)\n(.*?)```", doc, re.S)
     pub = next(b for b in blocks if b.startswith("untrusted comment: minisign public key"))
     statement = next(b for b in blocks if b.startswith('{\n  "_type"'))
     sig = next(b for b in blocks if b.startswith("untrusted comment: blockd attestation"))

@@ -267,3 +267,42 @@ def test_deadline_at_risk_only_while_an_enforcer_fails() -> None:
     t = tte.timing(issued_at=NOW, received_at=NOW, verified_at=NOW, deadline=NOW + timedelta(hours=1),
                    status="enforced", enforced_at={"dns": NOW}, enforcers=["dns", "nft"], now=NOW)
     assert t.deadline_status == "open"
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "attestation.md"
+
+
+def doc_steps() -> str:
+    text = DOC.read_text()
+    section = text[text.index("## How to verify"):text.index("## The statement")]
+    return section[section.index("```sh\n") + 6:section.index("```", section.index("```sh\n") + 6)]
+
+
+@pytest.mark.skipif(not all(map(__import__("shutil").which, ("minisign", "jq", "sha256sum", "bash"))),
+                    reason="needs minisign, jq, coreutils and bash")
+def test_the_documented_steps_agree_with_attest_verify(tmp_path: Path) -> None:
+    """docs/attestation.md "How to verify", run literally with bash + minisign + jq, gives the
+    same verdict as `blockd attest verify` on good, one-element-off, failed and gapped statements."""
+    key = minisign.generate()
+    pub = tmp_path / "op.pub"
+    pub.write_text(key.public.to_text())
+    good = {"nft": held("nft", ADDRS), "dns": held("dns", NAMES)}
+    off = RuleSet.build(v4=[*ADDRS.v4, NetRule(0x0A000000, 0x0A000000, frozenset())])
+    failed = {"nft": attest.EnforcerPass(None, NOW, "ENOTSUP", ADDRS.digest), "dns": held("dns", NAMES)}
+    first, sha1 = attest.issue(tmp_path / "a", statement(good, seq=1), key)
+    second, _ = attest.issue(tmp_path / "a", statement(good, seq=2, previous_sha256=sha1), key)
+    cases = [  # (file, previous, expected ok)
+        (first, None, True),
+        (second, first, True),
+        (attest.issue(tmp_path / "b", statement({**good, "nft": held("nft", ADDRS, off)}), key)[0], None, False),
+        (attest.issue(tmp_path / "c", statement(failed), key)[0], None, False),
+        (attest.issue(tmp_path / "d", statement(good, seq=3, previous_sha256=sha1), key)[0], first, False),
+    ]
+    script = doc_steps()
+    for path, prev, ok in cases:
+        env = dict(os.environ, FILE=str(path), KEY=str(pub), PREV=str(prev or ""))
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert (run.returncode == 0) is ok, (path, run.stdout, run.stderr)
+        cli = main(["attest", "verify", "--key", str(pub), *([str(prev)] if prev else []), str(path)])
+        assert (cli == 0) is ok, path
