@@ -123,3 +123,26 @@ def test_failed_first_load_leaves_no_set_behind(topo: Topo, closing: Closing) ->
         assert sh("ipset", "save", ns=topo.m) == snapshot
 
     asyncio.run(scenario())
+
+
+def test_applied_digest_is_read_back_from_the_sets_a_change_touched(topo: Topo, closing: Closing) -> None:
+    """Issue 11: a stranger added behind blockd's back to the IPv4 set is found by the read-back
+    right after the next change to that set; a change to the IPv6 set alone reads only that one."""
+    async def scenario() -> None:
+        enf = closing(IpsetEnforcer(netns=topo.m))
+        base4, base6 = background(300, 4), v6_prefixes(200, 4)
+        first = await enf.apply(policy(base4, base6))
+        assert first.in_sync and first.readback_scope == "full"
+        sh("ipset", "add", "blockd4", "10.70.0.0/24", ns=topo.m)
+        only6 = policy(base4, base6[:-1])
+        a = await enf.apply(only6)
+        assert a.in_sync and a.readback_scope == "touched" and a.full_readback_at == first.full_readback_at
+        assert (await enf.readback()).digest != only6.digest
+        await enf.apply(only6)  # removes the stranger
+        sh("ipset", "add", "blockd4", "10.71.0.0/24", ns=topo.m)
+        both = policy(base4[:-1], base6[:-1])
+        b = await enf.apply(both)
+        assert not b.in_sync and b.desired_digest == both.digest
+        assert b.digest == (await enf.readback()).digest != both.digest
+
+    asyncio.run(scenario())
