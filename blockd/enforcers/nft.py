@@ -194,6 +194,7 @@ class NftEnforcer(nl.KernelEnforcer):
         removed = len(dels[4]) + len(dels[6]) if held is not None else len(stale[4]) + len(stale[6])
         if msgs:
             self._commit(msgs, added + removed)
+        t_read = time.perf_counter()
         if held is None:
             self._read_kernel()  # a new table: read all of it back
         elif msgs:
@@ -205,6 +206,7 @@ class NftEnforcer(nl.KernelEnforcer):
             if not self._touched_hold(touched, want):
                 log.warning("nft_readback_differs", enforcer=self.name, shards=len(touched))
                 self._read_kernel()  # something else changed the table: read all of it
+        self.last_readback_s = time.perf_counter() - t_read
         assert self._held is not None
         equal = self._held is want or self._held == want
         digest = desired.digest if equal else self._held_ruleset().digest
