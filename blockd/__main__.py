@@ -337,7 +337,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     anchors = []
     for name in args.attestation or ():
         st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())
-        anchors.append(attest.audit_head(st))
+        head = attest.audit_head(st)
+        if head is not None:
+            anchors.append(head)
     v = audit.verify(Path(args.log), anchors=anchors, public_key=key, require_head=not args.no_head)
     base = v.recorded_head or v.head
     text = f"{args.log}: hash chain OK, {v.entries} entries"

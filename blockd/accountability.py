@@ -53,6 +53,8 @@ class Accountability:
         self.key = key
         self.on_failure = on_failure or (lambda kind: None)
         self.export_dir = Path(settings.daemon.attest_dir) if settings.daemon.attest_dir else None
+        self._audit_path: Path | None = audit.path if audit is not None else None
+        self._last_pending: frozenset[str] = frozenset()
         self._tte_path = settings.state_dir / "time-to-enforce.json"
         self.enforced = _load_tte(self._tte_path)
         self.verified: dict[str, datetime] = {}
@@ -79,14 +81,30 @@ class Accountability:
         key = None
         if d.operator_key:
             key = minisign.parse_secret_key(Path(d.operator_key).read_text(), where=d.operator_key)
-        audit = AuditLog.open(Path(d.audit_log), key=key) if d.audit_log else None
-        return cls(settings, audit, key, on_failure)
+        self = cls(settings, None, key, on_failure)
+        if d.audit_log:
+            self._audit_path = Path(d.audit_log)
+            self._open_audit()  # a log that cannot be opened now (read-only file system) is retried
+        return self
+
+    def _open_audit(self) -> bool:
+        """Open the audit log if it is configured and not open yet. A damaged chain
+        (AuditError) still stops the start: the operator must look before blockd appends."""
+        if self.audit is not None or self._audit_path is None:
+            return self.audit is not None
+        try:
+            self.audit = AuditLog.open(self._audit_path, key=self.key)
+        except OSError as e:
+            self._failed("audit", e, path=str(self._audit_path))
+            return False
+        return True
 
     @property
     def behind(self) -> bool:
         """Something could not be written yet: call `retry`."""
         return bool(self._queue) or self.owed is not None or self._tte_dirty or (
-            self.audit is not None and self.audit.head_stale is not None)
+            self.audit is not None and self.audit.head_stale is not None) or (
+            self.audit is None and self._audit_path is not None)
 
     # -- writes that may fail -----------------------------------------------------------------
     def _failed(self, kind: str, error: OSError, **fields: Any) -> None:
@@ -104,7 +122,7 @@ class Accountability:
             return
         since, failures = outage
         log.info("accountability_write_recovered", kind=kind, failures=failures, since=iso(since))
-        if self.audit is not None:
+        if self._audit_path is not None:
             self._queue.append(("write_recovered", {"kind": kind, "failures": failures, "since": since,
                                                      "dropped": self._dropped if kind == "audit" else 0},
                                 datetime.now(timezone.utc), False))
@@ -112,7 +130,7 @@ class Accountability:
                 self._dropped = 0
 
     def event(self, name: str, **fields: Any) -> None:
-        if self.audit is None:
+        if self.audit is None and self._audit_path is None:
             return
         if len(self._queue) >= MAX_QUEUED:
             self._queue.pop(0)
@@ -122,9 +140,13 @@ class Accountability:
 
     def _flush(self) -> None:
         """Append the queued events in order; stop at the first failure (nothing is lost)."""
-        if self.audit is None:
+        if self._audit_path is None:
             self._queue.clear()
             return
+        if not self._open_audit():
+            self._queue = [(n, f, t, True) for n, f, t, _ in self._queue]
+            return
+        assert self.audit is not None
         while self._queue:
             name, fields, at, late = self._queue[0]
             try:
@@ -177,7 +199,9 @@ class Accountability:
                 if res.status == "unblock":
                     self.event("unblocked", order=key)
         self.record(r, enforcers)
-        if r.changed:
+        pending = frozenset(p.digest for p in r.pending)
+        # A new pending policy changes no rule, but its receipt is stated at once.
+        if r.changed or pending != self._last_pending:
             self.attest(r, enforcers, reason="change")
 
     def record(self, r: PassResult, enforcers: Mapping[str, attest.EnforcerPass]) -> None:
@@ -203,7 +227,8 @@ class Accountability:
         operator = attest.Operator(self.settings.daemon.operator, self.settings.daemon.operator_contact)
         statement = attest.build_statement(
             policies=received, compilation=r.compilation, enforcers=enforcers,
-            audit_head=self.audit.head() if self.audit is not None else Head(0, GENESIS),
+            audit_head=(self.audit.head() if self.audit is not None
+                        else None if self._audit_path is not None else Head(0, GENESIS)),
             operator=operator, host=socket.gethostname(), now=now, seq=self._seq + 1,
             enforced=self.enforced, rejected=rejected, previous_sha256=self._previous_sha256, reason=reason,
         )
@@ -222,6 +247,7 @@ class Accountability:
             return None
         self._seq += 1
         self._previous_sha256 = digest
+        self._last_pending = frozenset(p.digest for p in r.pending)
         self.owed = None
         self._recovered("attestation")
         self.event("attestation_issued", file=path.name, sha256=digest, reason=reason, attestation_seq=self._seq)

@@ -129,7 +129,7 @@ def build_statement(
     policies: Sequence[Received],
     compilation: Compilation,
     enforcers: Mapping[str, EnforcerPass],
-    audit_head: Head,
+    audit_head: Head | None,
     operator: Operator,
     host: str,
     now: datetime,
@@ -243,7 +243,9 @@ def build_statement(
             },
             "warnings": {"total": len(compilation.warnings),
                          "listed": list(compilation.warnings[: limits.max_warnings])},
-            "audit": {"seq": audit_head.seq, "sha256": audit_head.sha256},
+            # None: the audit log is configured but could not be opened (it is retried)
+            "audit": {"seq": audit_head.seq if audit_head else None,
+                      "sha256": audit_head.sha256 if audit_head else None},
         },
     }
     # Normalise datetimes etc. to JSON types now, so the dict equals what `verify` returns.
@@ -416,9 +418,12 @@ def verify(json_path: Path, public_key: minisign.PublicKey, *, signature_path: P
     return statement
 
 
-def audit_head(statement: Mapping[str, Any]) -> Head:
-    """The audit-log head a statement binds: pass it to `audit.verify(..., anchors=[...])`."""
+def audit_head(statement: Mapping[str, Any]) -> Head | None:
+    """The audit-log head a statement binds: pass it to `audit.verify(..., anchors=[...])`.
+    None when the statement was made while the audit log could not be opened."""
     a = statement["predicate"]["audit"]
+    if a["seq"] is None:
+        return None
     return Head(int(a["seq"]), str(a["sha256"]))
 
 

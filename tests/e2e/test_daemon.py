@@ -317,6 +317,11 @@ def test_not_before_and_not_after_take_effect_on_time(box: Box) -> None:
     wait_for(lambda: box.events("reconcile_pass") and box.events("reconcile_pass")[-1].get("pending") == 1,
              what="pending policy")
     assert box.blocked("now.example") and not box.blocked("later.example")
+    # its receipt is stated at once, as pending, though no rule changed
+    latest = box.tmp / "attestations" / "latest.json"
+    pending = wait_for(lambda: next((p for p in json.loads(latest.read_text())["predicate"]["policies"]
+                                     if p["serial"] == 2), None), what="the pending policy in a statement")
+    assert pending["status"] == "pending" and pending["orders"][0]["status"] == "pending"
     wait_for(lambda: box.blocked("later.example"), timeout=10, what="not_before")
     assert not box.blocked("now.example")  # serial 2 replaced serial 1
     wait_for(lambda: not box.blocked("later.example"), timeout=10, what="not_after")
@@ -463,6 +468,9 @@ def test_flush_behind_blockds_back_shows_in_the_next_periodic_statement(box: Box
     again = wait_for(lambda: (st := periodic_after(repaired_at)) and st["predicate"]["in_sync"] and st,
                      what="an in-sync periodic statement after the repair")
     assert again["predicate"]["enforcers"]["nft"]["readback_digest"] == good["predicate"]["enforcers"]["nft"]["readback_digest"]
+    box.signal(signal.SIGUSR1)  # the documented "manual" statement
+    wait_for(lambda: any(st["predicate"]["attestation"]["reason"] == "manual" for st in statements(box)),
+             what="a manual statement")
     assert box.stop() == 0
     every = sorted((box.tmp / "attestations").glob("attestation-*.json"))
     out = attest_verify(box, *every)

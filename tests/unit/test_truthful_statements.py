@@ -306,3 +306,30 @@ def test_the_documented_steps_agree_with_attest_verify(tmp_path: Path) -> None:
         assert (run.returncode == 0) is ok, (path, run.stdout, run.stderr)
         cli = main(["attest", "verify", "--key", str(pub), *([str(prev)] if prev else []), str(path)])
         assert (cli == 0) is ok, path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
+def test_an_audit_log_that_cannot_be_opened_at_start_is_retried(tmp_path: Path) -> None:
+    """A restart with an immutable audit log must not crash: events wait, statements say the
+    audit head is unknown, and once it opens the events are appended and the chain verifies."""
+    key = minisign.generate()
+    (tmp_path / "op.key").write_text(key.to_text())
+    log = tmp_path / "audit.jsonl"
+    audit.AuditLog.open(log, key=key).close()
+    subprocess.run(["chattr", "+i", str(log)], check=True)
+    failures: list[str] = []
+    try:
+        acc = Accountability.from_settings(_settings(tmp_path, audit_log=str(log), attest_dir=str(tmp_path / "x"),
+                                                     operator_key=str(tmp_path / "op.key")), failures.append)
+        assert acc is not None and acc.audit is None and failures == ["audit"]
+        acc.event("policy_accepted", serial=1)
+        path = acc.attest(_result(), {"dns": held("dns", NAMES)}, "change")
+        assert path is not None and json.loads(path.read_bytes())["predicate"]["audit"] == {"seq": None, "sha256": None}
+        assert acc.behind
+    finally:
+        subprocess.run(["chattr", "-i", str(log)], check=True)
+    acc.retry(_result(), {"dns": held("dns", NAMES)})
+    assert not acc.behind and acc.audit is not None
+    events = [json.loads(x)["event"] for x in log.read_text().splitlines()]
+    assert events == ["policy_accepted", "attestation_issued", "write_recovered"]
+    assert audit.verify(log, public_key=key.public).entries == 3
