@@ -355,9 +355,14 @@ class Daemon:
             return False
         clean = True
         for e in self.enforcers:
+            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+                # its apply fails: the pass loop retries it with backoff, and says so once
+                self.metrics.in_sync.labels(e.name).set(0)
+                clean = False
+                continue
             try:
-                await self._read_back(e, desired)
-                repaired = await check_and_repair(e, desired)
+                _, held = await self._read_back(e, desired)
+                repaired = await check_and_repair(e, desired, held)
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
                 log.error("drift_check_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
@@ -375,7 +380,7 @@ class Daemon:
             clean = clean and in_sync
         return clean
 
-    async def _read_back(self, e: Enforcer, desired: RuleSet) -> Applied:
+    async def _read_back(self, e: Enforcer, desired: RuleSet) -> tuple[Applied, RuleSet]:
         """A full read-back of `e`, recorded as what it holds now (EnforcerError if it fails)."""
         t0 = time.perf_counter()
         held = await e.readback()
@@ -386,7 +391,7 @@ class Daemon:
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
             del self.errors[e.name]
-        return a
+        return a, held
 
     async def _stats_loop(self, interval: float = 5.0) -> None:
         while True:
