@@ -93,8 +93,11 @@ class Daemon:
         self.required = [e.name for e in self.enforcers if e.name not in settings.daemon.optional_enforcers]
         self._retry_s = 1.0
         self._retry_at: float | None = None
+        self._pass_failed = False
         self._manual = asyncio.Event()
         self._wake = asyncio.Event()
+        #: a retry was scheduled outside the pass loop: it recomputes its timeout
+        self._poke = asyncio.Event()
         #: passes and drift repairs never interleave: a repair must not re-apply a superseded set
         self._apply_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -159,8 +162,8 @@ class Daemon:
             failing = [n for n in self.required if n in self.errors or n not in self.held]
             if not failing:
                 return True
-            wait = self._retry_s
-            self._retry_s = min(self._retry_s * 2, self.settings.daemon.retry_max_s)
+            # `_pass` scheduled the retry (1 s doubling to retry_max_s)
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._retry_at is not None else self._retry_s
             # systemd's start timeout would kill us while we wait for the kernel: extend it.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((wait + 60) * 1e6)}",
                                f"STATUS=not ready, retrying in {wait:.0f} s; {self._status()}")
@@ -214,14 +217,27 @@ class Daemon:
             if self._retry_at is not None:
                 due = max(0.0, self._retry_at - time.monotonic())
                 timeout = due if timeout is None else min(timeout, due)
+            woken = asyncio.ensure_future(self._wake.wait())
+            poked = asyncio.ensure_future(self._poke.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait({woken, poked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+                poked.cancel()
+            if self._poke.is_set() and not self._wake.is_set():
+                self._poke.clear()  # a retry was scheduled elsewhere: wait again with it
+                continue
+            self._poke.clear()
+            if self._wake.is_set():
                 reason = "change"
-            except TimeoutError:
+            else:
                 # a not_before or not_after was reached, or a failed apply or write is retried
                 reason = "retry" if self._retry_at is not None and time.monotonic() >= self._retry_at else "time"
             self._wake.clear()
             reloading, self._reloading = self._reloading, False
+            if reason == "retry" and not reloading and not self._needs_pass():
+                self._retry_writes()  # only a write is owed: no need to recompile and re-apply
+                continue
             await self._pass("reload" if reloading else reason)
             if reloading:
                 self.notifier.ready(self._status())  # ends systemd's "reloading" state
@@ -236,8 +252,10 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - the daemon must survive any pass; last good state stays
             self.metrics.reconcile.labels("error").inc()
             log.exception("reconcile_failed", reason=reason, error=str(e))
+            self._pass_failed = True
             self._schedule_retry(True)
             return
+        self._pass_failed = False
         self.last = result
         self._boundary = result.next_boundary
         now = datetime.now(timezone.utc)
@@ -254,6 +272,19 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
                 log.exception("accountability_failed", error=str(e))
         self._schedule_retry(bool(result.failed) or (self.accountability is not None and self.accountability.behind))
+
+    def _needs_pass(self) -> bool:
+        """A failed pass or apply is retried with a pass; an owed write alone is not."""
+        return self._pass_failed or any(not err.startswith(_READBACK_FAILED) for err in self.errors.values())
+
+    def _retry_writes(self) -> None:
+        if self.accountability is None:
+            return
+        try:
+            self.accountability.retry(self.last, self.enforcer_passes())
+        except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
+            log.exception("accountability_failed", error=str(e))
+        self._schedule_retry(self.accountability.behind)
 
     def _schedule_retry(self, failing: bool) -> None:
         """Back off (1 s doubling to `retry_max_s`) while an apply or a write fails."""
@@ -433,7 +464,7 @@ class Daemon:
                     log.exception("attestation_failed", error=str(e))
             if self.accountability.behind:
                 self._schedule_retry(True)
-                self._wake.set()
+                self._poke.set()
 
     async def _refresh_readback(self) -> None:
         """Re-read every enforcer so a periodic attestation states what is held now."""

@@ -28,7 +28,7 @@ from blockd.compile import compile_policies
 from blockd.model import Applied, NetRule, RuleSet
 from blockd.reconcile import PassResult
 from blockd.settings import DaemonSettings, Settings
-from tests.unit.test_attest import CATALOG, CUR, SETTINGS, policy, order
+from tests.unit.test_attest import CATALOG, SETTINGS, order, policy
 
 UTC = timezone.utc
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
