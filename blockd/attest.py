@@ -1,5 +1,5 @@
-"""After a pass: (verified policies, Compilation, per-enforcer read-back, audit head) -> a signed
-in-toto Statement of what blockd enforced, written to an export directory for regulators.
+"""After a pass: (verified policies, Compilation, every configured enforcer's state, audit head) ->
+a signed in-toto Statement of what blockd enforced, written to an export directory for regulators.
 
     build_statement(...)  pure -> dict   the Statement (docs/attestation.md documents every field)
     sign(statement, key)  -> (bytes, str) canonical JSON and its minisign signature (stock
@@ -7,11 +7,16 @@ in-toto Statement of what blockd enforced, written to an export directory for re
     write(dir, ...)       -> Path        attestation-<UTC time>-<seq>.json + .minisig, then
                                           latest.json + latest.json.minisig, each atomically
     verify(path, key)     -> dict        the Statement, or SignatureError saying what is wrong
+    check(statement)      pure -> [str]  the regulator's checks: every enforcer holds its share
+    chain(statements)     pure -> [str]  gaps and broken links between statements
 
-Per enforcer the statement carries the READ-BACK digest and counts (`Applied.digest`,
-`Applied.counts`): what the kernel or the DNS table held after the pass, not what was intended.
-Lists that grow with the rule set (findings, orders) are capped; their totals and the SHA-256 of
-the full canonical list are always present, so the file stays bounded at 1M rules.
+Per enforcer the statement carries the digest of its own share of the rule set (names for the
+sinkhole, addresses for the kernel) next to what it committed (acknowledged) and what was READ
+BACK from it (`Applied.digest`, with when and how much), so the regulator's check is one
+equality per enforcer. A failed enforcer is listed as failed, with its error; its orders are
+not enforced there. Lists that grow with the rule set (findings, orders) are capped; their
+totals and the SHA-256 of the full canonical list are always present, so the file stays
+bounded at 1M rules.
 """
 
 from __future__ import annotations
