@@ -33,6 +33,7 @@ from blockd import attest, minisign, tte
 from blockd.audit import GENESIS, AuditLog, Head, iso
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write
+from blockd.model import RuleSet
 from blockd.reconcile import PassResult
 from blockd.settings import Settings
 
@@ -69,6 +70,7 @@ class Accountability:
         #: reason of a statement that could not be written (None: nothing owed)
         self.owed: str | None = None
         self._tte_dirty = False
+        self._shares: tuple[str, dict[str, str]] | None = None  # (rule set digest, attest.shares)
         prev = attest.last(self.export_dir) if self.export_dir else None
         self._seq = prev[0] if prev else 0
         self._previous_sha256 = prev[1] if prev else None
@@ -173,6 +175,15 @@ class Accountability:
         self._tte_dirty = False
         self._recovered("state")
 
+    def shares_for(self, ruleset: RuleSet) -> dict[str, str]:
+        """`attest.shares(ruleset)`, computed once per rule set (the daemon calls this from a
+        worker thread, so a 1M-rule digest never stalls the event loop)."""
+        cached = self._shares
+        if cached is None or cached[0] != ruleset.digest:
+            cached = (ruleset.digest, attest.shares(ruleset))
+            self._shares = cached
+        return cached[1]
+
     # -- passes -------------------------------------------------------------------------------
     def after_pass(self, r: PassResult, enforcers: Mapping[str, attest.EnforcerPass]) -> None:
         now = datetime.now(timezone.utc)
@@ -231,6 +242,7 @@ class Accountability:
                         else None if self._audit_path is not None else Head(0, GENESIS)),
             operator=operator, host=socket.gethostname(), now=now, seq=self._seq + 1,
             enforced=self.enforced, rejected=rejected, previous_sha256=self._previous_sha256, reason=reason,
+            parts=self.shares_for(r.compilation.ruleset),
         )
         try:
             path, digest = attest.issue(self.export_dir, statement, self.key)

@@ -145,11 +145,13 @@ def build_statement(
     reason: str = "change",
     version: str = __version__,
     limits: Limits = Limits(),
+    parts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Pure. `enforcers` holds every configured enforcer, failed ones too. `enforced` is the
     daemon's `tte.record` (first time each enforcer held each order version); without it, this
     pass's in-sync enforcers are taken as the first. `reason` is `change` (a pass changed
-    something), `periodic`, `manual` or `retry` (an earlier write failed)."""
+    something), `periodic`, `manual` or `retry` (an earlier write failed). `parts`:
+    `shares(compilation.ruleset)` if already computed (seconds at 1M rules)."""
     plist = [r.policy for r in policies]
     active = [r.policy for r in policies if not r.pending]
     pending = {r.policy.digest for r in policies if r.pending}
@@ -203,7 +205,7 @@ def build_statement(
     listed = _select(orders, limits.max_orders)
 
     ruleset = compilation.ruleset
-    parts = shares(ruleset)
+    parts = dict(parts) if parts is not None else shares(ruleset)
     enforcer_json = {name: _enforcer(e, parts) for name, e in sorted(enforcers.items())}
     findings = sorted(compilation.findings, key=lambda f: (f.allowed, f.order_id, f.rule, f.guard, f.reason))
     finding_json = [{"order": f.order_id, "rule": f.rule, "guard": f.guard, "reason": f.reason,

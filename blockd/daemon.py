@@ -94,6 +94,8 @@ class Daemon:
         self._retry_s = 1.0
         self._retry_at: float | None = None
         self._pass_failed = False
+        #: enforcer -> (rule set digest, digest of its share), for enforcers that failed
+        self._shares: dict[str, tuple[str, str]] = {}
         self._manual = asyncio.Event()
         self._wake = asyncio.Event()
         #: a retry was scheduled outside the pass loop: it recomputes its timeout
@@ -264,6 +266,8 @@ class Daemon:
             self.errors.pop(name, None)
         self.errors.update(result.failed)
         self._observe(result, time.perf_counter() - t0)
+        # Digests over the whole rule set take seconds at 1M: off the event loop, once each.
+        await asyncio.to_thread(self._warm_shares, result.compilation.ruleset)
         if self.accountability is not None:
             try:
                 self.accountability.after_pass(result, self.enforcer_passes())
@@ -294,6 +298,21 @@ class Daemon:
         self._retry_at = time.monotonic() + self._retry_s
         self._retry_s = min(self._retry_s * 2, self.settings.daemon.retry_max_s)
 
+    def _warm_shares(self, desired: RuleSet) -> None:
+        """Worker thread: the statement's share digests, and each failing enforcer's share."""
+        if self.accountability is not None:
+            self.accountability.shares_for(desired)
+        for e in self.enforcers:
+            if e.name in self.errors or e.name not in self.held:
+                self._share_digest(e, desired)
+
+    def _share_digest(self, e: Enforcer, desired: RuleSet) -> str:
+        cached = self._shares.get(e.name)
+        if cached is None or cached[0] != desired.digest:
+            cached = (desired.digest, e.enforced(desired).digest)
+            self._shares[e.name] = cached
+        return cached[1]
+
     def enforcer_passes(self) -> dict[str, EnforcerPass]:
         """Every configured enforcer as a statement shows it: what it last held (read back),
         the error while it fails, and the digest of its share of the rule set in force."""
@@ -304,7 +323,7 @@ class Daemon:
             error = self.errors.get(e.name)
             share = None
             if desired is not None and (held is None or error is not None):
-                share = e.enforced(desired).digest
+                share = self._share_digest(e, desired)
             if held is None:
                 out[e.name] = EnforcerPass(None, datetime.now(timezone.utc), error, share)
             else:
@@ -417,7 +436,10 @@ class Daemon:
         held = await e.readback()
         now = datetime.now(timezone.utc)
         prev = self.held.get(e.name)
-        share = prev[0].desired_digest if prev is not None and e.name not in self.errors else e.enforced(desired).digest
+        if prev is not None and e.name not in self.errors:
+            share = prev[0].desired_digest
+        else:
+            share = await asyncio.to_thread(self._share_digest, e, desired)
         a = Applied(e.name, held.digest, share, 0, 0, time.perf_counter() - t0, held.counts(), "full", now, now)
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
