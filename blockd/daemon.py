@@ -160,6 +160,7 @@ class Daemon:
     async def _until_ready(self) -> bool:
         """Retry passes with backoff until every required enforcer has applied; False if
         asked to stop first. No DNS listener is open meanwhile; /metrics is."""
+        attempt = 0
         while not self._stop.is_set():
             failing = [n for n in self.required if n in self.errors or n not in self.held]
             if not failing:
@@ -169,7 +170,9 @@ class Daemon:
             # systemd's start timeout would kill us while we wait for the kernel: extend it.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((wait + 60) * 1e6)}",
                                f"STATUS=not ready, retrying in {wait:.0f} s; {self._status()}")
-            log.warning("not_ready", failing=failing, retry_in_s=wait)
+            # once at warning (and apply_failed per attempt): the metric and STATUS say the rest
+            (log.warning if attempt == 0 else log.debug)("not_ready", failing=failing, retry_in_s=wait)
+            attempt += 1
             try:
                 await asyncio.wait_for(self._stop.wait(), wait)
                 return False
