@@ -12,6 +12,7 @@ pkgs=(
   unbound bind9 dnsperf           # real RPZ secondaries and the DNS benchmark
   prometheus                      # promtool, and a real scraper for the e2e test
   bird2                           # a real BGP router for the RTBH enforcer test and benchmark
+  jq e2fsprogs coreutils          # docs/attestation.md's verification steps; chattr +i in tests
 )
 missing=()
 for p in "${pkgs[@]}"; do
