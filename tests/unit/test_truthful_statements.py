@@ -278,11 +278,12 @@ def doc_steps() -> str:
     return section[section.index("```sh\n") + 6:section.index("```", section.index("```sh\n") + 6)]
 
 
-@pytest.mark.skipif(not all(map(__import__("shutil").which, ("minisign", "jq", "sha256sum", "bash"))),
-                    reason="needs minisign, jq, coreutils and bash")
 def test_the_documented_steps_agree_with_attest_verify(tmp_path: Path) -> None:
     """docs/attestation.md "How to verify", run literally with bash + minisign + jq, gives the
     same verdict as `blockd attest verify` on good, one-element-off, failed and gapped statements."""
+    missing = [t for t in ("minisign", "jq", "sha256sum", "bash") if __import__("shutil").which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed (scripts/deps.sh installs them)")
     key = minisign.generate()
     pub = tmp_path / "op.pub"
     pub.write_text(key.public.to_text())
