@@ -409,39 +409,85 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_attest_verify(args: argparse.Namespace) -> int:
+    """docs/attestation.md "How to verify", steps 1-5: signature, shape, every enforcer holds
+    its share as read back, and (for several files) the statement chain has no gap."""
+    import hashlib
+
     from blockd import attest
 
     key = _public_key(args.key)
     results, worst = [], EXIT_OK
+    signed = []
     for name in args.files:
         try:
             read_regular(Path(name), MAX_STATEMENT_BYTES, what="attestation statement")
             st = attest.verify(Path(name), key)
-            pred = st["predicate"]
-            results.append({"file": name, "ok": True, "id": pred["attestation"]["id"],
-                            "subjects": [s["name"] for s in st["subject"]]})
         except BlockdError as e:
-            results.append({"file": name, "ok": False, "error": str(e)})
+            results.append({"file": name, "ok": False, "error": str(e), "problems": []})
             worst = EXIT_REFUSED
-    _out(args, {"ok": worst == EXIT_OK, "files": results}, "\n".join(
-        f"{r['file']}: OK, attestation {r['id']} over {', '.join(r['subjects']) or 'no policy'}" if r["ok"]
-        else r["error"] for r in results))
+            continue
+        pred = st["predicate"]
+        problems = [] if args.signature_only else attest.check(st)
+        if problems:
+            worst = EXIT_REFUSED
+        signed.append((Path(name).name, hashlib.sha256(Path(name).read_bytes()).hexdigest(), st))
+        results.append({"file": name, "ok": not problems, "id": pred["attestation"]["id"],
+                        "seq": pred["attestation"]["seq"], "subjects": [s["name"] for s in st["subject"]],
+                        "problems": problems})
+    gaps = attest.chain([x for x in signed if Path(x[0]).name != "latest.json"]) if len(signed) > 1 else []
+    if gaps:
+        worst = EXIT_REFUSED
+
+    def line(r: dict[str, object]) -> str:
+        if "id" not in r:
+            return str(r["error"])
+        head = f"{r['file']}: signature OK, attestation {r['id']} over {', '.join(r['subjects']) or 'no policy'}"  # type: ignore[arg-type]
+        if not r["problems"]:
+            return head + ("" if args.signature_only else "; every enforcer holds its share (read back)")
+        return head + "; NOT ENFORCED AS ORDERED:\n" + "\n".join(f"  {p}" for p in r["problems"])  # type: ignore[attr-defined]
+
+    _out(args, {"ok": worst == EXIT_OK, "files": results, "chain": gaps},
+         "\n".join([*(line(r) for r in results), *(f"chain: {g}" for g in gaps)]))
     return worst
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from blockd import attest, audit
 
+    if args.key and args.no_key:
+        print("blockd: error: give --key or --no-key, not both", file=sys.stderr)
+        return EXIT_USAGE
     key = _public_key(args.key) if args.key else None
     anchors = []
     for name in args.attestation or ():
         st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())
-        anchors.append(attest.audit_head(st))
+        head = attest.audit_head(st)
+        if head is not None:
+            anchors.append(head)
     v = audit.verify(Path(args.log), anchors=anchors, public_key=key, require_head=not args.no_head)
-    _out(args, {"ok": True, "entries": v.entries, "head": v.head.as_json()},
-         f"{args.log}: OK, {v.entries} entries, head seq {v.head.seq} {v.head.sha256[:16]}…"
-         + (f", {len(anchors)} attestation anchor(s) match" if anchors else ""))
-    return EXIT_OK
+    base = v.recorded_head or v.head
+    text = f"{args.log}: hash chain OK, {v.entries} entries"
+    unsigned = v.entries - base.seq if key is not None else 0
+    data: dict[str, object] = {"entries": v.entries, "head": base.as_json(), "head_signed_by": v.head_signed_by,
+                               "unsigned_entries": unsigned, "anchors": len(anchors)}
+    ok = True
+    if key is not None:
+        text += f"; head seq {base.seq} {base.sha256[:16]}… signed by {v.head_signed_by}"
+        if unsigned:
+            ok = False
+            text += (f"; entries {base.seq + 1}..{v.entries} come after the signed head and are NOT covered by "
+                     f"a signature (unsigned)" if unsigned > 1 else
+                     f"; entry {v.entries} comes after the signed head and is NOT covered by a signature (unsigned)")
+    elif args.no_key:
+        text += f"; head seq {v.head.seq} {v.head.sha256[:16]}… UNVERIFIED (--no-key: no signature checked)"
+    else:
+        ok = False
+        text += (f"; head seq {v.head.seq} is UNVERIFIED: no signature was checked. Give --key operator.pub, "
+                 f"or --no-key to check the hash chain only")
+    if anchors:
+        text += f"; {len(anchors)} attestation anchor(s) match"
+    _out(args, {"ok": ok, **data}, text)
+    return EXIT_OK if ok else EXIT_REFUSED
 
 
 # -- the regulator's side: compliance across operators, registry imports ----------------------
@@ -642,6 +688,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = att_sub.add_parser("verify", parents=[common], help="verify signed attestations (as `minisign -V` does, "
                             "plus the statement's shape)")
     sp.add_argument("--key", "-k", required=True, help="the operator's minisign public key")
+    sp.add_argument("--signature-only", action="store_true",
+                    help="check signatures and shape only, not that every enforcer holds its share")
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.set_defaults(func=cmd_attest_verify, command_name="attest verify")
 
@@ -651,6 +699,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("log", metavar="LOG", help="audit.jsonl")
     sp.add_argument("--attestation", "-a", action="append", help="also check against the head an attestation binds")
     sp.add_argument("--key", "-k", help="operator public key: verify the head's and attestations' signatures")
+    sp.add_argument("--no-key", action="store_true",
+                    help="check the hash chain only; the head stays unverified (exit 0 all the same)")
     sp.add_argument("--no-head", action="store_true", help="do not require the audit.head file")
     sp.set_defaults(func=cmd_audit_verify, command_name="audit verify")
 

@@ -1,5 +1,5 @@
-"""After a pass: (verified policies, Compilation, per-enforcer read-back, audit head) -> a signed
-in-toto Statement of what blockd enforced, written to an export directory for regulators.
+"""After a pass: (verified policies, Compilation, every configured enforcer's state, audit head) ->
+a signed in-toto Statement of what blockd enforced, written to an export directory for regulators.
 
     build_statement(...)  pure -> dict   the Statement (docs/attestation.md documents every field)
     sign(statement, key)  -> (bytes, str) canonical JSON and its minisign signature (stock
@@ -7,11 +7,16 @@ in-toto Statement of what blockd enforced, written to an export directory for re
     write(dir, ...)       -> Path        attestation-<UTC time>-<seq>.json + .minisig, then
                                           latest.json + latest.json.minisig, each atomically
     verify(path, key)     -> dict        the Statement, or SignatureError saying what is wrong
+    check(statement)      pure -> [str]  the regulator's checks: every enforcer holds its share
+    chain(statements)     pure -> [str]  gaps and broken links between statements
 
-Per enforcer the statement carries the READ-BACK digest and counts (`Applied.digest`,
-`Applied.counts`): what the kernel or the DNS table held after the pass, not what was intended.
-Lists that grow with the rule set (findings, orders) are capped; their totals and the SHA-256 of
-the full canonical list are always present, so the file stays bounded at 1M rules.
+Per enforcer the statement carries the digest of its own share of the rule set (names for the
+sinkhole, addresses for the kernel) next to what it committed (acknowledged) and what was READ
+BACK from it (`Applied.digest`, with when and how much), so the regulator's check is one
+equality per enforcer. A failed enforcer is listed as failed, with its error; its orders are
+not enforced there. Lists that grow with the rule set (findings, orders) are capped; their
+totals and the SHA-256 of the full canonical list are always present, so the file stays
+bounded at 1M rules.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from blockd.audit import Head, canonical, iso
 from blockd.compile import Compilation, order_key
 from blockd.errors import SignatureError
 from blockd.fsutil import atomic_write
-from blockd.model import Applied, Finding, Policy
+from blockd.model import Applied, Finding, Policy, RuleSet, content_digest
 
 log = structlog.get_logger("blockd.attest")
 
@@ -43,11 +48,13 @@ _NAME = re.compile(r"attestation-(\d{8}T\d{6}Z)-(\d{6,})\.json\Z")
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A policy that passed intake, and when its file was first seen and when it was verified."""
+    """A policy that passed intake, and when its file was first seen and when it was verified.
+    `pending`: verified, but its not_before is still ahead (nothing of it is enforced yet)."""
 
     policy: Policy
     received_at: datetime | None
     verified_at: datetime | None
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +69,43 @@ class RejectedFile:
 
 @dataclass(frozen=True, slots=True)
 class EnforcerPass:
-    """What one enforcer returned in this pass, and when its read-back finished."""
+    """One configured enforcer in a statement.
 
-    applied: Applied
+    `applied`: its last successful apply (or full read-back), None if it never applied;
+    `at`: when that finished; `error`: why its last apply failed (None: it did not), and then
+    `applied` is older than this rule set; `share_digest`: the digest of its share of this
+    pass's rule set (names, addresses, ...), by default `applied.desired_digest`."""
+
+    applied: Applied | None
     at: datetime
+    error: str | None = None
+    share_digest: str | None = None
+
+    @property
+    def share(self) -> str:
+        d = self.share_digest or (self.applied.desired_digest if self.applied else None)
+        if d is None:
+            raise ValueError("an EnforcerPass needs share_digest when it has no Applied")
+        return d
+
+    @property
+    def in_sync(self) -> bool:
+        """Applied without error, and what was read back is this rule set's share."""
+        return self.error is None and self.applied is not None and self.applied.digest == self.share
+
+
+#: The shares of a rule set an enforcer can hold, in the order their names are tried.
+SHARES = ("names", "addresses", "ipv4_addresses", "all")
+
+
+def shares(ruleset: RuleSet) -> dict[str, str]:
+    """Share name -> digest: what each kind of enforcer must read back to be in sync."""
+    return {
+        "names": content_digest(ruleset.domains, (), ()),
+        "addresses": content_digest((), ruleset.v4, ruleset.v6),
+        "ipv4_addresses": content_digest((), ruleset.v4, ()),
+        "all": ruleset.digest,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +134,7 @@ def build_statement(
     policies: Sequence[Received],
     compilation: Compilation,
     enforcers: Mapping[str, EnforcerPass],
-    audit_head: Head,
+    audit_head: Head | None,
     operator: Operator,
     host: str,
     now: datetime,
@@ -105,23 +145,32 @@ def build_statement(
     reason: str = "change",
     version: str = __version__,
     limits: Limits = Limits(),
+    parts: Mapping[str, str] | None = None,
+    drift_repairs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Pure. `enforced` is the daemon's `tte.record` (first time each enforcer held each order
-    version); without it, this pass's in-sync enforcers are taken as the first. `reason` is
-    `change` (a pass changed something), `periodic` or `manual`."""
+    """Pure. `enforcers` holds every configured enforcer, failed ones too. `enforced` is the
+    daemon's `tte.record` (first time each enforcer held each order version); without it, this
+    pass's in-sync enforcers are taken as the first. `reason` is `change` (a pass changed
+    something), `periodic`, `manual`, `retry` (an earlier write failed) or `drift_repair` (an
+    enforcer was found not holding its share and was repaired: `drift_repairs` says what, when). `parts`:
+    `shares(compilation.ruleset)` if already computed (seconds at 1M rules)."""
     plist = [r.policy for r in policies]
+    active = [r.policy for r in policies if not r.pending]
+    pending = {r.policy.digest for r in policies if r.pending}
     if enforced is None:
-        synced = {n: (e.at if e.applied.in_sync else None) for n, e in enforcers.items()}
-        enforced = tte.record({}, plist, compilation.orders, synced)
+        synced = {n: (e.at if e.in_sync else None) for n, e in enforcers.items()}
+        enforced = tte.record({}, active, compilation.orders, synced)
+    failing = sorted(n for n, e in enforcers.items() if not e.in_sync)
     times = {r.policy.digest: (r.received_at, r.verified_at) for r in policies}
-    timings = tte.order_timings(plist, compilation.orders, times, enforced, list(enforcers), now)
+    timings = tte.order_timings(plist, compilation.orders, times, enforced, list(enforcers), now,
+                                pending=pending, failing=failing)
     refusals = _refusals(compilation.findings)
     first: dict[str, dict[str, str]] = {}
     for f in sorted(compilation.findings, key=lambda f: (f.rule, f.guard)):
         if not f.allowed:
             first.setdefault(f.order_id, {"rule": f.rule, "guard": f.guard, "reason": f.reason})
 
-    current = tte.newest(plist)
+    current = tte.newest(active)
     per_policy: list[list[dict[str, Any]]] = []
     for r in policies:
         p = r.policy
@@ -130,16 +179,24 @@ def build_statement(
             key = order_key(p, o)
             t = timings[tte.version_key(p, o)]
             result = compilation.orders.get(key)
-            status = "superseded" if current[p.issuer] is not p else (result.status if result else "pending")
+            if r.pending:
+                status = "pending"
+            elif current.get(p.issuer) is not p:
+                status = "superseded"
+            else:
+                status = result.status if result else "pending"
+            held = status in ("enforced", "partially_refused", "unblock")
             per_policy[-1].append({
                 "policy": _name(p.source), "key": key, "id": o.id, "serial": p.serial, "action": o.action,
                 "legal_basis": {"authority": o.legal_basis.authority, "reference": o.legal_basis.reference,
                                 "url": o.legal_basis.url},
                 "status": "unblocked" if status == "unblock" else status,
                 "pending_until": p.not_before if status == "pending" else None,
-                "rules": result.rules if result and status != "superseded" else 0,
-                "refused": refusals.get(key, {}) if status != "superseded" else {},
+                "rules": result.rules if result and status not in ("superseded", "pending") else 0,
+                "refused": refusals.get(key, {}) if status not in ("superseded", "pending") else {},
                 "first_refusal": first.get(key) if status in ("refused", "partially_refused") else None,
+                # enforcers that do not hold this rule set now (failed, or read back different)
+                "not_enforced_on": failing if held else [],
                 "issued_at": t.issued_at, "received_at": t.received_at, "verified_at": t.verified_at,
                 "enforced_at": dict(t.enforced_at), "enforced_everywhere_at": t.enforced_everywhere_at,
                 "issued_to_enforced_s": t.issued_to_enforced_s,
@@ -150,17 +207,8 @@ def build_statement(
     listed = _select(orders, limits.max_orders)
 
     ruleset = compilation.ruleset
-    enforcer_json = {
-        name: {
-            "readback_digest": e.applied.digest, "desired_digest": e.applied.desired_digest,
-            # An enforcer holds its part of the rule set (names, or addresses), so its desired
-            # digest is that part's; in sync means the read-back equals it.
-            "in_sync": e.applied.in_sync,
-            "counts": dict(e.applied.counts), "added": e.applied.added, "removed": e.applied.removed,
-            "duration_s": round(e.applied.duration_s, 6), "applied_at": e.at,
-        }
-        for name, e in sorted(enforcers.items())
-    }
+    parts = dict(parts) if parts is not None else shares(ruleset)
+    enforcer_json = {name: _enforcer(e, parts) for name, e in sorted(enforcers.items())}
     findings = sorted(compilation.findings, key=lambda f: (f.allowed, f.order_id, f.rule, f.guard, f.reason))
     finding_json = [{"order": f.order_id, "rule": f.rule, "guard": f.guard, "reason": f.reason,
                      "allowed": f.allowed} for f in findings]
@@ -178,12 +226,14 @@ def build_statement(
         "predicate": {
             "attestation": {"id": aid, "seq": seq, "issued_at": now, "reason": reason,
                             "previous_sha256": previous_sha256},
+            "drift_repairs": [dict(d) for d in drift_repairs],
             "operator": {"name": operator.name, "contact": operator.contact},
             "producer": {"name": "blockd", "version": version, "host": host},
-            "ruleset": {"digest": ruleset.digest, "counts": ruleset.counts(), "rules": len(ruleset)},
+            "ruleset": {"digest": ruleset.digest, "counts": ruleset.counts(), "rules": len(ruleset),
+                        "shares": parts},
             "enforcers": enforcer_json,
             "in_sync": bool(enforcer_json) and all(e["in_sync"] for e in enforcer_json.values()),
-            "policies": [_policy(r, compilation.policies.get(r.policy.source, "not_compiled"),
+            "policies": [_policy(r, "pending" if r.pending else compilation.policies.get(r.policy.source, "not_compiled"),
                                  [o for o in group if id(o) in listed])
                          for r, group in sorted(zip(policies, per_policy),
                                                 key=lambda x: (x[0].policy.issuer, x[0].policy.serial))],
@@ -203,12 +253,35 @@ def build_statement(
             },
             "warnings": {"total": len(compilation.warnings),
                          "listed": list(compilation.warnings[: limits.max_warnings])},
-            "audit": {"seq": audit_head.seq, "sha256": audit_head.sha256},
+            # None: the audit log is configured but could not be opened (it is retried)
+            "audit": {"seq": audit_head.seq if audit_head else None,
+                      "sha256": audit_head.sha256 if audit_head else None},
         },
     }
     # Normalise datetimes etc. to JSON types now, so the dict equals what `verify` returns.
     result: dict[str, Any] = json.loads(canonical(statement))
     return result
+
+
+def _enforcer(e: EnforcerPass, parts: Mapping[str, str]) -> dict[str, Any]:
+    """One enforcer's entry: its share's digest next to what was committed and what was read."""
+    a = e.applied
+    share = e.share
+    name = next((n for n in SHARES if parts[n] == share), "other")
+    status = "failed" if e.error is not None else ("in_sync" if e.in_sync else "out_of_sync")
+    return {
+        "status": status, "error": e.error, "in_sync": status == "in_sync",
+        "share": name, "share_digest": share,
+        # acknowledged by the backend (every netlink message ACKed, the table swapped, ...)
+        "committed_digest": a.desired_digest if a else None,
+        # computed over what was read back from the backend at readback_at
+        "readback_digest": a.digest if a else None,
+        "readback_scope": a.readback_scope if a else None,
+        "readback_at": (a.readback_at or e.at) if a else None,
+        "full_readback_at": a.full_readback_at if a else None,
+        "counts": dict(a.counts) if a else {}, "added": a.added if a else 0, "removed": a.removed if a else 0,
+        "duration_s": round(a.duration_s, 6) if a else 0.0, "applied_at": e.at if a else None,
+    }
 
 
 def _name(source: str) -> str:
@@ -355,7 +428,59 @@ def verify(json_path: Path, public_key: minisign.PublicKey, *, signature_path: P
     return statement
 
 
-def audit_head(statement: Mapping[str, Any]) -> Head:
-    """The audit-log head a statement binds: pass it to `audit.verify(..., anchors=[...])`."""
+def audit_head(statement: Mapping[str, Any]) -> Head | None:
+    """The audit-log head a statement binds: pass it to `audit.verify(..., anchors=[...])`.
+    None when the statement was made while the audit log could not be opened."""
     a = statement["predicate"]["audit"]
+    if a["seq"] is None:
+        return None
     return Head(int(a["seq"]), str(a["sha256"]))
+
+
+def check(statement: Mapping[str, Any]) -> list[str]:
+    """Pure: the regulator's checks of a signed statement (docs/attestation.md, "How to verify",
+    steps 3-4), one problem per line; empty when the statement attests full enforcement.
+
+    Per enforcer: not failed; its share digest is the rule set's share of that name; and the
+    digest read back from it equals its share digest. Then the statement's own `in_sync`."""
+    pred = statement["predicate"]
+    parts = pred["ruleset"].get("shares", {})
+    problems = []
+    if not pred["enforcers"]:
+        problems.append("no enforcer is listed: nothing is attested as enforced")
+    for name, e in sorted(pred["enforcers"].items()):
+        if e.get("status") == "failed":
+            problems.append(f"enforcer {name}: failed: {e.get('error')}")
+            continue
+        want = parts.get(e.get("share"))
+        if want is None or e.get("share_digest") != want:
+            problems.append(f"enforcer {name}: share {e.get('share')!r} digest {e.get('share_digest')} is not the "
+                            f"rule set's ({want}); known shares: {', '.join(sorted(parts))}")
+        if e.get("readback_digest") != e.get("share_digest"):
+            problems.append(f"enforcer {name}: read back {e.get('readback_digest')} at {e.get('readback_at')} but its "
+                            f"share ({e.get('share')}) is {e.get('share_digest')}: it does not hold what was ordered")
+        elif not e.get("in_sync"):
+            problems.append(f"enforcer {name}: in_sync is false")
+    if not pred["in_sync"] and not problems:
+        problems.append("in_sync is false")
+    return problems
+
+
+def chain(statements: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[str]:
+    """Pure: gaps and broken links in a set of statements from one export directory, given as
+    (file name, SHA-256 of its bytes, statement). Sorted by seq, each must follow the one
+    before (seq + 1) and name its SHA-256 as `previous_sha256`."""
+    items = sorted(statements, key=lambda x: x[2]["predicate"]["attestation"]["seq"])
+    problems = []
+    for (pname, psha, pst), (name, _, st) in zip(items, items[1:]):
+        a, b = pst["predicate"]["attestation"], st["predicate"]["attestation"]
+        if b["seq"] == a["seq"]:
+            problems.append(f"{name}: seq {b['seq']} again (also {pname})")
+        elif b["seq"] != a["seq"] + 1:
+            missing = f"{a['seq'] + 1}" if b["seq"] == a["seq"] + 2 else f"{a['seq'] + 1}..{b['seq'] - 1}"
+            problems.append(f"statement seq {missing} missing between {pname} (seq {a['seq']}) and {name} "
+                            f"(seq {b['seq']})")
+        elif b["previous_sha256"] != psha:
+            problems.append(f"{name}: previous_sha256 is {b['previous_sha256']} but {pname} (seq {a['seq']}) hashes "
+                            f"to {psha}: the chain is broken here")
+    return problems

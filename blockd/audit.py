@@ -278,6 +278,9 @@ class AuditLog:
         self._size = size
         self._clock = clock
         self._key = key
+        #: the error of a failed head-file update after an entry was written (None: up to date);
+        #: until it is written, no further entry is appended (at most one beyond the head)
+        self.head_stale: OSError | None = None
 
     @classmethod
     def open(cls, path: Path, *, clock: Callable[[], datetime] = _utc_now,
@@ -329,6 +332,8 @@ class AuditLog:
         clash = RESERVED & fields.keys()
         if clash:
             raise ValueError(f"audit field name(s) {sorted(clash)} are reserved; reserved: {sorted(RESERVED)}")
+        if self.head_stale is not None:
+            self.retry_head()  # raises OSError while the head cannot be written: nothing appended
         seq = self._head.seq + 1
         line = canonical({**fields, "event": event, "prev": self._head.sha256, "seq": seq, "time": iso(self._clock())})
         data = line + b"\n"
@@ -343,8 +348,18 @@ class AuditLog:
             raise
         self._size += len(data)
         self._head = Head(seq, hashlib.sha256(line).hexdigest())
-        self._write_head()
+        try:
+            self._write_head()
+        except OSError as e:
+            # The entry is durable; `verify` accepts one entry beyond the head. Say so, and
+            # append nothing more until the head is written.
+            self.head_stale = e
         return self._head.sha256
+
+    def retry_head(self) -> None:
+        """Write the head file an earlier append could not; OSError if it still cannot."""
+        self._write_head()
+        self.head_stale = None
 
     def _write_head(self) -> None:
         key_id = self._key.public.id_hex if self._key else None

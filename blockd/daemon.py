@@ -1,11 +1,16 @@
 """`blockd run`: the asyncio daemon around `Reconciler`.
 
-    start     build enforcers -> first pass (state copies + policy dir) -> THEN open the DNS
-              listeners (fail closed: no query is answered from an empty table) -> metrics
-              server -> READY=1
+    start     build enforcers -> first pass (state copies + policy dir) -> metrics server ->
+              until every enforcer not in `optional_enforcers` has applied, retry with backoff
+              (STATUS= says what fails; EXTEND_TIMEOUT_USEC= keeps systemd waiting) -> THEN
+              open the DNS listeners (fail closed: no query is answered from an empty table
+              or while an enforcer cannot hold the rules) -> READY=1
     tasks     policy watcher (inotify / poll) -> pass; timer at the next not_before/not_after
-              -> pass; SIGHUP -> pass (RELOADING=1); drift check every `drift_check_s`;
-              kernel/DNS counter snapshots for scrapes; WATCHDOG=1 pings
+              -> pass; SIGHUP -> pass (RELOADING=1); a failed apply or accountability write
+              -> retry with backoff; drift check (a full read-back, then repair) every
+              `drift_check_s`; periodic statement (full read-back, no repair) every
+              `attest_period_s`, SIGUSR1 -> one now (`manual`); kernel/DNS counter snapshots
+              for scrapes; WATCHDOG=1 pings
     stop      SIGTERM/SIGINT -> STOPPING=1 -> close listeners; kernel rules stay in place
               unless `keep_rules_on_stop: false`, so a restart leaves no gap
 """
@@ -22,10 +27,12 @@ import structlog
 
 from blockd import metrics as m
 from blockd.accountability import Accountability
+from blockd.audit import iso
+from blockd.attest import EnforcerPass
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
 from blockd.errors import BlockdError, EnforcerError
-from blockd.model import RuleSet
+from blockd.model import Applied, RuleSet
 from blockd.reconcile import PassResult, Reconciler
 from blockd.sdnotify import Notifier
 from blockd.selection import STATUSES, status_counts
@@ -34,6 +41,7 @@ from blockd.state import StateLock, StateStore
 from blockd.watch import identity, snapshot, watch
 
 log = structlog.get_logger("blockd.daemon")
+_READBACK_FAILED = "read-back failed: "
 
 #: the longest a boundary timer waits before it looks at the wall clock again
 BOUNDARY_TICK_S = 5.0
@@ -80,13 +88,30 @@ class Daemon:
         for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
             self.metrics.apply_failures.labels(e.name)
             self.metrics.drift_repairs.labels(e.name)
-        self.accountability = Accountability.from_settings(settings)
+        for kind in ("attestation", "audit", "state"):
+            self.metrics.write_failures.labels(kind)
+        self.accountability = Accountability.from_settings(
+            settings, on_failure=lambda kind: self.metrics.write_failures.labels(kind).inc())
+        #: per enforcer: the last Applied (an apply, a repair or a full read-back) and when
+        self.held: dict[str, tuple[Applied, datetime]] = {}
+        #: per enforcer: the error of its last apply, while it keeps failing
+        self.errors: dict[str, str] = {}
+        self.required = [e.name for e in self.enforcers if e.name not in settings.daemon.optional_enforcers]
+        self._retry_s = 1.0
+        self._retry_at: float | None = None
+        self._pass_failed = False
+        #: enforcer -> (rule set digest, digest of its share), for enforcers that failed
+        self._shares: dict[str, tuple[str, str]] = {}
+        self._manual = asyncio.Event()
         self._wake = asyncio.Event()
+        #: a retry was scheduled outside the pass loop: it recomputes its timeout
+        self._poke = asyncio.Event()
         #: passes and drift repairs never interleave: a repair must not re-apply a superseded set
         self._apply_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._boundary: datetime | None = None
         self._reloading = False
+        self.ready = False
         self.last: PassResult | None = None
         self._lock: StateLock | None = None
         self._seen: tuple[object, ...] | None = None
@@ -97,6 +122,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._manual.set)
         try:
             self._lock = StateStore(self.settings.state_dir).lock()
         except (BlockdError, OSError) as e:
@@ -111,13 +137,20 @@ class Daemon:
             log.error("start_failed", reason="the first reconcile pass failed; see reconcile_failed")
             await self._shutdown(remove_rules=False)
             return 1
-        await self._start_listeners()
         if self.settings.daemon.metrics_listen is not None:
             host, port = self.settings.daemon.metrics_listen
             await m.serve(self.metrics.registry, host, port)
             log.info("metrics_listening", address=f"{host}:{port}")
+        if not await self._until_ready():
+            self.notifier.stopping()
+            await self._shutdown(remove_rules=not self.settings.daemon.keep_rules_on_stop)
+            return 0
+        await self._start_listeners()
+        self.ready = True
+        self.metrics.ready.set(1)
         self.notifier.ready(self._status())
-        log.info("daemon_ready", enforcers=[e.name for e in self.enforcers])
+        log.info("daemon_ready", enforcers=[e.name for e in self.enforcers],
+                 failing=sorted(self.errors) or None)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -139,6 +172,30 @@ class Daemon:
         finally:
             await self._shutdown(remove_rules=not self.settings.daemon.keep_rules_on_stop)
         return 0
+
+    async def _until_ready(self) -> bool:
+        """Retry passes with backoff until every required enforcer has applied; False if
+        asked to stop first. No DNS listener is open meanwhile; /metrics is."""
+        attempt = 0
+        while not self._stop.is_set():
+            failing = [n for n in self.required if n in self.errors or n not in self.held]
+            if not failing:
+                return True
+            # `_pass` scheduled the retry (1 s doubling to retry_max_s)
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._retry_at is not None else self._retry_s
+            # systemd's start timeout would kill us while we wait for the kernel: extend it.
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((wait + 60) * 1e6)}",
+                               f"STATUS=not ready, retrying in {wait:.0f} s; {self._status()}")
+            # once at warning (and apply_failed per attempt): the metric and STATUS say the rest
+            (log.warning if attempt == 0 else log.debug)("not_ready", failing=failing, retry_in_s=wait)
+            attempt += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(), wait)
+                return False
+            except TimeoutError:
+                pass
+            await self._pass("retry")
+        return False
 
     def _reload(self) -> None:
         self._reloading = True
@@ -183,17 +240,35 @@ class Daemon:
                 # judges it): a clock step while waiting moves the boundary, the timer follows.
                 left = (self._boundary - self.reconciler.now()).total_seconds()
                 timeout = min(max(0.0, left) + 0.001, BOUNDARY_TICK_S)
+            if self._retry_at is not None:
+                due = max(0.0, self._retry_at - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
+            woken = asyncio.ensure_future(self._wake.wait())
+            poked = asyncio.ensure_future(self._poke.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait({woken, poked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+                poked.cancel()
+            if self._poke.is_set() and not self._wake.is_set():
+                self._poke.clear()  # a retry was scheduled elsewhere: wait again with it
+                continue
+            self._poke.clear()
+            if self._wake.is_set():
                 reason = "change"
-            except TimeoutError:
-                if self._boundary is not None and self.reconciler.now() < self._boundary:
-                    continue  # not there yet (the wait was capped)
+            elif self._retry_at is not None and time.monotonic() >= self._retry_at:
+                reason = "retry"  # a failed apply, state write or statement is retried
+            elif self._boundary is not None and self.reconciler.now() >= self._boundary:
                 reason = "time"  # a not_before or not_after was reached
+            else:
+                continue  # a capped wait: not there yet
             self._wake.clear()
             reloading, self._reloading = self._reloading, False
+            if reason == "retry" and not reloading and not self._needs_pass():
+                self._retry_writes()  # only a write is owed: no need to recompile and re-apply
+                continue
             if reason == "change" and not reloading and self._inputs_unchanged():
-                log.debug("pass_skipped", reason="the policy directory and the state are as the last pass saw them")
+                log.debug("pass_skipped", reason="the policy directory is as the last pass read it")
                 continue
             await self._pass("reload" if reloading else reason)
             if reloading:
@@ -219,14 +294,85 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - the daemon must survive any pass; last good state stays
             self.metrics.reconcile.labels("error").inc()
             log.exception("reconcile_failed", reason=reason, error=str(e))
+            self._pass_failed = True
+            self._schedule_retry(True)
             return
+        self._pass_failed = False
         self.last = result
         self._boundary = result.next_boundary
+        now = datetime.now(timezone.utc)
+        for name, a in result.applied.items():
+            self.held[name] = (a, now)
+            self.errors.pop(name, None)
+        self.errors.update(result.failed)
         self._observe(result, time.perf_counter() - t0)
+        # Digests over the whole rule set take seconds at 1M: off the event loop, once each.
+        await asyncio.to_thread(self._warm_shares, result.compilation.ruleset)
         if self.accountability is not None:
             for f in result.new_input_failures:
                 self.accountability.event("input_refused", input=f.input, where=f.where, error=f.message)
-            self.accountability.after_pass(result)
+            try:
+                self.accountability.after_pass(result, self.enforcer_passes())
+                if self.accountability.behind:
+                    self.accountability.retry(result, self.enforcer_passes())
+            except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
+                log.exception("accountability_failed", error=str(e))
+        self._schedule_retry(bool(result.failed) or result.state_error is not None
+                             or (self.accountability is not None and self.accountability.behind))
+
+    def _needs_pass(self) -> bool:
+        """A failed pass or apply is retried with a pass; an owed write alone is not."""
+        state = self.last is not None and self.last.state_error is not None  # new policies wait for it
+        return self._pass_failed or state or any(not err.startswith(_READBACK_FAILED) for err in self.errors.values())
+
+    def _retry_writes(self) -> None:
+        if self.accountability is None:
+            return
+        try:
+            self.accountability.retry(self.last, self.enforcer_passes())
+        except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
+            log.exception("accountability_failed", error=str(e))
+        self._schedule_retry(self.accountability.behind)
+
+    def _schedule_retry(self, failing: bool) -> None:
+        """Back off (1 s doubling to `retry_max_s`) while an apply or a write fails."""
+        if not failing:
+            self._retry_s, self._retry_at = 1.0, None
+            return
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(self._retry_s * 2, self.settings.daemon.retry_max_s)
+
+    def _warm_shares(self, desired: RuleSet) -> None:
+        """Worker thread: the statement's share digests, and each failing enforcer's share."""
+        if self.accountability is not None:
+            self.accountability.shares_for(desired)
+        for e in self.enforcers:
+            if e.name in self.errors or e.name not in self.held:
+                self._share_digest(e, desired)
+
+    def _share_digest(self, e: Enforcer, desired: RuleSet) -> str:
+        cached = self._shares.get(e.name)
+        if cached is None or cached[0] != desired.digest:
+            cached = (desired.digest, e.enforced(desired).digest)
+            self._shares[e.name] = cached
+        return cached[1]
+
+    def enforcer_passes(self) -> dict[str, EnforcerPass]:
+        """Every configured enforcer as a statement shows it: what it last held (read back),
+        the error while it fails, and the digest of its share of the rule set in force."""
+        desired = self.reconciler.desired
+        out = {}
+        for e in self.enforcers:
+            held = self.held.get(e.name)
+            error = self.errors.get(e.name)
+            share = None
+            if desired is not None and (held is None or error is not None):
+                share = self._share_digest(e, desired)
+            if held is None:
+                out[e.name] = EnforcerPass(None, datetime.now(timezone.utc), error, share)
+            else:
+                out[e.name] = EnforcerPass(held[0], held[1], error, share)
+        return out
 
     def _observe(self, r: PassResult, duration_s: float) -> None:
         mt = self.metrics
@@ -289,7 +435,9 @@ class Daemon:
             return "starting"
         serials = ", ".join(f"{p.issuer}#{p.serial}" for p in self.last.policies) or "no policy"
         c = self.last.compilation.ruleset.counts()
-        bad = f"; FAILING: {', '.join(sorted(self.last.failed))}" if self.last.failed else ""
+        bad = ""
+        if self.errors:
+            bad = "; FAILING: " + "; ".join(f"{n}: {err[:200]}" for n, err in sorted(self.errors.items()))
         refused = sum(1 for v in self.last.verdicts if v.status == "rejected" and not v.from_state)
         bad += f"; {refused} policy file(s) REFUSED (blockd check)" if refused else ""
         bad += "".join(f"; {f.input} REFUSED, last good in use" for f in self.last.input_failures if f.input != "state")
@@ -317,23 +465,60 @@ class Daemon:
         if desired is None or self.last is None:
             return False
         clean = True
+        repairs: list[dict[str, object]] = []
         for e in self.enforcers:
+            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+                # its apply fails: the pass loop retries it with backoff, and says so once
+                self.metrics.in_sync.labels(e.name).set(0)
+                clean = False
+                continue
             try:
-                repaired = await check_and_repair(e, desired)
+                found, held = await self._read_back(e, desired)
+                repaired = await check_and_repair(e, desired, held)
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
                 log.error("drift_check_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
                 clean = False
                 continue
-            self.metrics.in_sync.labels(e.name).set(1)
-            if repaired is None:
-                continue
-            self.last.applied[e.name] = repaired
-            self.metrics.drift_repairs.labels(e.name).inc()
-            if self.accountability is not None:
-                self.accountability.event("drift_repaired", enforcer=e.name, restored=repaired.digest,
-                                          added=repaired.added, removed=repaired.removed)
+            if repaired is not None:
+                self.held[e.name] = (repaired, datetime.now(timezone.utc))
+                self.errors.pop(e.name, None)
+                self.metrics.drift_repairs.labels(e.name).inc()
+                if self.accountability is not None:
+                    self.accountability.event("drift_repaired", enforcer=e.name, restored=repaired.digest,
+                                              added=repaired.added, removed=repaired.removed)
+                repairs.append({"enforcer": e.name, "found_at": iso(found.readback_at or datetime.now(timezone.utc)),
+                                "found_digest": found.digest, "missing": repaired.added, "extra": repaired.removed,
+                                "repaired_at": iso(datetime.now(timezone.utc)), "readback_digest": repaired.digest,
+                                "share_digest": repaired.desired_digest, "in_sync": repaired.in_sync})
+            in_sync = e.name not in self.errors and self.held[e.name][0].in_sync
+            self.metrics.in_sync.labels(e.name).set(1 if in_sync else 0)
+            clean = clean and in_sync
+        if repairs and self.accountability is not None:
+            # The regulator hears of it now, not at the next periodic statement.
+            try:
+                passes = self.enforcer_passes()
+                self.accountability.record(self.last, passes)
+                self.accountability.attest(self.last, passes, reason="drift_repair", drift_repairs=repairs)
+            except Exception as exc:  # noqa: BLE001 - accountability must never stop enforcement
+                log.exception("accountability_failed", error=str(exc))
         return clean
+
+    async def _read_back(self, e: Enforcer, desired: RuleSet) -> tuple[Applied, RuleSet]:
+        """A full read-back of `e`, recorded as what it holds now (EnforcerError if it fails)."""
+        t0 = time.perf_counter()
+        held = await e.readback()
+        now = datetime.now(timezone.utc)
+        prev = self.held.get(e.name)
+        if prev is not None and e.name not in self.errors:
+            share = prev[0].desired_digest
+        else:
+            share = await asyncio.to_thread(self._share_digest, e, desired)
+        a = Applied(e.name, held.digest, share, 0, 0, time.perf_counter() - t0, held.counts(), "full", now, now)
+        self.held[e.name] = (a, prev[1] if prev is not None else now)
+        if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
+            del self.errors[e.name]
+        return a, held
 
     async def _stats_loop(self, interval: float = 5.0) -> None:
         while True:
@@ -355,31 +540,46 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _attest_loop(self) -> None:
+        """A statement every `attest_period_s` (or on SIGUSR1), from a full read-back of every
+        enforcer taken just before it; nothing is repaired first, so drift shows."""
         assert self.accountability is not None
         while True:
-            await asyncio.sleep(self.settings.daemon.attest_period_s)
+            try:
+                await asyncio.wait_for(self._manual.wait(), self.settings.daemon.attest_period_s)
+                reason = "manual"
+            except TimeoutError:
+                reason = "periodic"
+            self._manual.clear()
             if self.last is None:
                 continue
             async with self._apply_lock:
                 try:
                     await self._refresh_readback()
-                    self.accountability.attest(self.last, reason="periodic")
+                    self._observe_sync()
+                    passes = self.enforcer_passes()
+                    self.accountability.record(self.last, passes)
+                    self.accountability.attest(self.last, passes, reason=reason)
                 except Exception as e:  # noqa: BLE001 - as above: log, keep running, retry next period
                     log.exception("attestation_failed", error=str(e))
+            if self.accountability.behind:
+                self._schedule_retry(True)
+                self._poke.set()
 
     async def _refresh_readback(self) -> None:
         """Re-read every enforcer so a periodic attestation states what is held now."""
-        assert self.last is not None
+        desired = self.reconciler.desired
+        if desired is None:
+            return
         for e in self.enforcers:
             try:
-                held = await e.readback()
-            except EnforcerError:
-                continue
-            prev = self.last.applied.get(e.name)
-            if prev is not None:
-                from dataclasses import replace
+                await self._read_back(e, desired)
+            except EnforcerError as exc:
+                log.error("readback_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
+                self.errors.setdefault(e.name, f"{_READBACK_FAILED}{exc}")
 
-                self.last.applied[e.name] = replace(prev, digest=held.digest, counts=held.counts())
+    def _observe_sync(self) -> None:
+        for name, e in self.enforcer_passes().items():
+            self.metrics.in_sync.labels(name).set(1 if e.in_sync else 0)
 
 
 def run(settings: Settings) -> int:

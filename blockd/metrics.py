@@ -47,6 +47,8 @@ class Metrics:
     policy_dir_events: Counter
     state_write_failures: Counter
     clock_behind: Gauge
+    write_failures: Counter
+    ready: Gauge
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -104,6 +106,12 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
             registry=r),
         clock_behind=Gauge("blockd_clock_behind_seconds", "How far the wall clock is behind the highest time seen "
                            "(a step back); validity windows are judged at the highest time", registry=r),
+        write_failures=Counter("blockd_attestation_write_failures_total",
+                               "Failed writes of statements (attestation), the audit log (audit) or the "
+                               "time-to-enforce state (state); enforcement continues, the write is retried",
+                               ["kind"], registry=r),
+        ready=Gauge("blockd_ready", "1 once every required enforcer has applied and READY=1 was sent",
+                    registry=r),
     )
     for how in ("removed", "replaced"):
         m.policy_dir_events.labels(how)

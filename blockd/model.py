@@ -311,15 +311,28 @@ def diff(current: RuleSet, desired: RuleSet) -> Plan:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What one enforcer did in one `apply` call, and what it holds afterwards (read back)."""
+    """What one enforcer did in one `apply` call, and what it holds afterwards.
+
+    `desired_digest` is the digest of the enforcer's own share of the rule set (names for the
+    sinkhole, addresses for the kernel): what it committed and the backend acknowledged.
+    `digest` is never that intention: it is computed over what was read back from the backend
+    (kernel sets, the served table or zone, the BGP RIB-out). `readback_scope` says how much:
+
+        full     everything the backend holds was read at `readback_at`
+        touched  the parts the commit touched were read at `readback_at`; the rest as read
+                 at `full_readback_at` (the last full read-back), unchanged since
+    """
 
     enforcer: str
     digest: str  # digest of the read-back state
-    desired_digest: str
+    desired_digest: str  # digest of the share committed (and acknowledged)
     added: int
     removed: int
     duration_s: float
     counts: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    readback_scope: Literal["full", "touched"] = "full"
+    readback_at: datetime | None = None
+    full_readback_at: datetime | None = None
 
     @property
     def in_sync(self) -> bool:

@@ -52,11 +52,28 @@ class DaemonSettings:
     #: policy directory polling interval when inotify is unavailable
     poll_s: float = 2.0
     operator: str = "operator"
+    #: how a regulator reaches the operator (statement `operator.contact`), e.g. noc@example.net
+    operator_contact: str = ""
     #: the operator's minisign secret key, to sign attestations
     operator_key: str | None = None
     attest_dir: str | None = None
     attest_period_s: float = 86400.0
     audit_log: str | None = None
+    #: enforcers whose failure does not hold back readiness (READY=1, DNS listeners); they are
+    #: still retried, counted, alerted and attested as failed
+    optional_enforcers: tuple[str, ...] = ()
+    #: longest wait between retries of a failed apply or write (doubling from 1 s)
+    retry_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.optional_enforcers if n not in ENFORCER_NAMES]
+        if bad:
+            raise ConfigError(f"daemon.optional_enforcers: {bad!r} unknown; known: {', '.join(ENFORCER_NAMES)}")
+        if not self.retry_max_s > 0:
+            raise ConfigError(f"daemon.retry_max_s: {self.retry_max_s!r} must be > 0 seconds")
+
+
+ENFORCER_NAMES = ("nft", "ipset", "dns", "rpz", "bgp")
 
 
 @dataclass(frozen=True, slots=True)

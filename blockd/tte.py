@@ -18,6 +18,8 @@ Deadline status, per order:
     met             enforced on every enforcer at or before the deadline
     missed          enforced after the deadline, or still not enforced and `now` is past it
     open            not enforced yet, deadline still ahead
+    at_risk         not enforced everywhere yet, deadline ahead, and an enforcer that must hold
+                    it is failing or out of sync
     none            the order has no deadline
     refused         every rule of the order was refused by a guard: nothing to enforce
     not_applicable  superseded or expired before it was ever enforced
@@ -34,7 +36,7 @@ from typing import Literal
 from blockd.compile import OrderResult, order_key
 from blockd.model import Order, Policy
 
-DeadlineStatus = Literal["met", "missed", "open", "none", "refused", "not_applicable"]
+DeadlineStatus = Literal["met", "missed", "open", "at_risk", "none", "refused", "not_applicable"]
 
 #: order version -> enforcer name -> first time the enforcer's read-back held it
 EnforcedAt = Mapping[str, Mapping[str, datetime]]
@@ -119,14 +121,19 @@ def timing(
     enforced_at: Mapping[str, datetime],
     enforcers: Collection[str],
     now: datetime,
+    failing: Collection[str] = (),
 ) -> Timing:
     """One order version's timing. `enforcers` are the names that must all hold it; with none
-    configured (dry run) nothing is ever enforced everywhere."""
+    configured (dry run) nothing is ever enforced everywhere. `failing`: enforcers that do not
+    hold the current rule set (failed or out of sync); an order one of them has not held yet is
+    not enforced everywhere, and its deadline is at risk."""
     held = {name: enforced_at[name] for name in sorted(enforcers) if name in enforced_at}
     everywhere = max(held.values()) if enforcers and len(held) == len(enforcers) else None
+    state = deadline_status(deadline, everywhere, status, now)
+    if state == "open" and set(failing) & set(enforcers):
+        state = "at_risk"
     return Timing(
-        issued_at, received_at, verified_at, deadline, MappingProxyType(held), everywhere,
-        deadline_status(deadline, everywhere, status, now),
+        issued_at, received_at, verified_at, deadline, MappingProxyType(held), everywhere, state,
     )
 
 
@@ -151,19 +158,29 @@ def order_timings(
     enforced: EnforcedAt,
     enforcers: Collection[str],
     now: datetime,
+    *,
+    pending: Collection[str] = (),
+    failing: Collection[str] = (),
 ) -> dict[str, Timing]:
     """Order version -> Timing for every order of `policies`. `received` maps a policy digest to
-    (received_at, verified_at). The status of an order of a superseded policy is `superseded`."""
-    current = newest(policies)
+    (received_at, verified_at). The status of an order of a superseded policy is `superseded`;
+    of a policy whose digest is in `pending` (not_before ahead), `pending`."""
+    current = newest(p for p in policies if p.digest not in pending)
     out: dict[str, Timing] = {}
     for p in policies:
         rec, ver = received.get(p.digest, (None, None))
         for o in p.orders:
             result = orders.get(order_key(p, o))
-            status = "superseded" if current[p.issuer] is not p else (result.status if result else "pending")
+            if p.digest in pending:
+                status = "pending"
+            elif current.get(p.issuer) is not p:
+                status = "superseded"
+            else:
+                status = result.status if result else "pending"
             out[version_key(p, o)] = timing(
                 issued_at=p.issued_at, received_at=rec, verified_at=ver, deadline=o.deadline, status=status,
-                enforced_at=enforced.get(version_key(p, o), {}), enforcers=enforcers, now=now,
+                enforced_at=enforced.get(version_key(p, o), {}) if p.digest not in pending else {},
+                enforcers=enforcers, now=now, failing=failing,
             )
     return out
 

@@ -14,6 +14,7 @@ pkgs=(
   bird2                           # a real BGP router for the RTBH enforcer test and benchmark
   faketime                        # libfaketime: the wall clock stepped under a running daemon (tests)
   chromium                        # headless: renders the compliance HTML report in its test
+  jq e2fsprogs coreutils          # docs/attestation.md's verification steps; chattr +i in tests
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
@@ -335,6 +336,7 @@ class BgpEnforcer:
             rib = await self._rib_out()  # ExaBGP's confirmation, not our bookkeeping
             self._held = self._agreed(rib)
             got = self._readback_of(rib)
+            at = datetime.now(timezone.utc)
         applied = Applied(
             enforcer=self.name,
             digest=got.digest,
@@ -344,6 +346,7 @@ class BgpEnforcer:
             duration_s=time.perf_counter() - t0,
             counts={"ipv4_prefixes": len(want[4]), "ipv6_prefixes": len(want[6]), "api_lines": len(lines),
                     "peers_up": sum(1 for st in self.peer_state.values() if st == "up")},
+            readback_at=at, full_readback_at=at,
         )
         log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, lines=len(lines),
                  send_s=round(t_sent - t_send, 3), in_sync=applied.in_sync, duration_s=round(applied.duration_s, 3))
@@ -549,8 +552,19 @@ class BgpEnforcer:
         return {v: set.intersection(*(x[v] for x in views)) for v in (4, 6)}
 
     def _readback_of(self, rib: RibOut) -> RuleSet:
-        held = self._agreed(rib)
-        if self.settings.flowspec:
-            flows = [rib.flow.get(p, {4: set(), 6: set()}) for p in self.settings.peers]
-            held = {v: held[v].intersection(*(f[v] for f in flows)) for v in (4, 6)}
-        return ruleset_of(held)
+        up = {p for p, st in self.peer_state.items() if st == "up"}
+        return delivered(rib, self.settings.peers, up, self.settings.flowspec)
+
+
+def delivered(rib: RibOut, peers: Iterable[str], up: Iterable[str], flowspec: bool) -> RuleSet:
+    """What every configured router is told: the prefixes in each peer's adj-rib-out (with the
+    FlowSpec rule too when `flowspec`), counting a peer whose session is not `up` as holding
+    nothing. A RIB-out with no session to carry it blackholes nothing, so it is not in sync."""
+    live = set(up)
+    empty: Prefixes = {4: set(), 6: set()}
+    views = [rib.unicast.get(p, empty) if p in live else empty for p in peers]
+    held = {v: set.intersection(*(x[v] for x in views)) if views else set() for v in (4, 6)}
+    if flowspec:
+        flows = [rib.flow.get(p, empty) if p in live else empty for p in peers]
+        held = {v: held[v].intersection(*(f[v] for f in flows)) for v in (4, 6)}
+    return ruleset_of(held)

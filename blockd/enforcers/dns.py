@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 
 import structlog
 
@@ -46,6 +47,7 @@ class SinkholeEnforcer:
             added, removed = await asyncio.to_thread(_changes, old, table)
         # No RuleSet is kept here: at 1M names it would double the daemon's memory.
         served = await self.readback()
+        at = datetime.now(timezone.utc)
         log.debug("dns_table_swapped", enforcer=self.name, names=len(self.server.table),
                   load_s=round(self.last_load_s, 3))
         return Applied(
@@ -56,6 +58,8 @@ class SinkholeEnforcer:
             removed=removed,
             duration_s=time.perf_counter() - t0,
             counts=served.counts(),
+            readback_at=at,
+            full_readback_at=at,
         )
 
     async def readback(self) -> RuleSet:

@@ -25,12 +25,13 @@ from blockd.model import Applied, RuleSet, diff
 log = structlog.get_logger("blockd.enforcers.drift")
 
 
-async def check_and_repair(enforcer: Enforcer, desired: RuleSet) -> Applied | None:
+async def check_and_repair(enforcer: Enforcer, desired: RuleSet, held: RuleSet | None = None) -> Applied | None:
     """The repair's Applied if the backend had drifted, None if it held its part of `desired`;
-    EnforcerError if it could not be repaired."""
+    EnforcerError if it could not be repaired. `held`: a read-back just taken (else one is)."""
     t0 = time.perf_counter()
     want = enforcer.enforced(desired)
-    held = await enforcer.readback()
+    if held is None:
+        held = await enforcer.readback()
     if held.digest == want.digest:
         log.debug("drift_checked", enforcer=enforcer.name, in_sync=True)
         return None

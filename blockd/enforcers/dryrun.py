@@ -6,6 +6,7 @@ Used by `blockd plan`, and as the fake that implements the real interface in tes
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import structlog
 
@@ -37,6 +38,8 @@ class DryRunEnforcer:
             removed=plan.removed,
             duration_s=time.perf_counter() - t0,
             counts=self._held.counts(),
+            readback_at=(at := datetime.now(timezone.utc)),
+            full_readback_at=at,
         )
 
     async def readback(self) -> RuleSet:

@@ -26,7 +26,9 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import Literal
 
 import structlog
 
@@ -39,7 +41,8 @@ from blockd.ranges import BITS, interval_to_cidrs
 log = structlog.get_logger("blockd.enforcers.ipset")
 
 PROTOCOL = 7
-CMD_CREATE, CMD_DESTROY, CMD_RENAME, CMD_SWAP, CMD_LIST, CMD_ADD, CMD_DEL, CMD_TYPE = 2, 3, 5, 6, 7, 9, 10, 13
+CMD_CREATE, CMD_DESTROY, CMD_RENAME, CMD_SWAP, CMD_LIST, CMD_ADD, CMD_DEL, CMD_TEST, CMD_TYPE = 2, 3, 5, 6, 7, 9, 10, 11, 13
+ERR_EXIST = 4103  # IPSET_ERR_EXIST: on TEST, the entry is not in the set
 A_PROTOCOL, A_SETNAME, A_TYPENAME, A_REVISION, A_FAMILY, A_FLAGS, A_DATA, A_ADT, A_LINENO = 1, 2, 3, 4, 5, 6, 7, 8, 9
 D_IP, D_CIDR, D_HASHSIZE, D_MAXELEM, D_ELEMENTS, D_MEMSIZE = 1, 3, 18, 19, 24, 26
 FLAG_LIST_HEADER = 1 << 2
@@ -155,6 +158,11 @@ class IpsetEnforcer(nl.KernelEnforcer):
         # readback; None: unknown.
         self._held: dict[int, set[int]] | None = None
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
+        #: when both sets were last dumped in full; when `_held` was last read in any part
+        #: (a full dump, or a TEST of each entry a change touched) and how
+        self._full_at: datetime | None = None
+        self._read_at: datetime | None = None
+        self._scope: Literal["full", "touched"] = "full"
         self._revision = {v: self._type_revision(v) for v in (4, 6)}
 
     # -- work, run in a thread (the async interface is nl.KernelEnforcer's) -------------------
@@ -177,15 +185,44 @@ class IpsetEnforcer(nl.KernelEnforcer):
             added, removed = len(want[4]) + len(want[6]), len(held[4]) + len(held[6])
         else:
             self._incremental(adds, dels)
+        # Read back what this change touched, right after it: after a replace both sets in
+        # full; after an incremental change each added entry (present?) and deleted entry
+        # (gone?) with one TEST each. Any surprise: read both sets in full.
         self._held = want
+        t_read = time.perf_counter()
+        if full:
+            self._read_kernel()
+        elif added + removed and not self._entries_hold(adds, dels):
+            log.warning("ipset_readback_differs", enforcer=self.name, added=added, removed=removed)
+            self._read_kernel()
+        self.last_readback_s = time.perf_counter() - t_read
+        equal = self._held is want or all(self._held[v] == want[v] for v in (4, 6))
         applied = Applied(
-            enforcer=self.name, digest=desired.digest, desired_digest=desired.digest,
-            added=added, removed=removed, duration_s=time.perf_counter() - t0,
-            counts={"ipv4_cidrs": len(want[4]), "ipv6_cidrs": len(want[6])},
+            enforcer=self.name, digest=desired.digest if equal else self._held_ruleset().digest,
+            desired_digest=desired.digest, added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_cidrs": len(self._held[4]), "ipv6_cidrs": len(self._held[6])},
+            readback_scope=self._scope, readback_at=self._read_at, full_readback_at=self._full_at,
         )
         log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, replaced=full,
-                 duration_s=round(applied.duration_s, 4))
+                 in_sync=equal, duration_s=round(applied.duration_s, 4))
         return applied
+
+    def _entries_hold(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> bool:
+        """TEST every entry just added (must be present) and deleted (must be absent)."""
+        msgs, expect = [], []
+        for present, keys in ((True, adds), (False, dels)):
+            for v in (4, 6):
+                name = attr_str(A_SETNAME, self.settings.name(v))
+                for k in sorted(keys[v]):
+                    msgs.append(self._msg(CMD_TEST, 0, v, name + pack_entries(v, [(k >> 8, k & 0xFF)])))
+                    expect.append(present)
+        at = datetime.now(timezone.utc)
+        failures = {f.index: f.errno for f in self._transact(msgs)}
+        for i, present in enumerate(expect):
+            if (i in failures) == present or (i in failures and failures[i] != ERR_EXIST):
+                return False
+        self._read_at, self._scope = at, "touched"
+        return True
 
     def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> None:
         t0 = time.perf_counter()
@@ -249,26 +286,38 @@ class IpsetEnforcer(nl.KernelEnforcer):
 
     def _readback(self) -> RuleSet:
         self._read_kernel()
+        return self._held_ruleset()
+
+    def _held_ruleset(self) -> RuleSet:
         held = self._held or {4: set(), 6: set()}
         return nl.held_ruleset(_spans(4, held[4]), _spans(6, held[6]))
 
     def _read_kernel(self) -> None:
-        held: dict[int, set[int]] = {}
+        self._held = {4: set(), 6: set()}
+        at = datetime.now(timezone.utc)
         for v in (4, 6):
-            held[v] = set()
-            self._maxelem[v] = 0
-            try:
-                for payload in self._sock.dump(self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, self.settings.name(v)))):
-                    a = nl.attrs(payload)
-                    if A_DATA in a:  # the header: only our own type and family count as "present"
-                        ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
-                        self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
-                    if A_ADT in a:
-                        held[v].update(n << 8 | p for n, p in parse_entries(v, a[A_ADT]))
-            except OSError as exc:
-                if exc.errno != ENOENT:
-                    raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
-        self._held = held
+            self._read_family(v)
+        self._full_at = self._read_at = at
+        self._scope = "full"
+
+    def _read_family(self, v: int) -> None:
+        """Dump `<prefix><v>` into `_held[v]` (and its maxelem); `_held` must not be None."""
+        assert self._held is not None
+        held: set[int] = set()
+        self._maxelem[v] = 0
+        try:
+            for payload in self._sock.dump(self._msg(CMD_LIST, nl.NLM_F_DUMP, v, attr_str(A_SETNAME, self.settings.name(v)))):
+                a = nl.attrs(payload)
+                if A_DATA in a:  # the header: only our own type and family count as "present"
+                    ok = nl.text(a[A_TYPENAME]) == "hash:net" and a[A_FAMILY][0] == NFPROTO[v]
+                    self._maxelem[v] = nl.be(nl.attrs(a[A_DATA])[D_MAXELEM]) if ok else 0
+                if A_ADT in a:
+                    held.update(n << 8 | p for n, p in parse_entries(v, a[A_ADT]))
+        except OSError as exc:
+            if exc.errno != ENOENT:
+                self._held = None
+                raise _error(self.name, exc.errno, f"list {self.settings.name(v)}: {exc.strerror}") from exc
+        self._held = {**self._held, v: held}
 
     def _stats(self) -> nl.KernelStats:
         elements = {}

@@ -183,6 +183,8 @@ class KernelEnforcer:
     def __init__(self, name: str, netns: str | None) -> None:
         self.name = name
         self.last_commit: Commit | None = None
+        #: seconds the last apply spent reading back what its commit touched
+        self.last_readback_s = 0.0
         try:
             self._sock = NetlinkSocket(netns)
         except OSError as exc:

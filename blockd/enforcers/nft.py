@@ -25,7 +25,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import Literal
 
 import structlog
 
@@ -153,10 +155,17 @@ class NftEnforcer(nl.KernelEnforcer):
     def __init__(self, settings: NftSettings | None = None, *, netns: str | None = None, name: str = "nft") -> None:
         super().__init__(name, netns)
         self.settings = settings or NftSettings()
-        # What the kernel held after our last ACKed commit or readback: {4: keys, 6: keys};
-        # None = unknown (read it before diffing), or layout incomplete (rebuild).
+        # What the kernel held when each shard was last read back (a full dump, or the dump of
+        # the shards a commit touched, right after it): {4: keys, 6: keys}. Shards no commit
+        # touched since the last full read-back are as that read-back found them.
+        # None = unknown (read it before diffing); `_layout_ok` False = rebuild.
         self._held: dict[int, set[int]] | None = None
         self._layout_ok = False
+        #: elements per (family, shard) in `_held`, so a touched shard is checked without a scan
+        self._counts: dict[tuple[int, int], int] = {}
+        self._full_at: datetime | None = None
+        self._read_at: datetime | None = None
+        self._scope: Literal["full", "touched"] = "full"
 
     # -- work, run in a thread (the async interface is nl.KernelEnforcer's) -------------------
 
@@ -174,28 +183,72 @@ class NftEnforcer(nl.KernelEnforcer):
             msgs = []
             adds = {v: want[v] - held[v] for v in want}
             dels = {v: held[v] - want[v] for v in want}
+        add_by = {v: _by_shard(v, adds[v]) for v in (4, 6)}
+        del_by = {v: _by_shard(v, dels[v]) for v in (4, 6)}
         # Deletes first: an add that overlaps a piece deleted in the same batch is legal then.
         for v in (4, 6):
-            msgs += self._elem_msgs(DELSETELEM, v, dels[v])
+            msgs += self._elem_msgs(DELSETELEM, v, del_by[v])
         for v in (4, 6):
-            msgs += self._elem_msgs(NEWSETELEM, v, adds[v])
+            msgs += self._elem_msgs(NEWSETELEM, v, add_by[v])
         added = len(adds[4]) + len(adds[6])
         removed = len(dels[4]) + len(dels[6]) if held is not None else len(stale[4]) + len(stale[6])
         if msgs:
             self._commit(msgs, added + removed)
-        self._held, self._layout_ok = want, True
+        t_read = time.perf_counter()
+        if held is None:
+            self._read_kernel()  # a new table: read all of it back
+        elif msgs:
+            for (v, i) in {(v, i) for v in (4, 6) for by in (add_by[v], del_by[v]) for i in by}:
+                self._counts[(v, i)] = (self._counts.get((v, i), 0) + len(add_by[v].get(i, ()))
+                                        - len(del_by[v].get(i, ())))
+            self._held = want
+            touched = {(v, i) for v in (4, 6) for i in (*add_by[v], *del_by[v])}
+            if not self._touched_hold(touched, want):
+                log.warning("nft_readback_differs", enforcer=self.name, shards=len(touched))
+                self._read_kernel()  # something else changed the table: read all of it
+        self.last_readback_s = time.perf_counter() - t_read
+        assert self._held is not None
+        equal = self._held is want or self._held == want
+        digest = desired.digest if equal else self._held_ruleset().digest
         applied = Applied(
             enforcer=self.name,
-            digest=desired.digest,  # every message was ACKed, so the kernel holds `want`
+            digest=digest,
             desired_digest=desired.digest,
             added=added,
             removed=removed,
             duration_s=time.perf_counter() - t0,
-            counts={"ipv4_elements": len(want[4]), "ipv6_elements": len(want[6])},
+            counts={"ipv4_elements": len(self._held[4]), "ipv6_elements": len(self._held[6])},
+            readback_scope=self._scope,
+            readback_at=self._read_at,
+            full_readback_at=self._full_at,
         )
         log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed,
-                 rebuilt=held is None, duration_s=round(applied.duration_s, 4))
+                 rebuilt=held is None, readback=self._scope, in_sync=equal,
+                 duration_s=round(applied.duration_s, 4))
         return applied
+
+    def _touched_hold(self, touched: set[tuple[int, int]], want: dict[int, set[int]]) -> bool:
+        """Dump the shard sets a commit touched; True when each holds exactly its part of `want`.
+
+        A shard holds its part when every element read is in `want`, belongs to that shard,
+        and there are as many as `want` has there (`_counts`): no scan of the whole set.
+        """
+        at = datetime.now(timezone.utc)
+        try:
+            for v, i in sorted(touched):
+                bits = FAMILY[v][0]
+                n = 0
+                for first, last in self._dump_shard(v, i):
+                    if shard(v, first) != i or (first << bits | last) not in want[v]:
+                        return False
+                    n += 1
+                if n != self._counts.get((v, i), 0):
+                    return False
+        except OSError as exc:
+            self._held = None
+            raise _error(self.name, exc.errno, f"read back the shards just committed: {exc.strerror}") from exc
+        self._read_at, self._scope = at, "touched"
+        return True
 
     def _commit(self, msgs: list[bytes], elements: int) -> None:
         t0 = time.perf_counter()
@@ -217,6 +270,9 @@ class NftEnforcer(nl.KernelEnforcer):
 
     def _readback(self) -> RuleSet:
         self._read_kernel()
+        return self._held_ruleset()
+
+    def _held_ruleset(self) -> RuleSet:
         held = self._held if self._layout_ok and self._held is not None else {4: set(), 6: set()}
         spans = {}
         for v in (4, 6):
@@ -227,31 +283,41 @@ class NftEnforcer(nl.KernelEnforcer):
 
     def _read_kernel(self) -> None:
         """Dump blockd's table: layout check (rules per chain), then every shard set."""
+        at = datetime.now(timezone.utc)
         expected = self._expected_rules()
         counts: dict[str, int] = defaultdict(int)
+        per_shard: dict[tuple[int, int], int] = {}
         try:
             for payload in self._sock.dump(self._msg(GETRULE, nl.NLM_F_DUMP, attr_str(1, self.settings.table))):
                 chain = nl.attrs(payload).get(2)
                 if chain is not None:
                     counts[nl.text(chain)] += 1
-            held = {v: set(self._dump_family(v)) for v in (4, 6)}
+            held: dict[int, set[int]] = {4: set(), 6: set()}
+            for v in (4, 6):
+                bits = FAMILY[v][0]
+                for i in range(256):
+                    before = len(held[v])
+                    held[v].update(first << bits | last for first, last in self._dump_shard(v, i))
+                    if len(held[v]) > before:
+                        per_shard[(v, i)] = len(held[v]) - before
         except OSError as exc:
             if exc.errno != 2:  # ENOENT: no table or no such set -> the layout is gone
                 raise _error(self.name, exc.errno, f"read back table {self.settings.table!r}: {exc.strerror}") from exc
-            self._held, self._layout_ok = {4: set(), 6: set()}, False
+            self._held, self._layout_ok, self._counts = {4: set(), 6: set()}, False, {}
+            self._full_at = self._read_at = at
+            self._scope = "full"
             return
         self._layout_ok = all(counts.get(c, 0) == n for c, n in expected.items())
-        self._held = held
+        self._held, self._counts = held, per_shard
+        self._full_at = self._read_at = at
+        self._scope = "full"
         if not self._layout_ok:
             log.debug("nft_layout_incomplete", enforcer=self.name, table=self.settings.table)
 
-    def _dump_family(self, version: int) -> Iterator[int]:
-        bits = FAMILY[version][0]
-        for s in range(256):
-            req = self._msg(GETSETELEM, nl.NLM_F_DUMP,
-                            attr_str(1, self.settings.table) + attr_str(2, f"v{version}_{s:02x}"))
-            for first, last in nl.parse_intervals(bits, self._sock.dump(req)):
-                yield first << bits | last
+    def _dump_shard(self, version: int, i: int) -> Iterator[tuple[int, int]]:
+        req = self._msg(GETSETELEM, nl.NLM_F_DUMP,
+                        attr_str(1, self.settings.table) + attr_str(2, f"v{version}_{i:02x}"))
+        return nl.parse_intervals(FAMILY[version][0], self._sock.dump(req))
 
     def _stats(self) -> nl.KernelStats:
         counters: dict[str, tuple[int, int]] = {}
@@ -364,11 +430,7 @@ class NftEnforcer(nl.KernelEnforcer):
         exprs.append(_expr("lookup", attr_str(1, f"{direction}{version}"), attr_be32(2, 1), attr_be32(3, 0)))
         return exprs
 
-    def _elem_msgs(self, kind: int, version: int, keys: set[int]) -> list[bytes]:
-        by_shard: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for key in keys:
-            first, last = split_key(version, key)
-            by_shard[shard(version, first)].append((first, last))
+    def _elem_msgs(self, kind: int, version: int, by_shard: dict[int, list[tuple[int, int]]]) -> list[bytes]:
         chunk = FAMILY[version][3]
         flags = nl.NLM_F_CREATE if kind == NEWSETELEM else 0
         t = attr_str(1, self.settings.table)
@@ -379,6 +441,15 @@ class NftEnforcer(nl.KernelEnforcer):
             for k in range(0, len(shard_items), chunk):
                 out.append(self._msg(kind, flags, head + nest(3, nl.pack_intervals(FAMILY[version][0], shard_items[k:k + chunk]))))
         return out
+
+
+def _by_shard(version: int, keys: set[int]) -> dict[int, list[tuple[int, int]]]:
+    """Piece keys -> shard index -> [(first, last)]."""
+    out: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for key in keys:
+        first, last = split_key(version, key)
+        out[shard(version, first)].append((first, last))
+    return out
 
 
 def _error(enforcer: str, code: int | None, message: str) -> EnforcerError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 
 import structlog
 
@@ -31,7 +32,7 @@ class RpzEnforcer:
         self._saved_digest = state.get("digest")
         #: the read-back of the zone version being served, computed once per version (versions
         #: are immutable; at 1M names a read-back costs seconds)
-        self._served: tuple[object, RuleSet] | None = None
+        self._served: tuple[object, RuleSet, datetime] | None = None
 
     @property
     def serial(self) -> int:
@@ -73,15 +74,17 @@ class RpzEnforcer:
             self.server.notify_all()
             log.debug("rpz_zone_updated", enforcer=self.name, serial=serial, owners=len(new_owners))
         served = await self.readback()
+        at = self._served[2] if self._served is not None else datetime.now(timezone.utc)
         return Applied(enforcer=self.name, digest=served.digest, desired_digest=want.digest, added=added,
-                       removed=removed, duration_s=time.perf_counter() - t0, counts=served.counts())
+                       removed=removed, duration_s=time.perf_counter() - t0, counts=served.counts(),
+                       readback_at=at, full_readback_at=at)
 
     async def readback(self) -> RuleSet:
         v = self.server.version
         if v is None:
             return RuleSet.empty()
         if self._served is None or self._served[0] is not v:
-            self._served = (v, await asyncio.to_thread(rpz.ruleset_from_owners, v.owners))
+            self._served = (v, await asyncio.to_thread(rpz.ruleset_from_owners, v.owners), datetime.now(timezone.utc))
         return self._served[1]
 
     async def aclose(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,14 +61,15 @@ def policy_text(serial: int, domains: list[str], cidrs: list[str], *, not_before
 class Box:
     """One namespace with blockd running in it."""
 
-    def __init__(self, tmp: Path, name: str, drift_check_s: float = 1, attest_period_s: float = 86400) -> None:
+    def __init__(self, tmp: Path, name: str, drift_check_s: float = 1, attest_period_s: float = 86400,
+                 nft: str = "{hooks: [output], verdict: drop}", daemon_extra: str = "") -> None:
         self.tmp, self.ns = tmp, name
         self.policies = tmp / "policies"
         self.policies.mkdir()
         self.config = tmp / "blockd.yaml"
         self.config.write_text(repo_config(self.policies, tmp / "state") + textwrap.dedent(f"""\
             enforcers:
-              nft: {{hooks: [output], verdict: drop}}
+              nft: {nft}
               dns: {{listen: ["127.0.0.1:53"]}}
             daemon:
               metrics_listen: "127.0.0.1:9153"
@@ -76,7 +78,7 @@ class Box:
               operator_key: {ROOT / "policies/keys/demo-operator.key"}
               attest_dir: {tmp / "attestations"}
               audit_log: {tmp / "audit.jsonl"}
-            """))
+            """) + textwrap.indent(daemon_extra, "  "))
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: socket.socket | None = None
         self.log = tmp / "blockd.log"
@@ -85,6 +87,11 @@ class Box:
         return drop_policy(self.policies, name, text, sign=sign)
 
     def start(self) -> str:
+        self.launch()
+        return self.wait_notify("READY=1", 30)
+
+    def launch(self) -> None:
+        """Start blockd without waiting for READY=1 (see `notifications`)."""
         if self.notify is not None:
             self.notify.close()
         sock_path = self.tmp / f"notify-{time.monotonic_ns()}.sock"
@@ -96,7 +103,23 @@ class Box:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, sys.executable, "-m", "blockd", "run", "--config", str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
-        return self.wait_notify("READY=1", 30)
+
+    def notifications(self, until: Callable[[str], bool], timeout: float) -> list[str]:
+        """Every sd_notify datagram up to and including the first for which `until` holds."""
+        assert self.notify is not None and self.proc is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"blockd exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                msg = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            seen.append(msg)
+            if until(msg):
+                return seen
+        raise AssertionError(f"no such notification within {timeout}s; got {seen!r}")
 
     def wait_notify(self, field: str, timeout: float) -> str:
         assert self.notify is not None and self.proc is not None
@@ -295,6 +318,11 @@ def test_not_before_and_not_after_take_effect_on_time(box: Box) -> None:
     wait_for(lambda: box.events("reconcile_pass") and box.events("reconcile_pass")[-1].get("pending") == 1,
              what="pending policy")
     assert box.blocked("now.example") and not box.blocked("later.example")
+    # its receipt is stated at once, as pending, though no rule changed
+    latest = box.tmp / "attestations" / "latest.json"
+    pending = wait_for(lambda: next((p for p in json.loads(latest.read_text())["predicate"]["policies"]
+                                     if p["serial"] == 2), None), what="the pending policy in a statement")
+    assert pending["status"] == "pending" and pending["orders"][0]["status"] == "pending"
     wait_for(lambda: box.blocked("later.example"), timeout=10, what="not_before")
     assert not box.blocked("now.example")  # serial 2 replaced serial 1
     wait_for(lambda: not box.blocked("later.example"), timeout=10, what="not_after")
@@ -315,10 +343,17 @@ def test_drift_is_repaired_and_attested(box: Box) -> None:
     # the watcher's first wake-up finds the files as the start pass read them: no second pass
     assert [e["reason"] for e in box.events("reconcile_pass")] == ["start"]
     att = box.tmp / "attestations" / "latest.json"
+    # the repair is in a statement right away (not at the next periodic one, a day later)
+    statement = wait_for(lambda: (lambda st: st if st["predicate"]["attestation"]["reason"] == "drift_repair"
+                                  else None)(json.loads(att.read_text())), what="a drift_repair statement")
+    (repair,) = [d for d in statement["predicate"]["drift_repairs"] if d["enforcer"] == "nft"]  # type: ignore[index]
+    assert repair["missing"] >= 1 and repair["in_sync"] and repair["found_digest"] != repair["readback_digest"]
     verify = subprocess.run(["minisign", "-V", "-p", str(ROOT / "policies/keys/demo-operator.pub"), "-m", str(att)],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
-    audit = subprocess.run([sys.executable, "-m", "blockd", "audit", "verify", str(box.tmp / "audit.jsonl")],
+    assert box.stop() == 0  # no append in flight: every entry is under the signed head
+    audit = subprocess.run([sys.executable, "-m", "blockd", "audit", "verify", "--key",
+                            str(ROOT / "policies/keys/demo-operator.pub"), str(box.tmp / "audit.jsonl")],
                            capture_output=True, text=True)
     assert audit.returncode == 0, audit.stderr
     assert "drift_repaired" in (box.tmp / "audit.jsonl").read_text()
@@ -386,28 +421,152 @@ def test_demo_runs_end_to_end() -> None:
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("bd-") == 0
 
 
+def attest_verify(box: Box, *files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockd", "attest", "verify", "--key",
+                           str(ROOT / "policies/keys/demo-operator.pub"), *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def statements(box: Box) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((box.tmp / "attestations").glob("attestation-*.json"))]
+
+
+def flush_blockd_sets(box: Box) -> None:
+    sets = json.loads(box.run("nft", "-j", "list", "sets", "inet", check=True).stdout)["nftables"]
+    script = "".join(f"flush set inet blockd {i['set']['name']}\n" for i in sets
+                     if "set" in i and i["set"]["table"] == "blockd")
+    done = subprocess.run(["ip", "netns", "exec", box.ns, "nft", "-f", "-"], input=script, text=True,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("box", [{"drift_check_s": 3600, "attest_period_s": 1}], indirect=True)
-def test_attestation_states_what_the_kernel_holds(box: Box) -> None:
-    """Changed behind blockd's back, before any repair: the next attestation says so."""
+def test_flush_behind_blockds_back_shows_in_the_next_periodic_statement(box: Box) -> None:
+    """`nft flush` with no repair yet: the next periodic statement (a full read-back) says nft is
+    not in sync and `attest verify` fails; after the repair (a SIGHUP pass) it is in sync again."""
     box.write_policy("p.yaml", policy_text(1, ["a.example"], ["192.0.2.0/24"]))
     box.start()
-    att = box.tmp / "attestations" / "latest.json"
+    latest = box.tmp / "attestations" / "latest.json"
 
-    def statement() -> dict:
-        return json.loads(att.read_text())["predicate"]
+    def periodic_after(t: datetime) -> dict | None:
+        for st in reversed(statements(box)):
+            a = st["predicate"]["attestation"]
+            if a["reason"] == "periodic" and datetime.fromisoformat(a["issued_at"].replace("Z", "+00:00")) > t:
+                return st
+        return None
 
-    first = wait_for(lambda: att.exists() and statement(), what="an attestation")
-    good = first["enforcers"]["nft"]
-    assert good["in_sync"] and good["readback_digest"] == good["desired_digest"]
-    box.run("nft", "add", "element", "inet", "blockd", "v4_07", "{ 10.200.0.0/24 }", check=True)
-    drifted = wait_for(lambda: (p := statement())["enforcers"]["nft"]["readback_digest"] != good["readback_digest"]
-                       and p, what="a periodic attestation with the changed read-back")
-    nft = drifted["enforcers"]["nft"]
-    assert not nft["in_sync"] and nft["desired_digest"] == good["desired_digest"]
-    assert drifted["enforcers"]["dns"]["in_sync"]
-    verify = subprocess.run([sys.executable, "-m", "blockd", "attest", "verify", "--key",
-                             str(ROOT / "policies/keys/demo-operator.pub"), str(att)], capture_output=True, text=True)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    good = wait_for(lambda: periodic_after(datetime.now(timezone.utc) - timedelta(hours=1)), what="a periodic statement")
+    nft = good["predicate"]["enforcers"]["nft"]
+    assert nft["in_sync"] and nft["readback_scope"] == "full" and nft["share"] == "addresses"
+    assert nft["readback_digest"] == good["predicate"]["ruleset"]["shares"]["addresses"]
+    assert attest_verify(box, latest).returncode == 0
+    flushed_at = datetime.now(timezone.utc)
+    flush_blockd_sets(box)
+    bad = wait_for(lambda: periodic_after(flushed_at), what="a periodic statement after the flush")
+    nft = bad["predicate"]["enforcers"]["nft"]
+    assert not nft["in_sync"] and nft["status"] == "out_of_sync" and not bad["predicate"]["in_sync"]
+    assert nft["readback_digest"] != nft["share_digest"] == good["predicate"]["enforcers"]["nft"]["share_digest"]
+    assert nft["counts"]["ipv4_ranges"] == 0 and bad["predicate"]["enforcers"]["dns"]["in_sync"]
+    order = bad["predicate"]["policies"][0]["orders"][0]
+    assert order["not_enforced_on"] == ["nft"]
+    name = box.tmp / "attestations" / f"attestation-{bad['predicate']['attestation']['id']}.json"
+    out = attest_verify(box, name)
+    assert out.returncode == 1 and "enforcer nft: read back" in out.stdout, out.stdout + out.stderr
+    repaired_at = datetime.now(timezone.utc)
+    box.signal(signal.SIGHUP)
+    box.wait_notify("READY=1", 20)
+    wait_for(lambda: "192.0.2.0/24" in box.nft_elements(), what="the repair")
+    again = wait_for(lambda: (st := periodic_after(repaired_at)) and st["predicate"]["in_sync"] and st,
+                     what="an in-sync periodic statement after the repair")
+    assert again["predicate"]["enforcers"]["nft"]["readback_digest"] == good["predicate"]["enforcers"]["nft"]["readback_digest"]
+    box.signal(signal.SIGUSR1)  # the documented "manual" statement
+    wait_for(lambda: any(st["predicate"]["attestation"]["reason"] == "manual" for st in statements(box)),
+             what="a manual statement")
+    assert box.stop() == 0
+    every = sorted((box.tmp / "attestations").glob("attestation-*.json"))
+    out = attest_verify(box, *every)
+    assert "chain:" not in out.stdout, out.stdout  # some are out of sync, but none is missing
+
+
+@pytest.mark.parametrize("box", [{"nft": "{hooks: [postrouting], verdict: reject}"}], indirect=True)
+def test_failed_nft_is_attested_as_failed_and_holds_back_readiness(box: Box) -> None:
+    """The kernel refuses the nft rules (reject is not valid in postrouting): no READY=1, no DNS
+    listener, retries with backoff, metrics and STATUS say so; the statement says nft failed."""
+    deadline = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    box.write_policy("p.yaml", policy_text(1, ["f.example"], ["192.0.2.0/24"]).replace(
+        "    action: block\n", f"    action: block\n    deadline: {deadline}\n"))
+    box.launch()
+    seen = box.notifications(lambda m: "not ready" in m and "FAILING: nft" in m, 30)
+    assert not any("READY=1" in m.split("\n") for m in seen)
+    latest = box.tmp / "attestations" / "latest.json"
+    st = wait_for(lambda: latest.exists() and json.loads(latest.read_text()), what="the statement")
+    pred = st["predicate"]
+    nft = pred["enforcers"]["nft"]
+    assert (nft["status"], nft["in_sync"], nft["readback_digest"]) == ("failed", False, None)
+    assert "EOPNOTSUPP" in nft["error"] or "ENOTSUP" in nft["error"], nft["error"]
+    assert pred["in_sync"] is False and pred["enforcers"]["dns"]["in_sync"]
+    order = pred["policies"][0]["orders"][0]
+    assert "nft" not in order["enforced_at"] and order["enforced_everywhere_at"] is None
+    assert order["deadline_status"] == "at_risk" and order["not_enforced_on"] == ["nft"]
+    out = attest_verify(box, latest)
+    assert out.returncode == 1 and "enforcer nft: failed" in out.stdout, out.stdout
+    # no DNS answers while a required enforcer cannot hold the rules
+    assert "status: NXDOMAIN" not in box.dig("f.example")
+    # it retries (the failure counter grows) and says so in the metrics
+    def failures(m: str) -> float:
+        found = re.search(r'^blockd_apply_failures_total\{enforcer="nft"\} (\S+)$', m, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    wait_for(lambda: (m := box.metrics()) and 'blockd_enforcer_in_sync{enforcer="nft"} 0.0' in m
+             and "blockd_ready 0.0" in m and failures(m) >= 2, timeout=30, what="a second attempt in the metrics")
+    assert box.stop() == 0
+    # marked optional, it no longer holds back readiness; it is still attested as failed
+    box.config.write_text(box.config.read_text() + "  optional_enforcers: [nft]\n")
+    status = box.start()
+    assert "FAILING: nft" in status
+    assert box.blocked("f.example")
+    st = json.loads(latest.read_text())
+    assert st["predicate"]["enforcers"]["nft"]["status"] == "failed" and not st["predicate"]["in_sync"]
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="chattr missing (e2fsprogs)")
+@pytest.mark.parametrize("box", [{"daemon_extra": "retry_max_s: 2\n"}], indirect=True)
+def test_immutable_attestation_dir_does_not_stop_enforcement(box: Box) -> None:
+    """chattr +i on the export directory while a new policy lands: the rules are enforced, DNS
+    answers, the failure is counted; once writable the owed statement is written, no gap."""
+    box.write_policy("p.yaml", policy_text(1, ["one.example"], ["192.0.2.0/24"]))
+    box.start()
+    export = box.tmp / "attestations"
+    wait_for(lambda: statements(box), what="the first statement")
+    subprocess.run(["chattr", "+i", str(export)], check=True)
+    try:
+        box.write_policy("p.yaml", policy_text(2, ["two.example"], ["198.51.100.0/24"]))
+        wait_for(lambda: box.blocked("two.example") and "198.51.100.0/24" in box.nft_elements(), what="policy 2")
+        assert not box.blocked("one.example")
+        def failures() -> float:
+            found = re.search(r'^blockd_attestation_write_failures_total\{kind="attestation"\} (\S+)$',
+                              box.metrics(), re.M)
+            return float(found.group(1)) if found else 0.0
+
+        wait_for(lambda: failures() >= 2, what="the failure counted, and retried")
+        assert box.proc is not None and box.proc.poll() is None
+        assert all(st["predicate"]["policies"][0]["serial"] == 1 for st in statements(box))
+        assert len(box.events("accountability_write_failed")) == 1  # logged once per outage
+    finally:
+        subprocess.run(["chattr", "-i", str(export)], check=True)
+    st = wait_for(lambda: any(s["predicate"]["policies"][0]["serial"] == 2 for s in statements(box))
+                  and statements(box)[-1], what="the owed statement")
+    assert st["predicate"]["attestation"]["reason"] == "retry" and st["predicate"]["in_sync"]
+    assert not [e for e in box.events("reconcile_pass") if e["reason"] == "retry"]  # a write retry recompiles nothing
+    assert box.blocked("two.example")
+    assert box.stop() == 0
+    out = attest_verify(box, *sorted(export.glob("attestation-*.json")))
+    assert out.returncode == 0, out.stdout + out.stderr
+    audit = subprocess.run([sys.executable, "-m", "blockd", "audit", "verify", "--key",
+                            str(ROOT / "policies/keys/demo-operator.pub"), str(box.tmp / "audit.jsonl")],
+                           capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert '"event":"write_recovered"' in (box.tmp / "audit.jsonl").read_text()
 
 
 def test_start_fails_closed_without_a_rule_set(box: Box) -> None:

@@ -22,7 +22,7 @@ from common import ruleset, v6_prefixes
 from scaleout import BirdLab, routable_v4, wait_until
 
 from blockd.enforcers.base import Enforcer
-from blockd.enforcers.bgp import BgpEnforcer, BgpSettings, api_lines, parse_rib_out
+from blockd.enforcers.bgp import BgpEnforcer, BgpSettings, api_lines, delivered, parse_rib_out
 from blockd.errors import ConfigError, EnforcerError
 from blockd.model import NetRule, RuleSet
 from blockd.ranges import format_cidr, parse_cidr
@@ -155,6 +155,7 @@ def test_bird_restart_gets_everything_back(lab: BirdLab) -> None:
             await asyncio.to_thread(wait_until, lambda: lab.count() == len(names), 120, "20k routes back", 0.2)
             assert set(bird_routes(lab)) == names
             # blockd did nothing: ExaBGP re-sent from its adj-rib-out, which still matches.
+            await enf.wait_established(30)
             assert (await enf.readback()).digest == want.digest
             assert enf.peer_state[lab.settings().peers[0]] == "up"
         finally:
@@ -186,16 +187,20 @@ def test_flowspec_discard_rules(lab: BirdLab) -> None:
 
 @pytest.mark.kernel
 def test_routes_queue_while_session_down(lab: BirdLab) -> None:
-    """apply() before the router is reachable: held in ExaBGP, sent when the session comes up."""
+    """apply() before the router is reachable: held in ExaBGP, sent when the session comes up.
+    Until then no router is told anything, so the read-back is not in sync (issue 11)."""
     lab.stop_bird()
 
     async def run() -> None:
         enf = BgpEnforcer(lab.settings(), netns=lab.a)
         try:
             applied = await enf.apply(rs(*BLOCK))
-            assert applied.in_sync and applied.counts["peers_up"] == 0
+            assert not applied.in_sync and applied.counts["peers_up"] == 0
+            assert applied.digest == RuleSet.empty().digest and applied.desired_digest == rs(*BLOCK).digest
             await asyncio.to_thread(lab.start_bird)
             await asyncio.to_thread(expect_in_bird, lab, set(BLOCK), 60)
+            await enf.wait_established(30)
+            assert (await enf.readback()).digest == rs(*BLOCK).digest
         finally:
             await enf.aclose()
 
@@ -231,8 +236,10 @@ def test_exabgp_crash_is_reported_then_repaired(lab: BirdLab) -> None:
             with pytest.raises(EnforcerError, match="exabgp exited"):
                 await enf.apply(rs(*BLOCK))
             applied = await enf.apply(rs(*BLOCK))
-            assert applied.in_sync and applied.added == len(BLOCK), applied
+            assert applied.added == len(BLOCK), applied
             await asyncio.to_thread(expect_in_bird, lab, set(BLOCK), 60)
+            await enf.wait_established(30)
+            assert (await enf.readback()).digest == rs(*BLOCK).digest
         finally:
             await enf.aclose()
 
@@ -274,6 +281,19 @@ def test_rib_out_parse_needs_every_community() -> None:
     ], ("65535:666", "65535:65281"))
     assert rib.unicast["10.0.0.2"][4] == {(parse_cidr("198.51.100.0/24").network, 24)}
     assert rib.flow["10.0.0.2"][6] == {(parse_cidr("2001:db8:1::/48").network, 48)}
+
+
+def test_readback_counts_only_peers_with_a_session() -> None:
+    """A route in ExaBGP's RIB-out for a peer whose session is down reaches no router."""
+    head = "neighbor {} local-ip 10.0.0.1 local-as 65001 peer-as 65002 router-id 10.0.0.1 family-allowed in-open"
+    line = " ipv4 unicast 198.51.100.0/24 next-hop 192.0.2.1 origin igp community [ blackhole no-export ]"
+    rib = parse_rib_out([head.format(p) + line for p in ("10.0.0.2", "10.0.0.3")], ("65535:666", "65535:65281"))
+    want = rs("198.51.100.0/24").digest
+    peers = ("10.0.0.2", "10.0.0.3")
+    assert delivered(rib, peers, peers, flowspec=False).digest == want
+    assert delivered(rib, peers, ["10.0.0.2"], flowspec=False).digest == RuleSet.empty().digest
+    assert delivered(rib, peers, [], flowspec=False).digest == RuleSet.empty().digest
+    assert delivered(rib, peers, peers, flowspec=True).digest == RuleSet.empty().digest  # no FlowSpec rule
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -11,6 +11,7 @@ from conftest import TARGETS4, TARGETS6, Topo, background, intervals_of, ipset_i
 
 from blockd.enforcers.ipset import IpsetEnforcer, IpsetSettings
 from blockd.errors import EnforcerError
+from blockd.ranges import parse_cidr
 
 pytestmark = pytest.mark.kernel
 Closing = Callable[[IpsetEnforcer], IpsetEnforcer]
@@ -121,5 +122,33 @@ def test_failed_first_load_leaves_no_set_behind(topo: Topo, closing: Closing) ->
         with pytest.raises(EnforcerError, match="set types differ"):
             await enf.apply(policy(background(50, 14), v6_prefixes(10, 14)))
         assert sh("ipset", "save", ns=topo.m) == snapshot
+
+    asyncio.run(scenario())
+
+
+def test_applied_digest_is_read_back_from_the_entries_a_change_touched(topo: Topo, closing: Closing) -> None:
+    """Issue 11: after an incremental change each entry it added or deleted is TESTed in the
+    kernel; a stranger elsewhere waits for the full read-back (scope `touched`, with the time of
+    the last full one). An address still blocked after its entry was deleted (a stranger
+    covers it) is found at once, and the Applied digest is the kernel's."""
+    host = (parse_cidr("10.73.0.5/32").network, 32)
+
+    async def scenario() -> None:
+        enf = closing(IpsetEnforcer(netns=topo.m))
+        base4, base6 = background(300, 4) + [host], v6_prefixes(200, 4)
+        first = await enf.apply(policy(base4, base6))
+        assert first.in_sync and first.readback_scope == "full" and first.readback_at == first.full_readback_at
+        sh("ipset", "add", "blockd4", "10.70.0.0/24", ns=topo.m)
+        only6 = policy(base4, base6[:-1])
+        a = await enf.apply(only6)
+        assert a.in_sync and a.readback_scope == "touched" and a.full_readback_at == first.full_readback_at
+        assert a.readback_at is not None and first.readback_at is not None and a.readback_at > first.readback_at
+        assert (await enf.readback()).digest != only6.digest  # the full read-back finds the stranger
+        assert (await enf.apply(only6)).removed == 1  # and the next apply removes it
+        sh("ipset", "add", "blockd4", "10.73.0.0/24", ns=topo.m)
+        gone = policy([p for p in base4 if p != host], base6[:-1])
+        b = await enf.apply(gone)
+        assert not b.in_sync and b.desired_digest == gone.digest and b.readback_scope == "full"
+        assert b.digest == (await enf.readback()).digest != gone.digest
 
     asyncio.run(scenario())

@@ -137,3 +137,37 @@ table ip filter { chain forward { type filter hook forward priority 10; policy a
     tables = sh("nft", "-j", "list", "tables", ns=topo.m)
     assert '"name": "other"' in tables and '"name": "filter"' in tables and '"name": "blockd"' in tables
     assert sh("nft", "list", "table", "inet", "other", ns=topo.m) == before[1]
+
+
+def test_applied_digest_is_read_back_from_the_shards_a_commit_touched(topo: Topo, closing: Closing) -> None:
+    """Issue 11: Applied.digest comes from the kernel, never from "every message was ACKed".
+
+    Someone else adds 10.60.0.0/24 to shard v4_0a behind blockd's back. A commit that touches
+    v4_0a reads it back, finds the stranger, and reports the real kernel state (not in sync);
+    a commit that touches only other shards reads back only those (scope `touched`) and says
+    when the rest was last read in full; a full read-back then finds it."""
+    async def scenario() -> None:
+        enf = closing(NftEnforcer(netns=topo.m))
+        base = background(200, 7)
+        first = await enf.apply(policy(base))
+        # a new table is read back whole
+        assert first.in_sync and first.readback_scope == "full" and first.readback_at == first.full_readback_at
+        sh("nft", "add", "element", "inet", "blockd", "v4_0a", "{ 10.60.0.0/24 }", ns=topo.m)
+        # touches v4_c6 only (198.51.100.0/24): the stranger in v4_0a is not read now
+        other = policy(base + [(parse_cidr("198.51.100.0/24").network, 24)])
+        a = await enf.apply(other)
+        assert a.in_sync and a.readback_scope == "touched" and a.full_readback_at == first.full_readback_at
+        assert a.readback_at is not None and first.readback_at is not None and a.readback_at > first.readback_at
+        assert (await enf.readback()).digest != other.digest  # the full read-back finds it
+        # the full read-back refreshed the view: the next apply removes the stranger
+        fixed = await enf.apply(other)
+        assert fixed.in_sync and fixed.removed == 1
+        # a stranger in a shard the next commit touches is found right after that commit
+        sh("nft", "add", "element", "inet", "blockd", "v4_0a", "{ 10.61.0.0/24 }", ns=topo.m)
+        touching = policy(base + [(parse_cidr("198.51.100.0/24").network, 24), (parse_cidr("10.62.0.0/24").network, 24)])
+        b = await enf.apply(touching)
+        assert not b.in_sync and b.desired_digest == touching.digest
+        assert b.digest == (await enf.readback()).digest != touching.digest
+        assert b.readback_scope == "full"  # a difference is followed by a full read-back
+
+    asyncio.run(scenario())

@@ -129,7 +129,9 @@ def test_statement_shape_subjects_enforcers_and_bounded_findings(scenario: dict[
     assert pred["ruleset"]["digest"] == comp.ruleset.digest
     # the read-back digest, not the intended one
     assert pred["enforcers"]["dns"]["readback_digest"] == "f" * 64
-    assert pred["enforcers"]["dns"]["desired_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["committed_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["share_digest"] == comp.ruleset.digest
+    assert pred["enforcers"]["dns"]["status"] == "out_of_sync"
     assert pred["enforcers"]["dns"]["counts"]["domain_exact"] == 0
     assert (pred["enforcers"]["nft"]["in_sync"], pred["enforcers"]["dns"]["in_sync"], pred["in_sync"]) == (True, False, False)
     assert [p["status"] for p in pred["policies"]] == ["superseded", "active", "pending"]
@@ -316,7 +318,7 @@ def test_timing_with_no_enforcers_is_never_enforced() -> None:
 
 def test_the_example_in_docs_verifies(tmp_path: Path) -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "attestation.md").read_text()
-    blocks = re.findall(r"```(?:json)?\n(.*?)```", doc, re.S)
+    blocks = re.findall(r"```(?:\w*)\n(.*?)```", doc, re.S)
     pub = next(b for b in blocks if b.startswith("untrusted comment: minisign public key"))
     statement = next(b for b in blocks if b.startswith('{\n  "_type"'))
     sig = next(b for b in blocks if b.startswith("untrusted comment: blockd attestation"))
