@@ -189,7 +189,10 @@ def parse(doc: Mapping[str, Any], *, path: str, sha256: str, operator: str) -> S
         if not isinstance(raw_counts, Mapping):
             raise ValueError(f"predicate.enforcers.{name}.counts: expected an object of kind -> count")
         counts = {k: v for k, v in raw_counts.items() if isinstance(v, int)}
-        readback, desired = _opt_str(e.get("readback_digest")), _opt_str(e.get("desired_digest"))
+        # `share_digest` is the enforcer's share of the rule set in force (older statements called
+        # it `desired_digest`); `readback_digest` what was read back from the backend.
+        readback = _opt_str(e.get("readback_digest"))
+        desired = _opt_str(e.get("share_digest")) or _opt_str(e.get("desired_digest"))
         # In sync is what the digests say, not only what the flag says: a flag that contradicts
         # them (a bug, or an edited-then-re-signed statement) is not taken as in sync.
         agrees = readback is None or desired is None or readback == desired
