@@ -448,32 +448,64 @@ class Daemon:
 
     # -- periodic work ----------------------------------------------------------------------
     async def _drift_loop(self) -> None:
-        """Read every enforcer back; re-apply where it no longer holds what it was given."""
+        """Read every enforcer back; re-apply where it no longer holds what it was given.
+
+        The read-back (seconds at 1M rules) runs without the apply lock: a change arriving
+        meanwhile is compiled and applied beside it, not queued behind a full dump (each
+        enforcer serialises its own backend). Only the repair takes the lock, and a read-back
+        that a pass overtook is dropped: the pass read back what it changed, and the next
+        round checks the rest.
+        """
         interval = self.settings.daemon.drift_check_s
         while True:
             await asyncio.sleep(interval)
-            async with self._apply_lock:
-                try:
-                    if await self._check_drift():
+            try:
+                desired = self.reconciler.desired
+                if desired is None or self.last is None:
+                    continue
+                reads = await self._read_all(desired)
+                async with self._apply_lock:
+                    if self.reconciler.desired is not desired:
+                        log.debug("drift_check_overtaken", note="a pass applied a newer rule set meanwhile")
+                        continue
+                    if await self._check_drift(desired, reads):
                         self.metrics.last_reconcile.set(time.time())  # a full read-back that agrees
-                except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
-                    log.exception("drift_check_crashed", error=str(e))
+            except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
+                log.exception("drift_check_crashed", error=str(e))
 
-    async def _check_drift(self) -> bool:
+    async def _read_all(self, desired: RuleSet) -> dict[str, tuple[RuleSet, float, datetime] | EnforcerError]:
+        """Every enforcer's full read-back (or its error), not yet recorded as what it holds."""
+        out: dict[str, tuple[RuleSet, float, datetime] | EnforcerError] = {}
+        for e in self.enforcers:
+            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+                continue  # its apply fails: the pass loop retries it with backoff
+            t0 = time.perf_counter()
+            try:
+                held = await e.readback()
+            except EnforcerError as exc:
+                out[e.name] = exc
+                continue
+            out[e.name] = (held, time.perf_counter() - t0, datetime.now(timezone.utc))
+        return out
+
+    async def _check_drift(self, desired: RuleSet,
+                           reads: dict[str, tuple[RuleSet, float, datetime] | EnforcerError]) -> bool:
         """True when every enforcer was read back and holds (or again holds) what it should."""
-        desired = self.reconciler.desired
-        if desired is None or self.last is None:
+        if self.last is None:
             return False
         clean = True
         repairs: list[dict[str, object]] = []
         for e in self.enforcers:
-            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+            read = reads.get(e.name)
+            if read is None:
                 # its apply fails: the pass loop retries it with backoff, and says so once
                 self.metrics.in_sync.labels(e.name).set(0)
                 clean = False
                 continue
             try:
-                found, held = await self._read_back(e, desired)
+                if isinstance(read, EnforcerError):
+                    raise read
+                found, held = await self._record_readback(e, desired, *read)
                 repaired = await check_and_repair(e, desired, held)
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
@@ -508,13 +540,16 @@ class Daemon:
         """A full read-back of `e`, recorded as what it holds now (EnforcerError if it fails)."""
         t0 = time.perf_counter()
         held = await e.readback()
-        now = datetime.now(timezone.utc)
+        return await self._record_readback(e, desired, held, time.perf_counter() - t0, datetime.now(timezone.utc))
+
+    async def _record_readback(self, e: Enforcer, desired: RuleSet, held: RuleSet, took_s: float,
+                               now: datetime) -> tuple[Applied, RuleSet]:
         prev = self.held.get(e.name)
         if prev is not None and e.name not in self.errors:
             share = prev[0].desired_digest
         else:
             share = await asyncio.to_thread(self._share_digest, e, desired)
-        a = Applied(e.name, held.digest, share, 0, 0, time.perf_counter() - t0, held.counts(), "full", now, now)
+        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), "full", now, now)
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
             del self.errors[e.name]
@@ -552,9 +587,16 @@ class Daemon:
             self._manual.clear()
             if self.last is None:
                 continue
+            desired = self.reconciler.desired
+            # The read-back runs beside changes (see _drift_loop); it is redone under the lock
+            # in the rare case a pass applied a newer rule set meanwhile.
+            reads = await self._read_all(desired) if desired is not None else {}
             async with self._apply_lock:
                 try:
-                    await self._refresh_readback()
+                    if desired is not None and self.reconciler.desired is desired:
+                        await self._record_all(desired, reads)
+                    else:
+                        await self._refresh_readback()
                     self._observe_sync()
                     passes = self.enforcer_passes()
                     self.accountability.record(self.last, passes)
@@ -576,6 +618,16 @@ class Daemon:
             except EnforcerError as exc:
                 log.error("readback_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
                 self.errors.setdefault(e.name, f"{_READBACK_FAILED}{exc}")
+
+    async def _record_all(self, desired: RuleSet,
+                          reads: dict[str, tuple[RuleSet, float, datetime] | EnforcerError]) -> None:
+        for e in self.enforcers:
+            read = reads.get(e.name)
+            if isinstance(read, EnforcerError):
+                log.error("readback_failed", enforcer=e.name, errno=read.errno, error=str(read))
+                self.errors.setdefault(e.name, f"{_READBACK_FAILED}{read}")
+            elif read is not None:
+                await self._record_readback(e, desired, *read)
 
     def _observe_sync(self) -> None:
         for name, e in self.enforcer_passes().items():
