@@ -59,6 +59,8 @@ class Verified:
 
 
 MAX_KEY_BYTES = 4 << 10
+#: detached signatures read per file: more is an attack on the verifier, not a k-of-n policy
+MAX_SIGNATURES = 64
 MAX_ISSUER_BYTES = 64 << 10
 
 
@@ -159,8 +161,12 @@ def verify(
             f"no signature: expected {Path(where).name}.minisig (or {Path(where).name}.<name>.minisig) beside it",
             where=where,
         )
+    if len(signatures) > MAX_SIGNATURES:
+        raise SignatureError(f"{len(signatures)} signature files; at most {MAX_SIGNATURES} are read (a k-of-n "
+                             f"threshold needs n signatures; remove stale ones)", where=where)
     valid: dict[str, set[str]] = {}
     failures: list[str] = []
+    prehash: bytes | None = None  # BLAKE2b of the file, once however many signatures there are
     for sig_path, text in signatures:
         try:
             sig = minisign.parse_signature(text, where=sig_path)
@@ -174,7 +180,9 @@ def verify(
                     f"(roles: {', '.join(sorted(issuer.roles))})",
                     where=sig_path,
                 )
-            minisign.verify(data, sig, issuer.keys[sig.key_id], where=sig_path)
+            if sig.algorithm == "ED" and prehash is None:
+                prehash = hashlib.blake2b(data).digest()
+            minisign.verify(data, sig, issuer.keys[sig.key_id], where=sig_path, prehash=prehash)
         except SignatureError as e:
             failures.append(str(e))
             continue

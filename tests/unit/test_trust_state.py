@@ -151,3 +151,14 @@ def test_record_replaces_older_copies(tmp_path: Path) -> None:
         state.record(*load_signed_policy(p, store), NOW)
     files = sorted(f.name for f in (tmp_path / "state" / "policies" / "reg").iterdir())
     assert files == ["2.yaml", "2.yaml.0.minisig"]
+
+
+def test_a_flood_of_signature_files_is_refused_before_reading(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = _policy(tmp_path)
+    keys.sign(path)
+    for i in range(trust.MAX_SIGNATURES + 1):
+        (tmp_path / f"{path.name}.x{i}.minisig").write_text("junk")
+    with pytest.raises(SignatureError, match=f"{trust.MAX_SIGNATURES + 2} signature files; at most"):
+        load_policy(path, store)
