@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from blockd import minisign, trust
+from blockd.clock import MonotonicWallClock
 from blockd.compile import Compilation, Prepared, merge, prepare
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write, read_regular
@@ -206,7 +207,9 @@ def _evaluate(args: argparse.Namespace) -> Evaluation:
     settings = _settings(args)
     ctx, failures = load_context(settings, save=False)
     paths = [Path(p) for p in args.policies] or (policy_files(settings.policy_dir) if settings.policy_dir.is_dir() else [])
-    now = args.now or datetime.now(timezone.utc)
+    # Judged as the daemon judges it: the wall clock, or the state's high-water mark if the
+    # clock stepped back (blockd.clock); nothing is written.
+    now = args.now or MonotonicWallClock(settings.state_dir / "clock.json").now()
     found, bad = read_candidates(paths, ctx)
     kept, kept_bad = state_candidates(ctx)
     cache: dict[str, Prepared] = {}
