@@ -81,7 +81,9 @@ class Verdict:
     def as_json(self) -> dict[str, object]:
         return {"file": self.source, "status": self.status, "reason": self.reason, "issuer": self.issuer,
                 "serial": self.serial, "sha256": self.digest, "kind": self.kind or None,
-                "from_state": self.from_state}
+                "from_state": self.from_state,
+                "orders": len(self.policy.orders) if self.policy is not None else None,
+                "signers": list(self.policy.signers) if self.policy is not None else []}
 
 
 @dataclass(frozen=True, slots=True)
