@@ -128,7 +128,7 @@ class Reconciler:
                  policies=len(in_force), pending=len(pending), rejected=len(new), failed=sorted(failed),
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
         return PassResult(comp, in_force, pending, new, applied, failed, changed,
-                          sel.next_boundary(now), {p.digest: self.received[p.digest] for p in in_force},
+                          sel.next_boundary(now), {p.digest: self.received.get(p.digest, now) for p in in_force},
                           sel.verdicts, tuple(failures), new_failures, self.state_error)
 
     def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
@@ -136,9 +136,6 @@ class Reconciler:
         assert self.ctx is not None
         ctx = self.ctx
         sel = self.select(ctx, now)
-        for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
-            if v.digest is not None:
-                self.received.setdefault(v.digest, now)
         try:
             self._record(ctx, sel, now)
             self.state_error = None
@@ -151,6 +148,9 @@ class Reconciler:
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]
+        for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
+            if v.digest is not None:
+                self.received.setdefault(v.digest, now)
         statuses, policy_statuses = sel.order_statuses(), sel.policy_statuses()
         key = (ctx.key, tuple((p.policy.digest, p.policy.source) for p in sel.prepared),
                tuple(sorted(statuses.items())), tuple(sorted(policy_statuses.items())))

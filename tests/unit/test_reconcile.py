@@ -213,6 +213,9 @@ def test_a_state_that_cannot_be_written_holds_the_new_serial_back(settings: Sett
     import json as _json
 
     assert _json.loads((settings.state_dir / "accepted.json").read_text())["reg"]["serial"] == 1
+    # a restart while the state still cannot be written serves what it holds
+    restarted = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert [p.serial for p in restarted.policies] == [1] and restarted.state_error is not None
     blocker.rmdir()
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [2] and r.state_error is None
