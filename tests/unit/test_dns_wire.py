@@ -46,27 +46,27 @@ def test_parse_no_edns_and_do_bit() -> None:
 @pytest.mark.parametrize(
     "mutate, rcode",
     [
-        (lambda d: d[:5], None),  # too short
-        (lambda d: d[:2] + bytes((d[2] | 0x80,)) + d[3:], None),  # a response: never answered
+        (lambda d: d[:5], wire.DROP),  # too short
+        (lambda d: d[:2] + bytes((d[2] | 0x80,)) + d[3:], wire.DROP),  # a response: never answered
         (lambda d: d[:2] + bytes((d[2] | 0x28,)) + d[3:], wire.NOTIMP),  # opcode 5 (UPDATE)
         (lambda d: d[:4] + b"\x00\x02" + d[6:], wire.FORMERR),  # QDCOUNT 2
         (lambda d: d[:12] + b"\xc0\x0c" + d[-15:], wire.FORMERR),  # compressed qname
         (lambda d: d[:20], wire.FORMERR),  # cut inside the question
+        (lambda d: d[:-2], wire.FORMERR),  # cut inside QTYPE/QCLASS
+        (lambda d: d[:10] + b"\x00\x01" + d[12:], wire.FORMERR),  # ARCOUNT 1, no record
+        (lambda d: d[:10] + b"\x00\x01" + d[12:] + b"\xc0", wire.FORMERR),  # additional name cut
+        (lambda d: d[:10] + b"\x00\x01" + d[12:] + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x09", wire.FORMERR),
     ],
 )
 def test_parse_malformed(mutate, rcode) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(wire.Malformed) as e:
-        wire.parse(mutate(q("www.example.com", edns=False)))
-    assert e.value.rcode == rcode
+    assert wire.parse(mutate(q("www.example.com", edns=False))) == rcode
 
 
 def test_two_opt_records_is_formerr() -> None:
     r = DNSRecord.question("x.com")
     r.add_ar(EDNS0())
     r.add_ar(EDNS0())
-    with pytest.raises(wire.Malformed) as e:
-        wire.parse(bytes(r.pack()))
-    assert e.value.rcode == wire.FORMERR
+    assert wire.parse(bytes(r.pack())) == wire.FORMERR
 
 
 def test_name_wire_roundtrip() -> None:
