@@ -164,6 +164,7 @@ class SinkholeServer:
         self.tcp_clients: set[_Tcp] = set()
         self.tcp_per_source: dict[str, int] = {}
         self.tcp_closed: Counter[str] = Counter({r: 0 for r in TCP_CLOSE_REASONS})  # event loop only
+        self.tcp_write_peak = 0  # the largest reply backlog (bytes) seen on a paused connection
         self.addresses: list[tuple[str, int]] = []
 
     # ---- policy -------------------------------------------------------------------------
@@ -614,5 +615,10 @@ class _Tcp(asyncio.Protocol):
             self._arm()
 
     def _send(self, reply: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing() and reply:
-            self.transport.write(len(reply).to_bytes(2, "big") + reply)
+        t = self.transport
+        if t is not None and not t.is_closing() and reply:
+            t.write(len(reply).to_bytes(2, "big") + reply)
+            if self.write_paused_at is not None:  # rare: replies of forwards finishing while paused
+                size = t.get_write_buffer_size()
+                if size > self.server.tcp_write_peak:
+                    self.server.tcp_write_peak = size
