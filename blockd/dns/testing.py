@@ -103,7 +103,10 @@ class Upstream:
                 self.t = t
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                req = DNSRecord.parse(data)
+                try:
+                    req = DNSRecord.parse(data)
+                except Exception:  # dnslib refuses some valid names (non-UTF-8 labels): no answer
+                    return
                 limit = max(512, req.ar[0].rclass if req.ar and req.ar[0].rtype == QTYPE.OPT else 512)
                 gate = up.hold.get(str(req.q.qname).rstrip(".").lower())
                 if gate is None:
@@ -123,7 +126,12 @@ class Upstream:
             try:
                 while True:
                     n = int.from_bytes(await reader.readexactly(2), "big")
-                    out = self.reply(await reader.readexactly(n), None)
+                    try:
+                        out = self.reply(await reader.readexactly(n), None)
+                    except (asyncio.IncompleteReadError, ConnectionError):
+                        raise
+                    except Exception:
+                        return
                     writer.write(len(out).to_bytes(2, "big") + out)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
