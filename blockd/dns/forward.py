@@ -181,7 +181,10 @@ class Forwarder:
         """One attempt on a socket of its own: a fresh random source port, connected to the upstream."""
         loop = asyncio.get_running_loop()
         fam, addr = upstream
-        sock = socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError:  # EMFILE/ENFILE: this attempt fails, the caller tries again or SERVFAILs
+            return None
         fd = sock.fileno()
         reading = False
         try:

@@ -75,6 +75,18 @@ class SinkholeSettings:
     udp_batch: bool = True  # UDP via recvmmsg/sendmmsg in a thread per socket (Linux); else the event loop
     upstream_case_randomize: bool = True  # 0x20 in forwarded qnames (off for an upstream that loses case)
 
+    def __post_init__(self) -> None:
+        bad = [f"{name}: {value!r} is below the minimum {lo}"
+               for name, value, lo in (("tcp_max_clients", self.tcp_max_clients, 1),
+                                       ("tcp_max_per_source", self.tcp_max_per_source, 1),
+                                       ("tcp_max_pending", self.tcp_max_pending, 1),
+                                       ("tcp_write_buffer", self.tcp_write_buffer, 4096),
+                                       ("tcp_idle_s", self.tcp_idle_s, 0.1),
+                                       ("tcp_message_s", self.tcp_message_s, 0.1))
+               if value < lo]
+        if bad:
+            raise ValueError("; ".join(bad))
+
     def answers(self) -> AnswerSettings:
         return AnswerSettings(
             default_answer=self.default_answer, override_answer=self.override_answer, ede_code=self.ede_code,
@@ -270,7 +282,6 @@ class SinkholeServer:
                 return None
             res["formerr" if q == wire.FORMERR else "notimp"] += 1
             return wire.error_response(data, q)
-        assert isinstance(q, wire.Query)
         if not self._acl.allowed(host):
             res["acl_refused"] += 1
             return wire.error_response(data, wire.REFUSED, q)
@@ -279,11 +290,21 @@ class SinkholeServer:
             return wire.error_response(data, 16, q)  # BADVERS, answered by us, never forwarded
         t = self.table
         hit = t.lookup(data[12 : q.qend].lower(), q.labels)
-        if hit is not None:
+        if hit is not None:  # the hot path: inline, not self._count / self._blocked
             v, off = hit
-            self._count(tally, t, v)
+            st = tally.state
+            if st[0] is not t.verdicts:
+                st = tally.rebase(t.verdicts)
+            st[1][v.index] += 1
+            res[v.mode] += 1
             if v.enforce:
-                return self._blocked(t, data, q, off, v, tcp, tally)
+                if v.mode == "drop":
+                    return None
+                out = t.answers.render(data, q, off, v)
+                if not tcp and len(out) > (q.edns if q.edns > 512 else 512):
+                    res["truncated"] += 1
+                    return wire.truncated(data, q)
+                return out
         e = self.forwarder.cache.get(cache_key(data, q), now_s())
         if e is not None:
             if e.targets:
