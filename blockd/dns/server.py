@@ -205,8 +205,9 @@ class SinkholeServer:
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # `::` serves IPv4 too (dual-stack, UDP and TCP alike), unless 0.0.0.0 is listed as well
-        v6only = fam == socket.AF_INET6 and any(h == "0.0.0.0" for h, _ in self.settings.listen)
+        # IPv6 sockets serve IPv4 too (`::` is dual-stack, UDP and TCP alike), unless IPv4
+        # addresses are listed as well: those are bound on their own and must not collide
+        v6only = fam == socket.AF_INET6 and any(":" not in h for h, _ in self.settings.listen)
         for attempt in range(20):  # port 0: the same free port for UDP and TCP
             sock = self._socket(fam, socket.SOCK_DGRAM, host, port, v6only)
             bound = sock.getsockname()[1]

@@ -363,3 +363,18 @@ def test_send_errors_are_not_raised(tcp_env: Env) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # RST
     assert tcp_query(tcp_env.port, "blocked.example.org").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_ipv6_wildcard_next_to_an_ipv4_address_binds_both() -> None:
+    """`[::]` and 127.0.0.1 on one port: the IPv6 socket is IPv6-only, so both bind and serve."""
+    from blockd.dns import resolvers
+
+    port = resolvers.free_port()
+    e = Env(settings(listen=(("::", port), ("127.0.0.1", port))))
+    try:
+        for host in ("127.0.0.1", "::1"):
+            q = dns.message.make_query("blocked.example.org", "A")
+            assert dns.query.udp(q, host, 5, port=port).rcode() == dns.rcode.NXDOMAIN
+            assert dns.query.tcp(q, host, 5, port=port).rcode() == dns.rcode.NXDOMAIN
+    finally:
+        e.close()
