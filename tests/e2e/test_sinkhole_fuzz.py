@@ -94,6 +94,8 @@ class Box:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.lt.run(self.up.aclose())
         self.lt.close()
 
