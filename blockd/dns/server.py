@@ -13,7 +13,7 @@ answer is looked up in the table; a chain that reaches a blocked name gets that 
 answer (its order's mode and EDE text) and is counted for that order.
 
 TCP follows RFC 7766: 2-byte length framing, pipelined queries answered as they complete (out of
-order). Under hostile traffic (`_Tcp`): sources outside the ACL are closed at accept; at most
+order). Under hostile traffic (`tcp.TcpClient`, admitted here by `tcp_admit`): sources outside the ACL are closed at accept; at most
 `tcp_max_per_source` connections per IPv4 address or IPv6 /64 and `tcp_max_clients` in all (the
 longest-idle connection makes room for a new one); an idle connection is closed after
 `tcp_idle_s`, a message must arrive whole within `tcp_message_s` of its first byte (bytes that
@@ -24,7 +24,6 @@ closed after `tcp_idle_s` of that. Every close for a reason is counted in `tcp_c
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import threading
 from collections import Counter
@@ -37,14 +36,12 @@ from blockd.dns import udpbatch, wire
 from blockd.dns.acl import LOOPBACK, Acl
 from blockd.dns.forward import Forwarder, ForwardSettings, cache_key, now_s
 from blockd.dns.table import AnswerSettings, Table, Verdict
+from blockd.dns.tcp import TCP_CLOSE_REASONS, TcpClient, source_key
 
 log = structlog.get_logger("blockd.dns.server")
 
 RESULTS = ("nxdomain", "nodata", "sinkhole", "refused", "drop", "log", "forwarded", "cached", "servfail",
            "formerr", "notimp", "badvers", "acl_refused", "malformed_dropped", "truncated", "overload")
-#: Why a TCP connection was refused or cut (labels of blockd_dns_tcp_connections_closed_total).
-TCP_CLOSE_REASONS = ("acl", "source_limit", "global_limit", "evicted", "idle", "message_deadline",
-                     "write_stalled", "framing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +170,7 @@ class SinkholeServer:
         self._workers: list[udpbatch.UdpBatchWorker] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.tcp_clients: set[_Tcp] = set()
+        self.tcp_clients: set[TcpClient] = set()
         self.tcp_per_source: dict[str, int] = {}
         self.tcp_closed: Counter[str] = Counter({r: 0 for r in TCP_CLOSE_REASONS})  # event loop only
         self.tcp_write_peak = 0  # the largest reply backlog (bytes) seen on a paused connection
@@ -218,7 +215,7 @@ class SinkholeServer:
                 if port != 0 or attempt == 19:
                     raise
                 continue
-            srv = await loop.create_server(lambda: _Tcp(self), sock=tsock)
+            srv = await loop.create_server(lambda: TcpClient(self), sock=tsock)
             if self.udp_batched:
                 w = udpbatch.UdpBatchWorker(self, sock, loop, self.stats.tally())
                 self._workers.append(w)
@@ -385,7 +382,7 @@ class SinkholeServer:
         send(reply)
 
     # ---- TCP admission ------------------------------------------------------------------
-    def tcp_admit(self, conn: _Tcp, host: str) -> str | None:
+    def tcp_admit(self, conn: TcpClient, host: str) -> str | None:
         """Admit a new TCP connection from `host`, or return why not (a TCP_CLOSE_REASONS entry).
         When every slot is taken, the connection idle for longest makes room, if any is idle."""
         if not self._acl.allowed(host):
@@ -404,7 +401,7 @@ class SinkholeServer:
         self.tcp_clients.add(conn)
         return None
 
-    def tcp_release(self, conn: _Tcp) -> None:
+    def tcp_release(self, conn: TcpClient) -> None:
         if conn in self.tcp_clients:
             self.tcp_clients.discard(conn)
             left = self.tcp_per_source.get(conn.source, 0) - 1
@@ -412,20 +409,6 @@ class SinkholeServer:
                 self.tcp_per_source[conn.source] = left
             else:
                 self.tcp_per_source.pop(conn.source, None)
-
-
-def source_key(host: str) -> str:
-    """What the per-source TCP cap counts by: the IPv4 address, or the IPv6 /64 (one subscriber's
-    prefix); IPv4-mapped IPv6 addresses count as their IPv4 address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-    return str(addr)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -453,194 +436,3 @@ class _Udp(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         return None
-
-
-class _Tcp(asyncio.Protocol):
-    """One TCP client. At most one timer; its deadline and reason follow the connection's state:
-    replies unread (writes paused) -> `tcp_idle_s` from the pause; part of a message buffered ->
-    `tcp_message_s` from that message's first byte; nothing in flight -> `tcp_idle_s` from the
-    last complete message or reply. Reading stops while writes are paused or `tcp_max_pending`
-    queries are in flight."""
-
-    def __init__(self, server: SinkholeServer) -> None:
-        self.server = server
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.source = ""
-        self.host = ""
-        self.pending = 0
-        self.active = 0.0  # last complete message or reply
-        self.msg_start = 0.0  # first byte of the message being received
-        self.write_paused_at: float | None = None
-        self.reading = True
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
-        self.closed = False
-
-    # ---- lifecycle ----------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        s = self.server
-        peer = transport.get_extra_info("peername")
-        self.host = peer[0] if peer else ""
-        why = s.tcp_admit(self, self.host)
-        if why is not None:
-            self.closed = True
-            s.tcp_closed[why] += 1
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        self.transport.set_write_buffer_limits(high=s.settings.tcp_write_buffer)  # type: ignore[union-attr]
-        self.active = asyncio.get_running_loop().time()
-        self._arm()
-
-    def cut(self, reason: str) -> None:
-        """Close for `reason` (counted once); what is still unsent is dropped."""
-        if self.closed:
-            return
-        self.server.tcp_closed[reason] += 1
-        self.close(abort=True)
-
-    def close(self, abort: bool = False) -> None:
-        self.closed = True
-        self.server.tcp_release(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.transport is not None:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.server.tcp_release(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    # ---- deadline -----------------------------------------------------------------------
-    def _deadline(self) -> tuple[float, str] | None:
-        st = self.server.settings
-        out: tuple[float, str] | None = None
-        if self.write_paused_at is not None:
-            out = (self.write_paused_at + st.tcp_idle_s, "write_stalled")
-        if self.buf and self.reading:
-            d = (self.msg_start + st.tcp_message_s, "message_deadline")
-            out = d if out is None or d < out else out
-        if out is None and self.pending == 0:
-            out = (self.active + st.tcp_idle_s, "idle")
-        return out
-
-    def _arm(self) -> None:
-        """(Re)schedule the timer if the deadline moved earlier; a later one is found when it fires."""
-        if self.closed:
-            return
-        d = self._deadline()
-        if d is None:
-            return
-        if self.timer is None or d[0] < self.timer_at:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer_at = d[0]
-            self.timer = asyncio.get_running_loop().call_at(d[0], self._fire)
-
-    def _fire(self) -> None:
-        self.timer = None
-        d = self._deadline()
-        if d is None:
-            return  # re-armed when the state changes (a reply, a byte)
-        if d[0] <= asyncio.get_running_loop().time():
-            self.cut(d[1])
-        else:
-            self._arm()
-
-    # ---- flow control -------------------------------------------------------------------
-    def pause_writing(self) -> None:
-        self.write_paused_at = asyncio.get_running_loop().time()
-        self._flow()
-        self._arm()
-
-    def resume_writing(self) -> None:
-        self.write_paused_at = None
-        self._flow()
-        self._process()
-        self._arm()
-
-    def _flow(self) -> None:
-        """Read only while replies are being read and in-flight queries are under the cap."""
-        want = self.write_paused_at is None and self.pending < self.server.settings.tcp_max_pending
-        t = self.transport
-        if want == self.reading or t is None or t.is_closing():
-            return
-        self.reading = want
-        if want:
-            t.resume_reading()
-        else:
-            t.pause_reading()
-
-    # ---- data ---------------------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if not self.buf:
-            self.msg_start = asyncio.get_running_loop().time()
-        self.buf += data
-        self._process()
-        self._arm()
-
-    def _process(self) -> None:
-        """Answer the complete messages in `buf` while replies are read and slots are free."""
-        buf = self.buf
-        cap = self.server.settings.tcp_max_pending
-        done = False
-        while len(buf) >= 2 and not self.closed and self.write_paused_at is None and self.pending < cap:
-            n = (buf[0] << 8) | buf[1]
-            if n == 0:
-                self.cut("framing")
-                return
-            if len(buf) < 2 + n:
-                break
-            msg = bytes(buf[2 : 2 + n])
-            del buf[: 2 + n]
-            done = True
-            self._query(msg)
-        if done:
-            now = asyncio.get_running_loop().time()
-            self.active = now
-            if buf:
-                self.msg_start = now  # the rest of the buffer is the next message's start
-        self._flow()
-
-    def _query(self, msg: bytes) -> None:
-        try:
-            out = self.server.answer(msg, self.host, True)
-        except Exception:
-            self.server.loop_tally.results["servfail"] += 1
-            log.debug("dns_query_error", exc_info=True)
-            return
-        if out is None:
-            return
-        if type(out) is bytes:
-            self._send(out)
-            return
-        self.pending += 1
-        self.server.forward(msg, out, True, self._done)  # type: ignore[arg-type]
-
-    def _done(self, reply: bytes) -> None:
-        self.pending -= 1
-        self.active = asyncio.get_running_loop().time()
-        self._send(reply)
-        if not self.closed:
-            self._flow()
-            self._process()
-            self._arm()
-
-    def _send(self, reply: bytes) -> None:
-        t = self.transport
-        if t is not None and not t.is_closing() and reply:
-            t.write(len(reply).to_bytes(2, "big") + reply)
-            if self.write_paused_at is not None:  # rare: replies of forwards finishing while paused
-                size = t.get_write_buffer_size()
-                if size > self.server.tcp_write_peak:
-                    self.server.tcp_write_peak = size

@@ -233,6 +233,6 @@ def test_mix_case_and_check_reply() -> None:
     ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"), ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
 ])
 def test_tcp_source_key(host: str, key: str) -> None:
-    from blockd.dns.server import source_key
+    from blockd.dns.tcp import source_key
 
     assert source_key(host) == key
