@@ -211,15 +211,16 @@ def _ports_connected_to(port: int) -> list[int]:
     return out
 
 
-def _forger(src_port: int, dst_port: int, qname: str) -> Callable[[int], bytes]:
-    """IPv4+UDP datagrams from src_port to dst_port on loopback carrying a forged answer for
+def _forger(src_port: int, dst_port: int, qname: str, src: str = "127.0.0.1") -> Callable[[int], bytes]:
+    """IPv4+UDP datagrams from src:src_port to 127.0.0.1:dst_port carrying a forged answer for
     `qname` (lowercase, as the attacker cannot know the 0x20 case), one per id."""
     dnsmsg = dns.message.make_response(dns.message.make_query(qname, "A"))
     dnsmsg.answer.append(dns.rrset.from_text(qname + ".", 86400, "IN", "A", "203.0.113.66"))
     body = dnsmsg.to_wire()[2:]
     udp = struct.pack("!HHHH", src_port, dst_port, 10 + len(body), 0)  # checksum 0: none (IPv4)
     lo = socket.inet_aton("127.0.0.1")
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 30 + len(body), 0, 0, 64, socket.IPPROTO_UDP, 0, lo, lo)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 30 + len(body), 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     socket.inet_aton(src), lo)
     head = ip + udp  # the kernel fills in the IP checksum (IP_HDRINCL)
     return lambda qid: head + qid.to_bytes(2, "big") + body
 
@@ -259,6 +260,44 @@ def test_forged_replies_flooded_at_the_ports_in_use_never_reach_the_cache() -> N
         before = e.up.queries
         again = e.udp(name.upper())  # another client: from the cache
         assert again.answer[0][0].to_text() == "192.0.2.1" and e.up.queries == before
+    finally:
+        raw.close()
+        e.close()
+
+
+@pytest.mark.parametrize("src, port_delta", [("127.0.0.1", 1), ("127.0.0.2", 0)])
+def test_replies_from_another_address_or_port_never_reach_the_socket(src: str, port_delta: int) -> None:
+    """With 0x20 off, so that only the id stands in the way, every id forged from the wrong
+    source port or address: the connected socket never sees them, the real answer wins."""
+    name = "other-source.example.net"
+    e = Env(settings(upstream_timeout_s=60.0, upstream_attempts=1, upstream_case_randomize=False))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        async def hold() -> None:
+            e.up.hold[name] = asyncio.Event()
+        e.lt.run(hold())
+        got: list[dns.message.Message] = []
+        client = threading.Thread(target=lambda: got.append(e.udp(name, timeout=120)))
+        client.start()
+        wait_for(lambda: _ports_connected_to(e.up.port), "the forwarder's socket to the upstream")
+        port = _ports_connected_to(e.up.port)[0]
+        forged = _forger(e.up.port + port_delta, port, name, src)
+        # after each burst, a marker from the right address and port for another name: the socket
+        # refuses it (and counts it), so once it is counted the burst before it was handled too
+        marker = _forger(e.up.port, port, "marker.example.org")
+        rej = e.server.forwarder.rejected
+        markers = 0
+        for start in range(0, 65536, 128):
+            for qid in range(start, start + 128):
+                raw.sendto(forged(qid), ("127.0.0.1", 0))
+            raw.sendto(marker(start), ("127.0.0.1", 0))
+            markers += 1
+            wait_for(lambda: sum(rej.values()) >= markers or not client.is_alive(), f"marker {markers}")
+            assert client.is_alive(), f"a forged reply was taken: {got[0].answer if got else 'no answer'}"
+        assert sum(rej.values()) == markers  # only the markers reached the socket
+        e.lt.loop.call_soon_threadsafe(e.up.hold[name].set)
+        client.join(60)
+        assert got and got[0].answer[0][0].to_text() == "192.0.2.1"
     finally:
         raw.close()
         e.close()
