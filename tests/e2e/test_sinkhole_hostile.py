@@ -417,3 +417,33 @@ def test_ipv6_wildcard_next_to_an_ipv4_address_binds_both() -> None:
             assert dns.query.tcp(q, host, 5, port=port).rcode() == dns.rcode.NXDOMAIN
     finally:
         e.close()
+
+
+def test_full_table_of_busy_connections_refuses_the_new_one() -> None:
+    """Every slot has a query in flight (the upstream holds its answer): nothing may be evicted,
+    so the new connection is refused; once the answers come, slots serve again."""
+    name = "slow.example.net"
+    e = Env(settings(tcp_max_clients=2, upstream_timeout_s=60.0, upstream_attempts=1))
+    try:
+        async def hold() -> None:
+            e.up.hold[name] = asyncio.Event()
+        e.lt.run(hold())
+        w = dns.message.make_query(name, "A").to_wire()
+        busy = [connect(e.port, f"127.0.0.{20 + i}") for i in range(2)]
+        for s in busy:
+            s.sendall(len(w).to_bytes(2, "big") + w)
+
+        async def in_flight() -> int:
+            return sum(c.pending for c in e.server.tcp_clients)
+        wait_for(lambda: e.lt.run(in_flight()) == 2, "2 queries in flight")
+        extra = connect(e.port, "127.0.0.30")
+        assert closed_by_peer(extra, timeout=5)
+        extra.close()
+        assert e.server.tcp_closed["global_limit"] == 1 and e.server.tcp_closed["evicted"] == 0
+        e.lt.loop.call_soon_threadsafe(e.up.hold[name].set)
+        for s in busy:
+            s.settimeout(10)
+            assert len(s.recv(65535)) > 2  # the held answers arrive on the busy connections
+            s.close()
+    finally:
+        e.close()
