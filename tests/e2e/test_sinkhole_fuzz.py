@@ -74,7 +74,7 @@ def packet(rnd: random.Random) -> bytes:
 
 
 class Box:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         self.lt = LoopThread()
         self.up = Upstream("example.net")
         self.lt.run(self.up.start())
@@ -82,7 +82,7 @@ class Box:
         names.write_text("*.blocked.example\nexact.example\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockd.dns", "--listen", "127.0.0.1:0", "--names", str(names),
-             "--upstream", f"127.0.0.1:{self.up.port}", "--cache-size", "500"],
+             "--upstream", f"127.0.0.1:{self.up.port}", "--cache-size", "500", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().split()
@@ -142,9 +142,9 @@ class Box:
         assert self.blocked(tcp=True) == dns.rcode.NXDOMAIN
 
 
-@pytest.fixture()
-def box(tmp_path: Path) -> Iterator[Box]:
-    b = Box(tmp_path)
+@pytest.fixture(params=[(), ("--no-udp-batch",)], ids=["udp-batch", "udp-asyncio"])
+def box(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Box]:
+    b = Box(tmp_path, request.param)
     yield b
     b.close()
 
