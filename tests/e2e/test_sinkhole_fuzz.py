@@ -84,12 +84,16 @@ class Box:
             [sys.executable, "-m", "blockd.dns", "--listen", "127.0.0.1:0", "--names", str(names),
              "--upstream", f"127.0.0.1:{self.up.port}", "--cache-size", "500", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().split()
-        while line and line[0] != "ready":  # structlog lines come first
+        try:
+            assert self.proc.stdout is not None
             line = self.proc.stdout.readline().decode().split()
-        assert line, "python -m blockd.dns exited before it was ready"
-        self.port = int(line[1])
+            while line and line[0] != "ready":  # structlog lines come first
+                line = self.proc.stdout.readline().decode().split()
+            assert line, "python -m blockd.dns exited before it was ready"
+            self.port = int(line[1])
+        except BaseException:
+            self.close()  # never leave the child running
+            raise
 
     def close(self) -> None:
         self.proc.terminate()
