@@ -212,6 +212,8 @@ class Daemon:
         if dns is not None:
             stats = dns.server.stats  # type: ignore[attr-defined]
             self.live.dns = lambda: (dict(stats.results), stats.by_order())
+            srv = dns.server  # type: ignore[attr-defined]
+            self.live.dns_defence = lambda: (dict(srv.tcp_closed), dict(srv.forwarder.rejected))
         rpz = next((e for e in self.enforcers if e.name == "rpz"), None)
         if rpz is not None:
             primary = rpz.server  # type: ignore[attr-defined]

@@ -135,6 +135,8 @@ class Live:
 
     kernel: dict[str, object] = field(default_factory=dict)  # enforcer -> KernelStats
     dns: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None  # (by result, by order)
+    #: the sinkhole's defences: (TCP connections refused or cut by reason, upstream replies rejected by reason)
+    dns_defence: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None
     #: (serial served or None, {secondary address: serial it holds or None}, RpzServer.stats)
     rpz: Callable[[], tuple[int | None, Mapping[str, int | None], Mapping[str, int]]] | None = None
 
@@ -170,6 +172,19 @@ class LiveCollector(Collector):
             for order, n in sorted(by_order.items()):
                 blocked.add_metric([order], n)
             yield blocked
+            closed_by, rejected_by = self.live.dns_defence() if self.live.dns_defence is not None else ({}, {})
+            closed = CounterMetricFamily("blockd_dns_tcp_connections_closed",
+                                         "DNS TCP connections refused or cut by the sinkhole, by reason",
+                                         labels=["reason"])
+            for reason, n in sorted(closed_by.items()):
+                closed.add_metric([reason], n)
+            yield closed
+            rejected = CounterMetricFamily("blockd_dns_upstream_replies_rejected",
+                                           "Upstream DNS replies refused (forged or not matching the query), by reason",
+                                           labels=["reason"])
+            for reason, n in sorted(rejected_by.items()):
+                rejected.add_metric([reason], n)
+            yield rejected
         if self.live.rpz is not None:
             yield from rpz_metrics(*self.live.rpz())
 

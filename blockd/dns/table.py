@@ -8,8 +8,8 @@ Precedence (documented in docs/dns.md):
 2. Otherwise the most specific matching rule wins: an exact rule or a subtree rule at the
    query name itself (their orders are combined), then subtree rules from the longest suffix up.
 3. Among the orders of the winning rule, the answer mode ranks MODE_RANK (nxdomain, nodata,
-   sinkhole, refused, drop, log); ties go to the smallest order id. That order's authority and
-   reference are named in the EDE text; the others are counted "+N more".
+   sinkhole, refused, drop, log); ties go to the smallest order id. That order's id, authority
+   and reference are named in the EDE text (`ede_text`); the others are counted "+N more".
 """
 
 from __future__ import annotations
@@ -68,17 +68,19 @@ class Verdict:
 
 
 def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
+    """The EXTRA-TEXT of a blocked answer (the one place it is built): the order id first, then
+    its authority, reference and URL, within `wire.EDE_TEXT_MAX` bytes (cut with a visible mark),
+    so a long authority name can never push the order id out."""
     if order is None:
         return "Blocked by policy"
-    if info is None:
-        text = f"Blocked by order {order}"
-    else:
-        text = f"Blocked by {info.authority}, order {order} ({info.reference})"
+    text = f"Blocked by order {order}"
+    if info is not None:
+        text += f" of {info.authority} ({info.reference})"
         if info.url:
             text += f", see {info.url}"
     if others:
         text += f"; +{others} more order(s)"
-    return text
+    return wire.cap_text(text)
 
 
 class Table:
