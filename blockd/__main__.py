@@ -148,6 +148,18 @@ def _secret_key(path: str) -> minisign.SecretKey:
                                      password=password.encode() if password is not None else None)
 
 
+def _require_regular(path: Path, what: str) -> None:
+    """A file the command reads must be a regular file: a FIFO would hang it, /dev/zero fill memory."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BlockdError(f"{path}: cannot read {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BlockdError(f"{path}: not a regular file; expected a {what}")
+
+
 def _public_key(path: str) -> minisign.PublicKey:
     raw = read_regular(Path(path), 4096, what="minisign public key")
     return minisign.parse_public_key(raw.decode("utf-8", errors="replace"), where=path)
@@ -461,6 +473,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print("blockd: error: give --key or --no-key, not both", file=sys.stderr)
         return EXIT_USAGE
     key = _public_key(args.key) if args.key else None
+    _require_regular(Path(args.log), "audit log")
+    for name in args.attestation or ():
+        read_regular(Path(name), MAX_STATEMENT_BYTES, what="attestation statement")
     anchors = []
     for name in args.attestation or ():
         st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())

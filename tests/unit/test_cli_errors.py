@@ -92,6 +92,8 @@ def test_bad_files(tmp_path: Path, odd: dict[str, str], name: str, argv: list[st
     ["attest", "verify", "--key", "{tmp}/missing.pub", str(ROOT / "README.md")],
     ["audit", "verify", "--key", "{tmp}/missing.pub", "{tmp}/audit.jsonl"],
     ["audit", "verify", "{tmp}/missing.jsonl"],
+    ["audit", "verify", "{tmp}/fifo.yaml", "--no-key"],
+    ["audit", "verify", "{tmp}/zero.yaml", "--no-key"],
     ["config", "check", "--config", "{tmp}/missing.yaml"],
     ["config", "check", "--config", "{tmp}/fifo.yaml"],
     ["config", "check", "--config", "{tmp}/dir.yaml"],
