@@ -31,7 +31,7 @@ from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import EnforcerError
 from blockd.intake import (
-    Context, InputFailure, ParseCache, Rejected, load_context, policy_files, read_candidates, state_candidates,
+    Context, InputFailure, ParseCache, Rejected, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
 )
 from blockd.model import Applied, Policy, RuleSet
 from blockd.selection import Selection, Verdict, newly_accepted, select
@@ -82,6 +82,8 @@ class Reconciler:
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
     clock: MonotonicWallClock | None = None
+    #: the last context that expanded every accepted policy
+    _good_ctx: Context | None = None
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -93,9 +95,38 @@ class Reconciler:
         return self.clock.now()
 
     def refresh_context(self) -> list[InputFailure]:
-        """Reload trust store and catalog; a bad file is refused and the last good ones stay."""
-        self.ctx, failures = load_context(self.settings, self.ctx)
+        """Reload trust store and catalog; a bad file is refused and the last good ones stay.
+
+        The state's copy of the catalog is written only once a pass has shown that the
+        catalog still expands every accepted policy (see `_guard_accepted`)."""
+        self.ctx, failures = load_context(self.settings, self.ctx, save=False)
         return failures
+
+    def _guard_accepted(self, ctx: Context, sel: Selection, now: datetime,
+                        failures: list[InputFailure]) -> tuple[Context, Selection]:
+        """A catalog that loads cleanly but cannot expand an accepted policy (a service dropped
+        or renamed by a signed update, a file removed) is refused like a bad one: the last
+        good catalog stays, so what is enforced is not unblocked by a catalog change."""
+        accepted = {a.digest for a in ctx.state.accepted_serials().values()}
+        broken = [v for v in sel.with_status("rejected") if v.kind == "expand" and v.digest in accepted]
+        if not broken:
+            if ctx.origin == "live" and ctx.files is not None:
+                try:
+                    ctx.state.save_context_copy(ctx.files)
+                except OSError as e:
+                    failures.append(InputFailure("state", str(ctx.state.directory),
+                                                 f"cannot save the catalog's copy: {e.strerror}"))
+            self._good_ctx = ctx
+            return ctx, sel
+        good = self._good_ctx if self._good_ctx is not None and self._good_ctx.key != ctx.key else None
+        good = good or context_from_copy(self.settings, ctx.store, ctx.state)
+        if good is None or good.key == ctx.key:
+            return ctx, sel  # nothing better to fall back to: the refusals stand, and are reported
+        v = broken[0]
+        failures.append(InputFailure("catalog", v.source, f"the catalog cannot expand the accepted policy "
+                                     f"(serial {v.serial} of {v.issuer!r}): {v.reason}; the last good catalog "
+                                     f"({good.origin}) stays in use"))
+        return good, self.select(good, now)
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
         now = now or self.now()
@@ -136,6 +167,7 @@ class Reconciler:
         assert self.ctx is not None
         ctx = self.ctx
         sel = self.select(ctx, now)
+        ctx, sel = self._guard_accepted(ctx, sel, now, failures)
         try:
             self._record(ctx, sel, now)
             self.state_error = None
