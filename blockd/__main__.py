@@ -18,6 +18,7 @@ from pathlib import Path
 
 from blockd import minisign, trust
 from blockd.clock import MonotonicWallClock
+from blockd.reconcile import latest_acceptance
 from blockd.compile import Compilation, Prepared, merge, prepare
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write, read_regular
@@ -221,7 +222,7 @@ def _evaluate(args: argparse.Namespace) -> Evaluation:
     paths = [Path(p) for p in args.policies] or (policy_files(settings.policy_dir) if settings.policy_dir.is_dir() else [])
     # Judged as the daemon judges it: the wall clock, or the state's high-water mark if the
     # clock stepped back (blockd.clock); nothing is written.
-    now = args.now or MonotonicWallClock(settings.state_dir / "clock.json").now()
+    now = args.now or MonotonicWallClock(settings.state_dir / "clock.json", latest_acceptance(settings)).now()
     found, bad = read_candidates(paths, ctx)
     kept, kept_bad = state_candidates(ctx)
     cache: dict[str, Prepared] = {}
@@ -336,6 +337,10 @@ def cmd_accept(args: argparse.Namespace) -> int:
     superseded, or with rules a guard refuses) stops the whole command and nothing is written;
     a pending file is left for the daemon to record when it takes effect.
     """
+    if args.now is not None:
+        # What is recorded becomes what the daemon restores: it must be in force at the real
+        # clock, not at a time of the operator's choosing (that could drop the policy in force).
+        raise BlockdError("accept records policies at the current time; --now is for check and plan")
     with StateStore(_settings(args).state_dir).lock("blockd accept"):
         ev = _evaluate(args)
         ok = _takes_effect(ev)

@@ -394,6 +394,7 @@ class Daemon:
             mt.state_write_failures.inc()
         if self.reconciler.clock is not None:
             mt.clock_behind.set(self.reconciler.clock.step_back_s)
+            mt.clock_ahead.set(self.reconciler.clock.step_ahead_s)
         m.replace_labels(mt.policy_serial, {(p.issuer,): p.serial for p in r.policies})
         m.replace_labels(mt.policy_issued, {(p.issuer,): p.issued_at.timestamp() for p in r.policies})
         m.replace_labels(mt.policy_expiry, {(p.issuer,): p.not_after.timestamp() for p in r.policies})
@@ -562,6 +563,7 @@ class Daemon:
             self.reconciler.now()  # measures a wall clock step, also while no pass runs
             if self.reconciler.clock is not None:
                 self.metrics.clock_behind.set(self.reconciler.clock.step_back_s)
+                self.metrics.clock_ahead.set(self.reconciler.clock.step_ahead_s)
             for e in self.enforcers:
                 stats: Callable[[], object] | None = getattr(e, "stats", None)
                 if stats is not None:

@@ -47,6 +47,7 @@ class Metrics:
     policy_dir_events: Counter
     state_write_failures: Counter
     clock_behind: Gauge
+    clock_ahead: Gauge
     write_failures: Counter
     ready: Gauge
 
@@ -106,6 +107,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
             registry=r),
         clock_behind=Gauge("blockd_clock_behind_seconds", "How far the wall clock is behind the highest time seen "
                            "(a step back); validity windows are judged at the highest time", registry=r),
+        clock_ahead=Gauge("blockd_clock_ahead_held_seconds", "A forward step of the wall clock being held back "
+                          "(taken once it has lasted 10 minutes); 0 when none", registry=r),
         write_failures=Counter("blockd_attestation_write_failures_total",
                                "Failed writes of statements (attestation), the audit log (audit) or the "
                                "time-to-enforce state (state); enforcement continues, the write is retried",

@@ -29,13 +29,14 @@ import structlog
 from blockd.clock import MonotonicWallClock
 from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
-from blockd.errors import EnforcerError
+from blockd.errors import BlockdError, EnforcerError
 from blockd.intake import (
     Context, InputFailure, ParseCache, Rejected, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
 )
 from blockd.model import Applied, Policy, RuleSet
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
+from blockd.state import StateStore
 
 log = structlog.get_logger("blockd.reconcile")
 
@@ -87,7 +88,7 @@ class Reconciler:
 
     def __post_init__(self) -> None:
         if self.clock is None:
-            self.clock = MonotonicWallClock(self.settings.state_dir / "clock.json")
+            self.clock = MonotonicWallClock(self.settings.state_dir / "clock.json", latest_acceptance(self.settings))
 
     def now(self) -> datetime:
         """The time windows are judged at: the wall clock, never stepping back (blockd.clock)."""
@@ -258,3 +259,13 @@ class Reconciler:
                      in_sync=result.in_sync, duration_s=round(result.duration_s, 4))
         return applied, failed
 
+
+
+def latest_acceptance(settings: Settings) -> datetime | None:
+    """The latest `accepted_at` in the state: that time has passed, whatever the clock says."""
+    try:
+        times = [datetime.fromisoformat(a.accepted_at.replace("Z", "+00:00"))
+                 for a in StateStore(settings.state_dir).accepted().values()]
+    except (BlockdError, ValueError, OSError):
+        return None
+    return max(times, default=None)

@@ -69,14 +69,14 @@ def test_check_rejects_unsigned_and_expired(capsys, env, write_policy) -> None:
 
 def test_accept_then_plan_then_rollback(capsys, env, write_policy) -> None:
     v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
-    assert run(capsys, "accept", *env, str(v1))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v1))[0] == 0
     v2 = write_policy(POLICY.format(serial=2, domains="t.me, x.org", cidrs="192.0.2.0/25"), name="v2.yaml")
     code, out = run(capsys, "plan", *env, "--json", str(v2))
     plan = json.loads(out)
     assert code == 0
     assert plan["add"] == {"domains": ["x.org"], "ipv4": [], "ipv6": []}
     assert plan["remove"] == {"domains": [], "ipv4": ["192.0.2.128/25"], "ipv6": []}
-    assert run(capsys, "accept", *env, str(v2))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v2))[0] == 0
     code, out = run(capsys, "check", *env, str(v1))
     assert code == 1 and "SUPERSEDED issuer reg serial 1: serial 1 is below serial 2, accepted before" in out
 
@@ -134,7 +134,14 @@ def test_accept_refuses_while_a_daemon_holds_the_state(capsys, env, write_policy
 
     v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
     with StateStore(tmp_path / "state").lock("blockd run"):
-        code, out = run(capsys, "accept", *env, str(v1))
+        code, out = run(capsys, "accept", *env[:2], str(v1))
         assert code == 1 and "the state directory is held by blockd run (pid" in out, out
         assert not (tmp_path / "state" / "accepted.json").exists()
-    assert run(capsys, "accept", *env, str(v1))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v1))[0] == 0
+
+
+def test_accept_refuses_now(capsys, env, write_policy) -> None:
+    """accept records at the real clock: a --now could record a serial not in force now."""
+    v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
+    code, out = run(capsys, "accept", *env, str(v1))
+    assert code == 1 and "--now is for check and plan" in out

@@ -166,7 +166,7 @@ def test_pending_is_not_an_error(tmp_path: Path, keys: Keys, catalog_dir: Path, 
             "    action: block\n    targets: {domains: [a.example]}\n")
     path = write_policy(text)
     for cmd in ("check", "accept"):
-        proc = blockd(cmd, "--config", str(config), "--now", "2026-12-01T00:00:00Z", "--json", str(path))
+        proc = blockd(cmd, "--config", str(config), "--json", str(path))  # judged now (before 2027)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         (v,) = json.loads(proc.stdout)["policies"]
         assert v["status"] == "pending" and "takes effect at not_before 2027-01-01T00:00:00Z" in v["reason"]
