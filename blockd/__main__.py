@@ -41,12 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)  # SUPPRESSed where not given (see _parser)
+    if sys.stdout is None and getattr(args, "command_name", None) != "run":
+        print("blockd: error: stdout is closed; nothing could be reported", file=sys.stderr)
+        return EXIT_REFUSED
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     try:
         code = int(args.func(args))
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return code
     except BlockdError as e:
         _emit_error(args, e)
@@ -58,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _emit_error(args, BlockdError(f"{where}{e.strerror or e}"))
+        if e.filename is None:
+            _quiet_stdout()  # stdout itself failed (a full disk): the exit flush must not fail again
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
@@ -87,10 +93,12 @@ def _emit_error(args: argparse.Namespace, e: BlockdError) -> None:
             print(json.dumps({"command": getattr(args, "command_name", None), "ok": False,
                               "error": {"type": type(e).__name__, "message": message, "where": where},
                               "message": str(e)}))
+            return
         except BrokenPipeError:
             _quiet_stdout()
-    else:
-        print(f"blockd: error: {e}", file=sys.stderr)
+        except OSError:
+            pass  # stdout is full or broken: say it on stderr instead
+    print(f"blockd: error: {e}", file=sys.stderr)
 
 
 def _parse_now(text: str) -> datetime:

@@ -103,3 +103,27 @@ def test_a_replaced_policy_directory_is_followed(box: Box) -> None:  # noqa: F81
     box.write_policy("p-2.yaml", policy_text(2, ["two.example"], []))
     wait_for(lambda: box.blocked("two.example"), what="a policy in the new directory, without SIGHUP")
     assert 'blockd_policy_dir_events_total{event="replaced"}' in box.metrics()
+
+
+def test_logs_on_a_full_disk_do_not_stop_the_daemon(box: Box) -> None:  # noqa: F811
+    """`StandardOutput=append:` on a full /var: log lines are dropped, blocking goes on."""
+    logs = box.tmp / "logs"
+    logs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(logs)], check=True)
+    try:
+        box.log = logs / "blockd.log"  # Box.start appends the daemon's stdout to box.log
+        box.log.touch()
+        fill(logs)
+        _enforce_with_full_log(box)
+    finally:
+        box.stop()
+        subprocess.run(["umount", "-l", str(logs)], check=False)
+
+
+def _enforce_with_full_log(box: Box) -> None:
+    box.write_policy("p-1.yaml", policy_text(1, ["one.example"], []))
+    box.start()
+    assert box.blocked("one.example")
+    box.write_policy("p-2.yaml", policy_text(2, ["two.example"], []))
+    wait_for(lambda: box.blocked("two.example"), what="a new policy while no log line can be written")
+    assert box.proc is not None and box.proc.poll() is None
