@@ -222,6 +222,7 @@ class Evaluation:
     compilation: Compilation
     before: Compilation  # the state's accepted policies alone (what is in force now)
     failures: tuple[InputFailure, ...]
+    explicit: bool = True  # files were named (not the whole policy directory)
 
 
 def _evaluate(args: argparse.Namespace) -> Evaluation:
@@ -246,7 +247,8 @@ def _evaluate(args: argparse.Namespace) -> Evaluation:
     old = select(kept, kept_bad, accepted, now, prepared)
     comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
     before = merge(old.prepared, ctx.compile, baseline, old.order_statuses(), old.policy_statuses())
-    return Evaluation(ctx, now, tuple(str(p) for p in paths), sel, comp, before, tuple(failures))
+    return Evaluation(ctx, now, tuple(str(p) for p in paths), sel, comp, before, tuple(failures),
+                      explicit=bool(args.policies))
 
 
 def _verdicts(ev: Evaluation) -> list[Verdict]:
@@ -256,10 +258,14 @@ def _verdicts(ev: Evaluation) -> list[Verdict]:
 
 
 def _takes_effect(ev: Evaluation) -> bool:
-    """Every file asked about is (or will be, when pending) in force, and no rule is refused."""
+    """Every file asked about is (or will be, when pending) in force, and no rule is refused.
+
+    Without file arguments the question is about the policy directory as the daemon sees it:
+    an old serial left there (superseded) or an ended one (expired) is not a fault; a refused
+    file or rule is."""
     given = set(ev.given)
-    return not ev.compilation.refused and all(v.status in ("active", "pending") for v in ev.selection.verdicts
-                                              if v.source in given)
+    fine = ("active", "pending") if ev.explicit else ("active", "pending", "superseded", "expired")
+    return not ev.compilation.refused and all(v.status in fine for v in ev.selection.verdicts if v.source in given)
 
 
 def _report(command: str, ev: Evaluation, ok: bool) -> dict[str, object]:

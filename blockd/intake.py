@@ -21,7 +21,7 @@ from types import MappingProxyType
 from blockd import trust
 from blockd.catalog import CatalogFiles, build_catalog, read_catalog_files
 from blockd.compile import CompileSettings
-from blockd.errors import BlockdError, CatalogError, InputError
+from blockd.errors import BlockdError, CatalogError, InputError, PolicyError
 from blockd.fsutil import read_regular
 from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
 from blockd.model import Catalog, Policy
@@ -191,6 +191,10 @@ def read_candidates(paths: list[Path], ctx: Context, parsed: ParseCache | None =
                                                 parsed=parsed)
         except BlockdError as e:
             unreadable.append(Unreadable(str(path), e, _digest_of(path, ctx.settings.max_policy_bytes)))
+            continue
+        except (ValueError, RecursionError, MemoryError) as e:  # a parser's limit, not ours: still this file alone
+            error = PolicyError(f"cannot be parsed ({type(e).__name__}: {str(e)[:200]})", where=str(path))
+            unreadable.append(Unreadable(str(path), error, _digest_of(path, ctx.settings.max_policy_bytes)))
             continue
         candidates.append(Candidate(policy, signed))
     return candidates, unreadable

@@ -138,13 +138,17 @@ def select(
                 for u in unreadable]
     by_issuer: dict[str, list[Candidate]] = {}
     seen: dict[str, Candidate] = {}
+    copies: list[Candidate] = []
     for c in candidates:
         held = seen.get(c.policy.digest)
         if held is not None:
-            # The same bytes twice (the directory's file and the state's copy): one verdict,
-            # for the file an operator put down.
+            # The same bytes twice. The directory's file and the state's copy: one verdict, for
+            # the file an operator put down. Two files in the directory: the second is a copy.
             if held.from_state and not c.from_state:
                 by_issuer[c.policy.issuer].remove(held)
+            elif not c.from_state and not held.from_state:
+                copies.append(c)
+                continue
             else:
                 continue
         seen[c.policy.digest] = c
@@ -155,6 +159,10 @@ def select(
         verdicts.extend(issuer_verdicts)
         if chosen is not None:
             prepared.append(chosen)
+    for c in copies:
+        p, first = c.policy, seen[c.policy.digest].policy
+        verdicts.append(Verdict(p.source, "superseded", f"the same bytes as {first.source} (one policy, two names)",
+                                p.issuer, p.serial, p.digest, "", p, None, False, c.signed))
     verdicts.sort(key=lambda v: (v.issuer or "", v.serial or 0, v.source))
     return Selection(tuple(prepared), tuple(verdicts))
 

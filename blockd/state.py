@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 
@@ -73,15 +73,41 @@ class StateStore:
         self.directory = directory
         self._index = directory / "accepted.json"
         self._baseline = directory / "baseline.json"
+        self._warned = False
 
     def accepted(self) -> dict[str, Accepted]:
+        """The index; if it is unreadable or malformed, rebuilt (in memory) from the copies.
+
+        Every copy is verified again when it is used, and a commit removes older copies, so
+        the copy under `policies/<issuer>/` is the accepted one: losing the index (a torn disk,
+        a bad edit) costs neither the restore nor the replay protection.
+        """
         try:
             raw = json.loads(self._index.read_bytes())
+            return {issuer: _parse_accepted(issuer, rec) for issuer, rec in _mapping(raw).items()}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
-            raise PolicyError(f"state index is unreadable ({e}); restore it from backup", where=str(self._index)) from None
-        return {issuer: Accepted(issuer=issuer, **rec) for issuer, rec in raw.items()}
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            rebuilt = self._rebuild()
+            if not self._warned:
+                self._warned = True
+                log.error("state_index_unreadable", path=str(self._index), error=str(e),
+                          rebuilt={a.issuer: a.serial for a in rebuilt.values()},
+                          note="using the policy copies in the state directory; the next commit rewrites it")
+            return rebuilt
+
+    def _rebuild(self) -> dict[str, Accepted]:
+        out: dict[str, Accepted] = {}
+        for sub in sorted((self.directory / "policies").glob("*")):
+            copies = [(int(c.stem), c) for c in sub.glob("*.yaml") if c.stem.isdigit() and c.is_file()]
+            if not copies:
+                continue
+            serial, copy = max(copies)
+            data = copy.read_bytes()
+            when = datetime.fromtimestamp(copy.stat().st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            out[sub.name] = Accepted(sub.name, serial, hashlib.sha256(data).hexdigest(), when,
+                                     str(copy.relative_to(self.directory)))
+        return out
 
     def check_replay(self, policy: Policy) -> None:
         """Refuse a rollback (lower serial) or a replayed serial with other content."""
@@ -230,6 +256,23 @@ class StateStore:
 
     def accepted_paths(self) -> list[Path]:
         return [self.directory / rec.file for rec in sorted(self.accepted().values(), key=lambda a: a.issuer)]
+
+
+def _mapping(raw: object) -> dict[str, object]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object of issuer -> record, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_accepted(issuer: str, rec: object) -> Accepted:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{issuer}: expected a record, got {type(rec).__name__}")
+    a = Accepted(issuer=issuer, serial=rec["serial"], digest=rec["digest"], accepted_at=rec["accepted_at"],
+                 file=rec["file"])
+    if not isinstance(a.serial, int) or isinstance(a.serial, bool) or not all(
+            isinstance(x, str) for x in (a.digest, a.accepted_at, a.file)) or ".." in Path(a.file).parts:
+        raise ValueError(f"{issuer}: malformed record {rec!r}")
+    return a
 
 
 def _as_json(rec: Accepted) -> dict[str, object]:

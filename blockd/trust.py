@@ -100,6 +100,9 @@ def load_trust_store(directory: Path) -> TrustStore:
             del keys[key_id]
         try:
             issuers[name] = _load_issuer(sub, keys, digest)
+        except ValueError as e:  # a parser's own limit: the issuer file is bad all the same
+            problems.append(Problem(str(sub / "issuer.yaml"), f"cannot be parsed ({e}); issuer {name!r} refused"))
+            refused.add(name)
         except InputError as e:
             problems.append(Problem(e.where or str(sub), f"{e.message}; issuer {name!r} refused"))
             refused.add(name)

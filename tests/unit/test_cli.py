@@ -145,3 +145,13 @@ def test_accept_refuses_now(capsys, env, write_policy) -> None:
     v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
     code, out = run(capsys, "accept", *env, str(v1))
     assert code == 1 and "--now is for check and plan" in out
+
+
+def test_check_of_the_directory_does_not_fail_on_an_old_serial(capsys, env, write_policy, tmp_path: Path) -> None:
+    write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="p-1.yaml")
+    write_policy(POLICY.format(serial=2, domains="t.me", cidrs="192.0.2.0/24"), name="p-2.yaml")
+    code, out = run(capsys, "check", *env)  # no files: the policy directory, as the daemon sees it
+    assert code == 0 and "SUPERSEDED" in out and out.rstrip().endswith("OK"), out
+    d = tmp_path / "policies"
+    code, out = run(capsys, "check", *env, str(d / "p-1.yaml"), str(d / "p-2.yaml"))  # p-1 asked about: won't apply
+    assert code == 1
