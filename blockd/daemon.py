@@ -130,6 +130,9 @@ class Daemon:
             for enforcer in self.enforcers:
                 await enforcer.aclose()
             return 1
+        if not self.settings.policy_dir.is_dir():
+            log.warning("policy_dir_missing", directory=str(self.settings.policy_dir),
+                        note="serving the state's accepted policies; the directory is watched for")
         await self._pass("start")
         if self.last is None:
             # Fail closed: with no rule set there is nothing safe to serve. Kernel rules from

@@ -164,6 +164,12 @@ def load_settings(path: Path | None) -> Settings:
             allow_domains = r.each(a.get("domains"), "allowlist.domains", a.lines.get("domains"),
                                    lambda s: display(*normalise(s)), "a domain name")
             allow_cidrs = r.each(a.get("cidrs"), "allowlist.cidrs", a.lines.get("cidrs"), ranges.parse_cidr, "a prefix")
+            for i, c in enumerate(allow_cidrs):
+                floor = guards.min_prefix_v4 if c.version == 4 else guards.min_prefix_v6
+                if c.prefixlen < floor:
+                    r.error(f"allowlist.cidrs[{i}]", a.lines.get("cidrs"),
+                            f"{ranges.format_cidr(c.version, c.network, c.prefixlen)} is wider than the guards' "
+                            f"min_prefix_v{c.version} (/{floor}); an allowlist that wide would unblock most orders")
     max_bytes = 64 << 20
     if "max_policy_bytes" in m:
         max_bytes = r.integer(m["max_policy_bytes"], "max_policy_bytes", m.lines["max_policy_bytes"], minimum=1024) or max_bytes
