@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -114,6 +116,7 @@ class Daemon:
         self.ready = False
         self.last: PassResult | None = None
         self._lock: StateLock | None = None
+        self._claims: list[socket.socket] = []
         self._seen: tuple[object, ...] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -125,8 +128,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self._manual.set)
         try:
             self._lock = StateStore(self.settings.state_dir).lock()
+            self._claims = claim_kernel_objects(self.settings)
         except (BlockdError, OSError) as e:
-            log.error("start_failed", reason="state_locked", error=str(e))
+            log.error("start_failed", reason="held_by_another_daemon", error=str(e))
             for enforcer in self.enforcers:
                 await enforcer.aclose()
             return 1
@@ -234,6 +238,8 @@ class Daemon:
             await e.aclose()
         if self._lock is not None:
             self._lock.close()
+        for sock in self._claims:
+            sock.close()
         log.info("daemon_stopped", kept_rules=not remove_rules)
 
     # -- passes -----------------------------------------------------------------------------
@@ -639,6 +645,49 @@ class Daemon:
     def _observe_sync(self) -> None:
         for name, e in self.enforcer_passes().items():
             self.metrics.in_sync.labels(name).set(1 if e.in_sync else 0)
+
+
+def claim_kernel_objects(settings: Settings) -> list[socket.socket]:
+    """Hold the kernel objects this daemon drives (its nft table, its ipset sets) alone in this
+    network namespace, as the state lock does for the state directory: an abstract unix socket
+    lives in the network namespace, needs no file, and goes away with the process.
+
+    A second daemon with another state directory would otherwise flip the same table between two
+    rule sets, each repairing the other's "drift" and attesting it.
+    """
+    names = []
+    e = settings.enforcers
+    if e.nft is not None:
+        names.append(f"nft table inet {e.nft.table}")
+    if e.ipset is not None:
+        names.append(f"ipset sets {e.ipset.prefix}4/{e.ipset.prefix}6")
+    held: list[socket.socket] = []
+    for name in names:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        address = "\0blockd: " + name
+        try:
+            sock.bind(address)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            for other in held:
+                other.close()
+            raise BlockdError(f"the {name} in this network namespace is driven by another blockd "
+                              f"({_holder(address)}); only one daemon may drive it") from None
+        held.append(sock)
+    return held
+
+
+def _holder(address: str) -> str:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            probe.connect(address)
+            pid, _, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            return f"pid {pid}"
+    except OSError:
+        return "pid unknown"
 
 
 def run(settings: Settings) -> int:
