@@ -49,6 +49,7 @@ class MonotonicWallClock:
         #: a forward step being held back (seconds ahead of the judged time), 0 when none
         self.step_ahead_s = 0.0
         self._ahead_since: float | None = None
+        self._observed = False
         self._reported = False
         self._saved: datetime | None = self.high
 
@@ -68,7 +69,10 @@ class MonotonicWallClock:
         wall = wall or datetime.now(timezone.utc)
         mono = time.monotonic() if mono is None else mono
         floor = self.high + timedelta(seconds=max(0.0, mono - self._mono)) if self.high is not None else None
-        if floor is not None and (wall - floor).total_seconds() > FORWARD_TOLERANCE_S:
+        first, self._observed = not self._observed, True
+        # A forward step is only measured against what this process saw: after a restart the mark
+        # is as old as the downtime, and a clock ahead of it is the time that passed meanwhile.
+        if not first and floor is not None and (wall - floor).total_seconds() > FORWARD_TOLERANCE_S:
             # A big forward step (a mistyped `date -s`, a bad NTP source) would expire policies at
             # once and, kept as the mark, for good. It is taken only once it has lasted CONFIRM_S
             # (a clock being corrected stays corrected); until then time flows from the mark.

@@ -59,3 +59,12 @@ def test_a_big_forward_step_is_held_back_then_taken_if_it_lasts(tmp_path: Path) 
 def test_a_first_start_on_a_clock_that_is_behind_uses_the_latest_acceptance(tmp_path: Path) -> None:
     clock = MonotonicWallClock(tmp_path / "clock.json", floor=T)
     assert clock.now(T - timedelta(days=45), time.monotonic()) >= T
+
+
+def test_a_restart_after_downtime_takes_the_clock_as_it_is(tmp_path: Path) -> None:
+    clock = MonotonicWallClock(tmp_path / "clock.json")
+    clock.now(T, time.monotonic())
+    clock.save()
+    week_later = T + timedelta(days=7)
+    again = MonotonicWallClock(tmp_path / "clock.json")
+    assert again.now(week_later, time.monotonic()) == week_later and again.step_ahead_s == 0

@@ -298,3 +298,25 @@ def test_a_catalog_that_cannot_expand_an_accepted_policy_is_refused(settings: Se
     again = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
     assert _enforced(again) == (1,) and again.compilation.ruleset.digest == good
     assert any(f.input == "catalog" and "state copy" in f.message for f in again.input_failures)
+
+
+def test_plan_shows_what_the_daemon_will_do_when_the_catalog_breaks(settings: Settings, write_policy,
+                                                                    catalog_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    from blockd.__main__ import main
+
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))  # the daemon ran: the state has the catalog's copy
+    (catalog_dir / "telegram.yaml").unlink()
+    capsys.readouterr()  # the pass's own log lines
+    config = tmp_path / "c.yaml"
+    config.write_text(f"trust_store: {settings.trust_store}\npolicy_dir: {settings.policy_dir}\n"
+                      f"catalog_dir: {catalog_dir}\nprefix_table: {settings.prefix_table}\n"
+                      f"shared_infra_dir: {settings.shared_infra_dir}\nstate_dir: {settings.state_dir}\n")
+    main(["plan", "--config", str(config), "--json"])
+    plan = _json.loads(capsys.readouterr().out)
+    assert plan["remove"] == {"domains": [], "ipv4": [], "ipv6": []} and plan["from_digest"] == plan["to_digest"]
+    assert any(f["input"] == "catalog" and "cannot expand the accepted policy" in f["error"]
+               for f in plan["input_failures"])
