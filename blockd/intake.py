@@ -91,6 +91,12 @@ def load_context(settings: Settings, previous: Context | None = None, *, save: b
     failures += [InputFailure("trust_store", p.where, p.message) for p in store.problems]
     if previous is not None:
         store = keep_refused_issuers(store, previous.store, failures)
+    elif store.refused and state.trust_copy.is_dir():
+        # A restart after a bad edit: the refused issuers come from the state's last good copy.
+        try:
+            store = keep_refused_issuers(store, trust.load_trust_store(state.trust_copy), failures)
+        except InputError:
+            pass
 
     files: CatalogFiles | None = None
     try:

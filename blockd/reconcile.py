@@ -114,6 +114,8 @@ class Reconciler:
             if ctx.origin == "live" and ctx.files is not None:
                 try:
                     ctx.state.save_context_copy(ctx.files)
+                    if not ctx.store.refused:
+                        ctx.state.save_trust_copy(self.settings.trust_store, ctx.store.digest)
                 except OSError as e:
                     failures.append(InputFailure("state", str(ctx.state.directory),
                                                  f"cannot save the catalog's copy: {e.strerror}"))

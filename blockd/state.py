@@ -5,6 +5,7 @@
       policies/<issuer>/<serial>.yaml     the accepted bytes, with their signatures beside them
       lock                                who holds the flock on this directory (the daemon, `accept`)
       baseline.json                       size and orders of the last rule set (growth guard)
+      trust/<issuer>/                     the last trust store that verified the accepted policies
       context/manifest.json, <sha256>     the last catalog, prefix table and shared-infra
                                           files that loaded cleanly (used when the live ones fail)
 
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -212,6 +214,34 @@ class StateStore:
             return
         data = {"size": baseline.size, "orders": sorted(baseline.orders)}
         atomic_write(self._baseline, json.dumps(data, separators=(",", ":")).encode() + b"\n")
+
+    # -- the last good trust store ---------------------------------------------------------
+    @property
+    def trust_copy(self) -> Path:
+        return self.directory / "trust"
+
+    def save_trust_copy(self, source: Path, digest: str) -> None:
+        """Copy the trust store (its issuer directories: keys and issuer.yaml) beside the state,
+        for a restart after a bad edit of the live one. Replaced whole: the copy is written aside
+        and swapped in by rename; `digest` marks what it holds (unchanged: nothing is written)."""
+        mark = self.trust_copy / ".digest"
+        try:
+            if mark.read_text() == digest:
+                return
+        except OSError:
+            pass
+        new, old = self.directory / ".trust.new", self.directory / ".trust.old"
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+            for f in sorted(sub.iterdir()):
+                if f.is_file() and (f.suffix == ".pub" or f.name == "issuer.yaml"):
+                    atomic_write(new / sub.name / f.name, f.read_bytes())
+        atomic_write(new / ".digest", digest.encode())
+        if self.trust_copy.exists():
+            os.rename(self.trust_copy, old)
+        os.rename(new, self.trust_copy)
+        shutil.rmtree(old, ignore_errors=True)
 
     # -- the last good catalog ------------------------------------------------------------
     def context_copy(self) -> CatalogFiles | None:

@@ -272,6 +272,9 @@ def test_a_bad_trust_store_edit_keeps_the_issuer(settings: Settings, write_polic
     r = run_pass(rec)
     assert _enforced(r) == (1,) and r.compilation.ruleset.digest == good, edit
     assert any(f.input == "trust_store" and "last good keys" in f.message for f in r.input_failures), r.input_failures
+    # and after a restart, from the state's copy of the last good trust store
+    again = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert _enforced(again) == (1,) and again.compilation.ruleset.digest == good, edit
 
 
 @pytest.mark.parametrize("how", ["removed", "service renamed by a signed update"])
