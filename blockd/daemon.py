@@ -21,6 +21,7 @@ import asyncio
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -690,5 +691,11 @@ def _holder(address: str) -> str:
         return "pid unknown"
 
 
+#: how often a thread holding the GIL hands it over (CPython's default is 5 ms): passes run in a
+#: worker thread, and a query waiting for the GIL behind them would wait that long each time
+GIL_SWITCH_S = 0.001
+
+
 def run(settings: Settings) -> int:
+    sys.setswitchinterval(GIL_SWITCH_S)
     return asyncio.run(Daemon(settings).run())
