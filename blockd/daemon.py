@@ -217,6 +217,8 @@ class Daemon:
             primary = rpz.server  # type: ignore[attr-defined]
             self.live.rpz = lambda: (primary.serial, {a: s.serial for a, s in primary.secondaries().items()},
                                      dict(primary.stats))
+            self.live.rpz_zones = lambda: {z: (n, {a: s.serial for a, s in held.items()})
+                                           for z, (n, held) in primary.zone_states().items()}
 
     async def _shutdown(self, *, remove_rules: bool) -> None:
         if remove_rules:

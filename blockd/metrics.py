@@ -137,6 +137,8 @@ class Live:
     dns: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None  # (by result, by order)
     #: (serial served or None, {secondary address: serial it holds or None}, RpzServer.stats)
     rpz: Callable[[], tuple[int | None, Mapping[str, int | None], Mapping[str, int]]] | None = None
+    #: every RPZ zone served: {zone: (serial, {secondary address: serial it holds or None})}
+    rpz_zones: Callable[[], Mapping[str, tuple[int, Mapping[str, int | None]]]] | None = None
 
 
 class LiveCollector(Collector):
@@ -171,28 +173,58 @@ class LiveCollector(Collector):
                 blocked.add_metric([order], n)
             yield blocked
         if self.live.rpz is not None:
-            yield from rpz_metrics(*self.live.rpz())
+            zones = self.live.rpz_zones() if self.live.rpz_zones is not None else None
+            yield from rpz_metrics(*self.live.rpz(), zones=zones)
 
 
-def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None],
-                stats: Mapping[str, int]) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None], stats: Mapping[str, int],
+                zones: Mapping[str, tuple[int, Mapping[str, int | None]]] | None = None,
+                ) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
     """The RPZ primary's serial, what each secondary holds, and transfer/NOTIFY counters.
 
     `secondary` labels are addresses, bounded by the `notify` list plus the transfer ACL
     (at most `rpzserver.MAX_SECONDARIES`). A secondary whose serial is unknown is not in sync.
+    With more than one zone (`zones`, layout `authority` or `order`), `blockd_rpz_serial` and
+    `blockd_rpz_secondary_serial` are per zone only (`blockd_rpz_zone_*`), and
+    `blockd_rpz_secondary_in_sync` is 1 only when the secondary holds every zone's serial.
+    `zone` labels are bounded by the authorities (or orders) in force.
     """
-    if serial is not None:
+    multi = zones is not None and len(zones) > 1
+    if serial is not None and not multi:
         yield GaugeMetricFamily("blockd_rpz_serial", "SOA serial of the RPZ zone being served", value=serial)
     held = GaugeMetricFamily("blockd_rpz_secondary_serial", "Last SOA serial each RPZ secondary is known to hold",
                              labels=["secondary"])
     in_sync = GaugeMetricFamily("blockd_rpz_secondary_in_sync",
-                                "1 when the secondary is known to hold the serial being served", labels=["secondary"])
-    for addr, s in sorted(secondaries.items()):
-        if s is not None:
-            held.add_metric([addr], s)
-        in_sync.add_metric([addr], 1 if s is not None and s == serial else 0)
+                                "1 when the secondary is known to hold the serial being served (of every zone)",
+                                labels=["secondary"])
+    if not multi:
+        for addr, s in sorted(secondaries.items()):
+            if s is not None:
+                held.add_metric([addr], s)
+            in_sync.add_metric([addr], 1 if s is not None and s == serial else 0)
+    else:
+        assert zones is not None
+        addrs = sorted({a for _, held_by in zones.values() for a in held_by})
+        for addr in addrs:
+            ok = all(held_by.get(addr) == zs for zs, held_by in zones.values() if addr in held_by)
+            in_sync.add_metric([addr], 1 if ok else 0)
     yield held
     yield in_sync
+    if zones is not None:
+        zserial = GaugeMetricFamily("blockd_rpz_zone_serial", "SOA serial served, per RPZ zone", labels=["zone"])
+        zheld = GaugeMetricFamily("blockd_rpz_zone_secondary_serial", "Last SOA serial of the zone each "
+                                  "secondary is known to hold", labels=["zone", "secondary"])
+        zsync = GaugeMetricFamily("blockd_rpz_zone_secondary_in_sync", "1 when the secondary is known to hold "
+                                  "the zone's serial being served", labels=["zone", "secondary"])
+        for zone, (zs, held_by) in sorted(zones.items()):
+            zserial.add_metric([zone], zs)
+            for addr, s in sorted(held_by.items()):
+                if s is not None:
+                    zheld.add_metric([zone, addr], s)
+                zsync.add_metric([zone, addr], 1 if s == zs else 0)
+        yield zserial
+        yield zheld
+        yield zsync
     transfers = CounterMetricFamily("blockd_rpz_transfers", "Zone transfers served, by kind (ixfr_as_axfr: "
                                     "an IXFR the journal could not bridge, answered with the full zone)",
                                     labels=["kind"])

@@ -11,6 +11,7 @@ pkgs=(
   bind9-dnsutils                  # dig (prints EDE)
   unbound bind9 dnsperf           # real RPZ secondaries and the DNS benchmark
   pdns-recursor knot-resolver     # RPZ consumers with EDE (PowerDNS) and file-loading (Knot) in e2e tests
+  lua-cqueues                     # lets kresd watch and reload the zone file blockd writes
   prometheus                      # promtool, and a real scraper for the e2e test
   bird2                           # a real BGP router for the RTBH enforcer test and benchmark
   faketime                        # libfaketime: the wall clock stepped under a running daemon (tests)

@@ -78,6 +78,10 @@ class RpzSettings:
     #: NOTIFY again, this often, each `notify` target not known to hold the current serial
     #: (a secondary restarted from its zone file otherwise waits for `refresh`); 0 = never
     renotify_s: float = 60.0
+    #: resolvers whose answer cache blockd wipes, by a NOTIFY for each name a transfer changed,
+    #: once they have taken the transfer (PowerDNS Recursor `allow-notify-for`); host:port
+    wipe_cache: tuple[tuple[str, int], ...] = ()
+    max_wipe_names: int = 1000  # a bigger change wipes "." (the whole cache) instead
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -331,6 +335,14 @@ class Journal:
                   tuple(sorted(new.owners - old.owners)))
         self.deltas.append(d)
         return d
+
+    def changed(self, since: int, to: int) -> list[str] | None:
+        """The names (subtree owners as their apex) added or deleted from `since` to `to`, or None."""
+        chain = self.path(since, to)
+        if chain is None:
+            return None
+        return sorted({o.removeprefix("*.") for d in chain for o in (*d.added, *d.deleted)
+                       if not o.endswith(".rpz-ip")})
 
     def path(self, since: int, to: int) -> list[Delta] | None:
         chain = []

@@ -314,7 +314,10 @@ class RpzServer:
                     writer.write(len(msg).to_bytes(2, "big") + msg)
                     await writer.drain()
                 if delivered is not None and z is not None:  # the whole transfer was handed to the kernel
+                    held = z.secondaries.get(secondary_key(host))
                     z.saw(host, serial=delivered, transfer=True, create=True)
+                    if held is not None and held.serial is not None:
+                        self._wipe(z, host, held.serial, delivered)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
@@ -328,6 +331,45 @@ class RpzServer:
         v = z.version
         for target in z.settings.notify:
             self._spawn(self._notify(z, target, v.serial if v else 0))
+
+    def _wipe(self, z: Zone, host: str, before: int, after: int) -> None:
+        """After `host` took a transfer from `before` to `after`, wipe the changed names from the
+        answer cache of each `wipe_cache` target at that address (NOTIFY per name, RFC 1996 opcode;
+        PowerDNS Recursor wipes the name and everything below it when `allow-notify-for` covers it)."""
+        key = secondary_key(host)
+        targets = [t for t in self.settings.wipe_cache if secondary_key(t[0]) == key]
+        if not targets:
+            return
+        names = z.journal.changed(before, after)
+        if names is None or not names:
+            return
+        if len(names) > self.settings.max_wipe_names:
+            names = ["."]
+        for target in targets:
+            self._spawn(self._wipe_episode(target, names))
+
+    async def _wipe_episode(self, target: tuple[str, int], names: list[str]) -> None:
+        # The resolver applies a transfer a moment after its last byte left us; a wipe before
+        # that would let the old answer back into the cache. Wipe at once and again a little later.
+        for delay in (0.0, 1.0):
+            await asyncio.sleep(delay)
+            ok = 0
+            for name in names:
+                m = dns.message.make_query(dns.name.from_text(name), dns.rdatatype.SOA)
+                m.flags = dns.flags.AA
+                m.set_opcode(dns.opcode.NOTIFY)
+                if self._keyring is not None:
+                    m.use_tsig(self._keyring)
+                try:
+                    ok += await notify_once(m, target, self.settings.notify_timeout_s, self._keyring)
+                except OSError:
+                    pass
+            self.stats["cache_wipes"] = self.stats.get("cache_wipes", 0) + ok
+            if ok < len(names):
+                self.stats["cache_wipes_failed"] = self.stats.get("cache_wipes_failed", 0) + len(names) - ok
+                log.warning("rpz_cache_wipe_failed", target=f"{target[0]}@{target[1]}", names=len(names),
+                            acked=ok)
+                return
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
