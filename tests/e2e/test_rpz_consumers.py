@@ -281,3 +281,25 @@ def test_tsig_notify_and_transfer_with_powerdns(tmp_path: Path) -> None:
         raise AssertionError(f"{e}\n{f.logs()}") from None
     finally:
         f.close()
+
+
+def test_generated_unbound_and_bind_configs_pass_their_checkers(tmp_path: Path) -> None:
+    """`unbound-checkconf` and `named-checkconf` accept what `rpz config` generates for 3 zones + TSIG."""
+    import shutil
+
+    s = rpz.RpzSettings(layout="authority", tsig=rpz.TsigKey("xfr-key.", "c2VjcmV0LXNlY3JldA=="))
+    zones = rpzconfig.zones_for(s, rules(*BASE))
+    ub = unbound_conf(tmp_path, ("127.0.0.1", 5399), 5398, zone=None)
+    (tmp_path / "unbound.conf").write_text(ub + rpzconfig.render("unbound", s, zones, ("127.0.0.1", 5300),
+                                                                 state_dir=str(tmp_path)))
+    r = subprocess.run([shutil.which("unbound-checkconf") or "/usr/sbin/unbound-checkconf",
+                        str(tmp_path / "unbound.conf")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bind = rpzconfig.render("bind", s, zones, ("127.0.0.1", 5300))
+    head, _, rest = bind.partition("// inside options { }:\n")
+    policy, _, zone_stmts = rest.partition("\n")
+    conf = (head + f'options {{\n    directory "{tmp_path}";\n    recursion yes;\n    {policy}\n}};\n' + zone_stmts)
+    (tmp_path / "named.conf").write_text(conf)
+    r = subprocess.run([shutil.which("named-checkconf") or "/usr/bin/named-checkconf", str(tmp_path / "named.conf")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, conf + r.stdout + r.stderr
