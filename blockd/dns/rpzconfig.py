@@ -95,6 +95,12 @@ def render(kind: str, s: rpz.RpzSettings, zones: Sequence[ZoneInfo], primary: tu
     raise ValueError(f"resolver {kind!r} unknown; known: {', '.join(RESOLVERS)}")
 
 
+def recursor_conf_lines(lua: str) -> list[str]:
+    """The recursor.conf lines named in the header of `render("powerdns", ...)` (without the Lua file)."""
+    return [line[5:] for line in lua.splitlines()
+            if line.startswith("--   ") and "=" in line and not line.startswith("--   lua-config-file")]
+
+
 def _powerdns(s: rpz.RpzSettings, zones: Sequence[ZoneInfo], host: str, port: int, state_dir: str,
               refresh: int) -> str:
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -104,7 +110,8 @@ def _powerdns(s: rpz.RpzSettings, zones: Sequence[ZoneInfo], host: str, port: in
         "--   lua-config-file=<this file>",
         "--   extended-resolution-errors=yes",
         f"--   allow-notify-from={host}",
-        "--   allow-notify-for=" + ",".join(z.origin.rstrip(".") for z in zones),
+        # with wipe_cache blockd NOTIFYs each changed name (PowerDNS wipes it and what is below it)
+        "--   allow-notify-for=" + ("." if s.wipe_cache else ",".join(z.origin.rstrip(".") for z in zones)),
         f"-- refresh={refresh}: 4.8 transfers on its SOA poll, not on NOTIFY; the poll is one small SOA query.",
         "-- seedFile/dumpFile: a restart filters from the first query, before the first transfer.",
     ]

@@ -108,14 +108,14 @@ class Fleet:
                                 state_dir=str(state_dir) if state_dir else None)
 
     def start(self, rs: RuleSet, which: tuple[str, ...] = ("pdns", "kresd", "unbound")) -> None:
-        zones = rpzconfig.zones_for(self.settings, rs)
         if "pdns" in which:
             d = self.tmp / "pdns"
             d.mkdir(exist_ok=True)
             lua = self.configs(rs, "powerdns", d)
-            conf = pdns_conf(d, (PDNS_HOST, self.pdns_port), self.up.port, lua, extra=[
-                f"query-local-address={PDNS_HOST}", "allow-notify-from=127.0.0.1",
-                "allow-notify-for=example.net," + ",".join(z.origin.rstrip(".") for z in zones)])
+            generated = rpzconfig.recursor_conf_lines(lua)  # allow-notify-from/-for, EDE on
+            assert "allow-notify-for=." in generated and "allow-notify-from=127.0.0.1" in generated
+            conf = pdns_conf(d, (PDNS_HOST, self.pdns_port), self.up.port, lua,
+                             extra=[f"query-local-address={PDNS_HOST}", *generated])
             self.procs["pdns"] = start("pdns", d, conf, lua=lua)
         if "kresd" in which:
             d = self.tmp / "kresd"
