@@ -28,6 +28,7 @@ import structlog
 from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.audit import iso
+from blockd.blockpage import BlockPageServer
 from blockd.attest import EnforcerPass
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
@@ -45,6 +46,18 @@ _READBACK_FAILED = "read-back failed: "
 
 #: the longest a boundary timer waits before it looks at the wall clock again
 BOUNDARY_TICK_S = 5.0
+
+
+def _block_page(settings: Settings) -> BlockPageServer | None:
+    """The HTTP 451 page, answering for the orders the sinkhole answers with its address."""
+    bp = settings.block_page
+    if bp is None:
+        return None
+    from dataclasses import replace
+
+    if settings.enforcers.dns is not None:
+        bp = replace(bp, default_answer=settings.enforcers.dns.default_answer)
+    return BlockPageServer(bp)
 
 
 def build_enforcers(settings: Settings) -> list[Enforcer]:
@@ -84,6 +97,7 @@ class Daemon:
         self.live = m.Live()
         self.metrics.registry.register(m.LiveCollector(self.live))
         self.enforcers = build_enforcers(settings)
+        self.block_page = _block_page(settings)
         self.reconciler = Reconciler(settings, self.enforcers)
         for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
             self.metrics.apply_failures.labels(e.name)
@@ -204,6 +218,8 @@ class Daemon:
         self._wake.set()
 
     async def _start_listeners(self) -> None:
+        if self.block_page is not None:
+            await self.block_page.start()
         for e in self.enforcers:
             server = getattr(e, "server", None)
             if server is not None:
@@ -229,6 +245,8 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self.block_page is not None:
+            await self.block_page.aclose()
         if self._lock is not None:
             self._lock.close()
         log.info("daemon_stopped", kept_rules=not remove_rules)
@@ -301,6 +319,8 @@ class Daemon:
             return
         self._pass_failed = False
         self.last = result
+        if self.block_page is not None:
+            self.block_page.update(result.compilation.ruleset)
         self._boundary = result.next_boundary
         now = datetime.now(timezone.utc)
         for name, a in result.applied.items():

@@ -114,3 +114,79 @@ def test_chromium_shows_the_page(page: BlockPageServer, tmp_path: Path) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
     assert page.stats["served"] >= before + 2
     print(f"\nblock page screenshot: {shot}")
+
+
+def test_daemon_sinkhole_answer_leads_to_the_page(tmp_path: Path) -> None:
+    """`blockd run`: a signed order with `dns_answer: sinkhole` -> the sinkhole answers its address
+    -> the page on that address names the order; an order added later shows up without a restart."""
+    import sys
+    import textwrap
+    import time
+
+    import dns.message
+    import dns.query
+
+    from tests.conftest import ROOT, drop_policy, repo_config
+
+    addr = f"127.77.{os.getpid() % 250 + 1}.2"
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    cfg = tmp_path / "blockd.yaml"
+    cfg.write_text(repo_config(pol, tmp_path / "state") + textwrap.dedent(f"""\
+        enforcers:
+          dns: {{listen: ["{addr}:5353"], sinkhole_v4: "{addr}"}}
+        daemon:
+          metrics_listen: null
+        block_page:
+          blocked_by: {BLOCKED_BY}
+          listen: ["{addr}:80"]
+          languages: [vi, en]
+        """))
+
+    def policy(serial: int, names: list[str]) -> str:
+        return textwrap.dedent(f"""\
+            issuer: demo-regulator
+            serial: {serial}
+            issued_at: 2026-01-01T00:00:00Z
+            not_before: 2026-01-01T00:00:00Z
+            not_after: 2030-01-01T00:00:00Z
+            orders:
+              - id: mic-{serial}
+                legal_basis: {{authority: "{VN}", reference: "QĐ {serial}/2026", url: "https://mic.example/{serial}"}}
+                action: block
+                dns_answer: sinkhole
+                targets: {{domains: {names!r}}}
+            """)
+
+    drop_policy(pol, "mic.yaml", policy(1, ["casino.example"]))
+    log = tmp_path / "blockd.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "blockd", "run", "--config", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def page_for(name: str) -> str:
+        r = subprocess.run([CURL, "-s", "--max-time", "2", "-i", "--resolve", f"{name}:80:{addr}", f"http://{name}/"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout
+
+    def wait(cond: object, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"blockd exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if cond():  # type: ignore[operator]
+                return
+            time.sleep(0.1)  # poll interval under the deadline
+        raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+
+    try:
+        wait(lambda: page_for("casino.example").startswith("HTTP/1.1 451"), "the block page")
+        r = dns.query.udp(dns.message.make_query("casino.example", "A"), addr, 2, port=5353)
+        assert [rd.address for rr in r.answer for rd in rr] == [addr]  # the sinkhole sends browsers here
+        body = page_for("casino.example")
+        assert "QĐ 1/2026" in body and "Content-Language: vi" in body and "https://mic.example/1" in body
+        drop_policy(pol, "mic.yaml", policy(2, ["casino.example", "poker.example"]))
+        wait(lambda: "QĐ 2/2026" in page_for("poker.example"), "the new order on the page")
+    finally:
+        proc.terminate()
+        proc.wait(20)
