@@ -25,6 +25,7 @@ from blockd.model import OrderInfo, RuleSet
 log = structlog.get_logger("blockd.blockpage")
 
 MAX_REQUEST = 16 << 10
+MAX_CLIENTS = 256  # connections at once; more are closed at once (a slow client holds one for 10 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,8 @@ class BlockPageServer:
         self.settings = settings
         self.index: Index = {}
         self.addresses: list[tuple[str, int]] = []
-        self.stats = {"served": 0, "not_found": 0, "bad": 0}
+        self.stats = {"served": 0, "not_found": 0, "bad": 0, "overload": 0}
+        self._clients = 0
         self._servers: list[asyncio.base_events.Server] = []
 
     def update(self, rs: RuleSet) -> None:
@@ -201,6 +203,11 @@ class BlockPageServer:
         self._servers.clear()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            self.stats["overload"] += 1
+            writer.close()
+            return
+        self._clients += 1
         try:
             async with asyncio.timeout(10):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -212,4 +219,5 @@ class BlockPageServer:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             self.stats["bad"] += 1
         finally:
+            self._clients -= 1
             writer.close()

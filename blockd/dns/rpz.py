@@ -94,6 +94,16 @@ class RpzSettings:
             if z.match in seen:
                 raise ValueError(f"zones[{i}]: match {z.match!r} is given twice")
             seen.add(z.match)
+            for p in z.allow_transfer or ():
+                try:
+                    ipaddress.ip_network(p, strict=True)
+                except ValueError as e:
+                    raise ValueError(f"zones[{i}].allow_transfer: {p!r} is not a prefix with host bits zero "
+                                     f"({e})") from None
+        names = [z.zone.rstrip(".").lower() for z in self.zones if z.zone]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"zones: zone {dup[0]!r} is given to two authorities/orders; each needs its own")
 
     @property
     def origin(self) -> str:

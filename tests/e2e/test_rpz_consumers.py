@@ -251,6 +251,27 @@ def test_lagging_resolver_in_metrics(fleet: Fleet) -> None:
     assert rc(PDNS_HOST, fleet.pdns_port, "lag.example.net") == dns.rcode.NXDOMAIN
 
 
+def test_powerdns_seed_file_filters_before_any_transfer(fleet: Fleet, tmp_path: Path) -> None:
+    """A restarted PowerDNS that cannot reach the primary still blocks, from the dumpFile/seedFile
+    the generated config made its running twin write."""
+    d = fleet.tmp / "pdns"
+    wait_for(lambda: (d / "example-court.rpz.blockd.zone").exists(), "PowerDNS dumpFile")
+    dead = free_port()  # nothing listens there: no transfer can happen
+    lua = (d / "rpz.lua").read_text().replace(f'"127.0.0.1:{fleet.primary.addresses[0][1]}"', f'"127.0.0.1:{dead}"')
+    assert f"127.0.0.1:{dead}" in lua
+    d2, port = tmp_path / "pdns-seed", free_port()
+    d2.mkdir()
+    conf = pdns_conf(d2, (PDNS_HOST, port), fleet.up.port, lua, extra=[f"query-local-address={PDNS_HOST}"])
+    p = start("pdns", d2, conf, lua=lua)
+    try:
+        wait_for(lambda: rc(PDNS_HOST, port, "free.example.net") == dns.rcode.NOERROR, "the seeded PowerDNS up")
+        assert rc(PDNS_HOST, port, "court.example.net") == dns.rcode.NXDOMAIN
+        r = ask(PDNS_HOST, port, "mic.example.net")
+        assert r is not None and r.rcode() == dns.rcode.NXDOMAIN and ede(r)[0][0] == 16
+    finally:
+        stop(p)
+
+
 def test_knot_reads_complete_zone_files_only(fleet: Fleet) -> None:
     """The zone file is replaced by rename: kresd never parses a half-written file."""
     zone_file = Path(fleet.settings.zone_file.replace("{zone}", "example-court.rpz.blockd."))  # type: ignore[union-attr]

@@ -89,6 +89,10 @@ def test_for_zone_override() -> None:
     ({"layout": "authorty"}, r"layout: bad value 'authorty'; expected one of one, authority, order"),
     ({"layout": "authority", "zone_file": "/z/rpz.zone"}, r"must contain '\{zone\}'"),
     ({"zones": (rpz.ZoneOverride("x"), rpz.ZoneOverride("x"))}, r"zones\[1\]: match 'x' is given twice"),
+    ({"zones": (rpz.ZoneOverride("x", allow_transfer=("192.0.2.1/24",)),)},
+     r"zones\[0\].allow_transfer: '192.0.2.1/24' is not a prefix with host bits zero"),
+    ({"zones": (rpz.ZoneOverride("x", zone="a.rpz."), rpz.ZoneOverride("y", zone="A.rpz"))},
+     r"zones: zone 'a.rpz' is given to two authorities/orders"),
 ])
 def test_bad_settings(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
