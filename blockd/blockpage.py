@@ -185,14 +185,24 @@ class BlockPageServer:
         self._clients = 0
         self._servers: list[asyncio.base_events.Server] = []
 
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers)
+
     def update(self, rs: RuleSet) -> None:
         self.index = index(rs, self.settings.default_answer)  # the swap is one reference
 
     async def start(self) -> None:
-        for host, port in self.settings.listen:
-            srv = await asyncio.start_server(self._client, host, port, reuse_address=True, limit=MAX_REQUEST)
-            self._servers.append(srv)
-            self.addresses.append((host, srv.sockets[0].getsockname()[1]))
+        """Listen on every address, or on none (OSError, nothing left open)."""
+        try:
+            for host, port in self.settings.listen:
+                srv = await asyncio.start_server(self._client, host, port, reuse_address=True, limit=MAX_REQUEST)
+                self._servers.append(srv)
+                self.addresses.append((host, srv.sockets[0].getsockname()[1]))
+        except OSError:
+            await self.aclose()
+            self.addresses.clear()
+            raise
         log.info("block_page_started", listen=[f"{h}:{p}" for h, p in self.addresses])
 
     async def aclose(self) -> None:

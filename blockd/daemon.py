@@ -218,15 +218,16 @@ class Daemon:
         self._wake.set()
 
     async def _start_listeners(self) -> None:
-        if self.block_page is not None:
+        page = self.block_page
+        if page is not None:
             try:
-                await self.block_page.start()
-            except OSError as e:  # the DNS answers stand without the page; say so once
-                log.error("block_page_failed", listen=[f"{h}:{p}" for h, p in self.block_page.settings.listen],
+                await page.start()
+            except OSError as e:  # the DNS answers stand without the page; said once, blockd_block_page_up 0
+                log.error("block_page_failed", listen=[f"{h}:{p}" for h, p in page.settings.listen],
                           error=e.strerror or str(e), hint="block_page.listen must be a local address (the "
                           "sinkhole address) and port 80 free")
-                await self.block_page.aclose()
-                self.block_page = None
+                await page.aclose()
+            self.live.block_page = lambda: (page.listening, dict(page.stats))
         for e in self.enforcers:
             server = getattr(e, "server", None)
             if server is not None:

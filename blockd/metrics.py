@@ -139,6 +139,8 @@ class Live:
     rpz: Callable[[], tuple[int | None, Mapping[str, int | None], Mapping[str, int]]] | None = None
     #: every RPZ zone served: {zone: (serial, {secondary address: serial it holds or None})}
     rpz_zones: Callable[[], Mapping[str, tuple[int, Mapping[str, int | None]]]] | None = None
+    #: the HTTP 451 page: (listening, {result: responses})
+    block_page: Callable[[], tuple[bool, Mapping[str, int]]] | None = None
 
 
 class LiveCollector(Collector):
@@ -175,6 +177,15 @@ class LiveCollector(Collector):
         if self.live.rpz is not None:
             zones = self.live.rpz_zones() if self.live.rpz_zones is not None else None
             yield from rpz_metrics(*self.live.rpz(), zones=zones)
+        if self.live.block_page is not None:
+            up, counts = self.live.block_page()
+            yield GaugeMetricFamily("blockd_block_page_up", "1 while the HTTP 451 block page listens", value=int(up))
+            served = CounterMetricFamily("blockd_block_page_responses", "Block page responses, by result "
+                                         "(served: a 451 page; not_found: no sinkhole order for the Host)",
+                                         labels=["result"])
+            for result in ("served", "not_found", "bad", "overload"):
+                served.add_metric([result], counts.get(result, 0))
+            yield served
 
 
 def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None], stats: Mapping[str, int],
@@ -236,6 +247,11 @@ def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None], stats
     notifies.add_metric(["acked"], stats.get("notify_acked", 0))
     notifies.add_metric(["failed"], stats.get("notify_failed", 0))
     yield notifies
+    wipes = CounterMetricFamily("blockd_rpz_cache_wipes", "Names wiped from resolvers' caches by NOTIFY after "
+                                "their transfer (wipe_cache), by result", labels=["result"])
+    wipes.add_metric(["acked"], stats.get("cache_wipes", 0))
+    wipes.add_metric(["failed"], stats.get("cache_wipes_failed", 0))
+    yield wipes
 
 
 async def serve(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:

@@ -136,7 +136,7 @@ def test_daemon_sinkhole_answer_leads_to_the_page(tmp_path: Path) -> None:
         enforcers:
           dns: {{listen: ["{addr}:5353"], sinkhole_v4: "{addr}"}}
         daemon:
-          metrics_listen: null
+          metrics_listen: "{addr}:9153"
         block_page:
           blocked_by: {BLOCKED_BY}
           listen: ["{addr}:80"]
@@ -187,6 +187,86 @@ def test_daemon_sinkhole_answer_leads_to_the_page(tmp_path: Path) -> None:
         assert "QĐ 1/2026" in body and "Content-Language: vi" in body and "https://mic.example/1" in body
         drop_policy(pol, "mic.yaml", policy(2, ["casino.example", "poker.example"]))
         wait(lambda: "QĐ 2/2026" in page_for("poker.example"), "the new order on the page")
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://{addr}:9153/metrics", timeout=10).read().decode()
+        assert "blockd_block_page_up 1.0" in metrics
+        assert 'blockd_block_page_responses_total{result="served"}' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_a_page_that_cannot_listen_leaves_nothing_open() -> None:
+    lt = LoopThread()
+    srv = BlockPageServer(BlockPageSettings(BLOCKED_BY, listen=((ADDR, 0), ("192.0.2.1", 80))))
+    try:
+        with pytest.raises(OSError):
+            lt.run(srv.start())  # 192.0.2.1 is not an address of this host
+        assert not srv.listening and srv.addresses == []
+    finally:
+        lt.run(srv.aclose())
+        lt.close()
+
+
+def test_daemon_without_its_page_keeps_answering(tmp_path: Path) -> None:
+    """block_page on an address the host does not have: logged once, blockd_block_page_up 0, the
+    sinkhole still answers (the page is not a reason to leave names unblocked)."""
+    import json
+    import sys
+    import textwrap
+    import time
+    import urllib.request
+
+    import dns.message
+    import dns.query
+
+    from tests.conftest import ROOT, drop_policy, repo_config
+
+    addr = f"127.77.{os.getpid() % 250 + 1}.3"
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    cfg = tmp_path / "blockd.yaml"
+    cfg.write_text(repo_config(pol, tmp_path / "state") + textwrap.dedent(f"""\
+        enforcers:
+          dns: {{listen: ["{addr}:5353"], sinkhole_v4: "{addr}"}}
+        daemon:
+          metrics_listen: "{addr}:9153"
+        block_page:
+          blocked_by: {BLOCKED_BY}
+          listen: ["192.0.2.1:80"]
+        """))
+    drop_policy(pol, "p.yaml", textwrap.dedent("""\
+        issuer: demo-regulator
+        serial: 1
+        issued_at: 2026-01-01T00:00:00Z
+        not_before: 2026-01-01T00:00:00Z
+        not_after: 2030-01-01T00:00:00Z
+        orders:
+          - id: o1
+            legal_basis: {authority: Example Court, reference: R-1}
+            action: block
+            dns_answer: sinkhole
+            targets: {domains: [casino.example]}
+        """))
+    log = tmp_path / "blockd.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "blockd", "run", "--config", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        metrics = ""
+        while time.monotonic() < deadline and "blockd_block_page_up" not in metrics:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                metrics = urllib.request.urlopen(f"http://{addr}:9153/metrics", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.1)  # poll interval under the deadline
+        assert "blockd_block_page_up 0.0" in metrics, log.read_text()[-3000:]
+        r = dns.query.udp(dns.message.make_query("casino.example", "A"), addr, 2, port=5353)
+        assert [rd.address for rr in r.answer for rd in rr] == [addr]
+        events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
+        assert events.count("block_page_failed") == 1
     finally:
         proc.terminate()
         proc.wait(20)

@@ -39,6 +39,7 @@ def exported_names() -> set[str]:
     live = metrics.Live(dns=lambda: ({}, {}))  # with the sinkhole on, its two families appear too
     live.rpz = lambda: (1, {"192.0.2.1": 1}, {})  # and with the RPZ primary, its families
     live.rpz_zones = lambda: {"rpz.blockd.": (1, {"192.0.2.1": 1})}
+    live.block_page = lambda: (True, {})
     m.registry.register(metrics.LiveCollector(live))
     names = set()
     for family in m.registry.collect():

@@ -134,6 +134,10 @@ def test_legal_texts_and_generated_configs() -> None:
     assert bind.index('zone "rpz.blockd" min') < bind.index('zone "example-court.rpz.blockd" min')
     knot = rpzconfig.render("knot", s, zones, ("192.0.2.53", 5300))
     assert '"/z/example-court.rpz.blockd.zone", true))' in knot and "kres.extended_error.CENSORED" in knot
+    assert "ignores rpz-ip" not in knot
+    from dataclasses import replace
+    assert "WARNING: enforcers.rpz.ip_triggers is on" in rpzconfig.render("knot", replace(s, ip_triggers=True), zones,
+                                                                         ("192.0.2.53", 5300))
     ub = rpzconfig.render("unbound", s, zones, ("192.0.2.53", 5300))
     assert ub.count("rpz:\n") == 4 and "primary: 192.0.2.53@5300" in ub
     per_order = rpzconfig.zones_for(rpz.RpzSettings(layout="order"), rs(("a.example", False, {"a1"})))
