@@ -1,4 +1,4 @@
-"""`blockd run` with `layout: authority` feeding PowerDNS Recursor, Knot Resolver and Unbound, each
+"""`blockd run` with `layout: authority` feeding PowerDNS Recursor, Knot Resolver, Unbound and BIND, each
 configured by the output of `blockd rpz config --for ...` (the real command).
 
 From a signed policy file landing in the policy directory to the last resolver answering NXDOMAIN
@@ -33,7 +33,7 @@ from tests.e2e.test_rpz_fleet import NetNs, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 PORT, METRICS = 5354, 9153
-ADDR = {"unbound": "127.0.0.2", "pdns": "127.0.0.5", "kresd": "127.0.0.6"}
+ADDR = {"unbound": "127.0.0.2", "bind": "127.0.0.4", "pdns": "127.0.0.5", "kresd": "127.0.0.6"}
 VN = "Bộ Thông tin và Truyền thông"
 COURT_ZONE, MIC_ZONE = "example-court.rpz.blockd.", "bo-thong-tin-va-truyen-thong.rpz.blockd."
 
@@ -77,7 +77,7 @@ class AuthorityFleet:
               rpz:
                 listen: ["0.0.0.0:{PORT}"]
                 layout: authority
-                notify: ["{ADDR['unbound']}:53", "{ADDR['pdns']}:53"]
+                notify: ["{ADDR['unbound']}:53", "{ADDR['bind']}:53", "{ADDR['pdns']}:53"]
                 wipe_cache: ["{ADDR['pdns']}:53"]
                 zone_file: {tmp / "zones"}/{{zone}}zone
                 state_file: {tmp / "rpz.state"}
@@ -125,6 +125,31 @@ class AuthorityFleet:
         conf = resolvers.unbound_conf(d, (ADDR["unbound"], 53), self.up.port, zone=None)
         self.procs["unbound"] = resolvers.start("unbound", d, conf + self.generated("unbound", ADDR["unbound"], d),
                                                 prefix)
+        d = self.tmp / "bind"
+        d.mkdir()
+        head, _, rest = self.generated("bind", ADDR["bind"], d).partition("// inside options { }:\n")
+        policy_stmt, _, zones = rest.partition("\n")
+        # as for PowerDNS: blockd's NOTIFYs come from 127.0.0.1 here, queries from the test's 127.0.0.1
+        zones = zones.replace(f"allow-notify {{ {ADDR['bind']}; }};", "allow-notify { 127.0.0.0/8; };")
+        conf = head + textwrap.dedent(f"""\
+            options {{
+                directory "{d}";
+                pid-file "{d}/named.pid";
+                session-keyfile "{d}/session.key";
+                managed-keys-directory "{d}";
+                listen-on port 53 {{ {ADDR['bind']}; }};
+                listen-on-v6 {{ none; }};
+                recursion yes;
+                allow-recursion {{ 127.0.0.0/8; }};
+                dnssec-validation no;
+                forwarders {{ 127.0.0.1 port {self.up.port}; }};
+                forward only;
+                notify no;
+                {policy_stmt}
+            }};
+            controls {{ }};
+            """) + zones
+        self.procs["bind"] = resolvers.start("named", d, conf, prefix)
         d = self.tmp / "pdns"
         d.mkdir()
         lua = self.generated("powerdns", ADDR["pdns"], d)
@@ -230,9 +255,9 @@ def test_file_landing_to_last_resolver(fleet: AuthorityFleet) -> None:
             nonlocal m
             m = fleet.metrics()
             return all(m.get(("blockd_rpz_zone_secondary_in_sync", (ADDR[w], z))) == 1.0
-                       for w in ("unbound", "pdns") for z in (COURT_ZONE, MIC_ZONE))
+                       for w in ("unbound", "bind", "pdns") for z in (COURT_ZONE, MIC_ZONE))
 
-        wait_for(synced, "both transferring resolvers in sync on both zones", 30)
+        wait_for(synced, "every transferring resolver in sync on both zones", 30)
         assert m[("blockd_rpz_secondary_in_sync", (ADDR["pdns"],))] == 1.0
     except AssertionError as e:
         raise AssertionError(f"{e}\n{fleet.logs()}") from None
