@@ -130,6 +130,7 @@ class RpzServer:
         if z is None:
             z = self.zones[name] = Zone(settings)
             if self.addresses and settings.notify and settings.renotify_s > 0 and not self._renotifying:
+                self._renotifying = True
                 self._spawn(self._renotify_loop())
         return z
 
@@ -185,7 +186,9 @@ class RpzServer:
                 self.addresses.append((host, bound))
                 break
         log.info("rpz_primary_started", zone=self.settings.origin, listen=[f"{h}@{p}" for h, p in self.addresses])
-        if any(z.settings.notify for z in self.zones.values()) and self.settings.renotify_s > 0:
+        if any(z.settings.notify for z in self.zones.values()) and self.settings.renotify_s > 0 \
+                and not self._renotifying:
+            self._renotifying = True
             self._spawn(self._renotify_loop())
 
     async def aclose(self) -> None:
@@ -378,7 +381,6 @@ class RpzServer:
 
     async def _renotify_loop(self) -> None:
         """NOTIFY the targets that lag (or whose serial is unknown) again, one episode at a time."""
-        self._renotifying = True
         while True:
             await asyncio.sleep(self.settings.renotify_s)
             for z in list(self.zones.values()):
