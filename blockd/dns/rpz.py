@@ -57,6 +57,8 @@ class RpzSettings:
     zone: str = "rpz.blockd."
     layout: str = "one"
     zones: tuple[ZoneOverride, ...] = ()
+    #: at most this many zones (default zone included); further authorities' rules go to the default zone
+    max_zones: int = 256
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
     notify: tuple[tuple[str, int], ...] = ()
     allow_transfer: tuple[str, ...] = ()  # prefixes allowed to AXFR/IXFR, in addition to loopback
@@ -100,6 +102,15 @@ class RpzSettings:
                 except ValueError as e:
                     raise ValueError(f"zones[{i}].allow_transfer: {p!r} is not a prefix with host bits zero "
                                      f"({e})") from None
+        import re
+
+        for i, z in enumerate(self.zones):
+            if z.zone is not None and not re.fullmatch(r"([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+",
+                                                        z.zone.rstrip(".").lower() + "."):
+                raise ValueError(f"zones[{i}].zone: {z.zone!r} is not a zone name (labels of letters, digits, "
+                                 f"'-' and '_', e.g. court.rpz.blockd.)")
+        if self.max_zones < 1:
+            raise ValueError(f"max_zones: {self.max_zones!r} must be >= 1")
         names = [z.zone.rstrip(".").lower() for z in self.zones if z.zone]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -159,12 +170,14 @@ def zone_key(s: RpzSettings, rs: RuleSet, order_id: str) -> str | None:
 
 
 def partition(s: RpzSettings, rs: RuleSet) -> dict[str, tuple[str | None, RuleSet]]:
-    """Zone origin -> (authority or order id, the part of `rs` it carries). Layout `one`: everything in `s.origin`.
-    A rule of orders from two authorities is in both zones. Rules whose order has no known
-    authority stay in `s.origin`."""
+    """Zone origin -> (authority or order id, the part of `rs` it carries). Layout `one`: everything
+    in `s.origin`. A rule of orders from two authorities is in both zones. Rules whose order has
+    no known authority, and those of authorities beyond `max_zones`, stay in `s.origin`."""
     if s.layout == "one":
         return {s.origin: (None, rs)}
     keys = {k for r in (*rs.domains, *rs.v4, *rs.v6) for o in r.orders if (k := zone_key(s, rs, o)) is not None}
+    if len(keys) > s.max_zones - 1:  # the rest stay enforced, in the default zone, under its generic text
+        keys = set(sorted(keys)[: s.max_zones - 1])
     names = zone_names(s, keys)
     keys_of = {origin: k for k, origin in names.items()}
     buckets: dict[str, tuple[list[DomainRule], list[NetRule], list[NetRule], dict[str, OrderInfo]]] = {}
@@ -173,7 +186,7 @@ def partition(s: RpzSettings, rs: RuleSet) -> dict[str, tuple[str | None, RuleSe
         by_zone: dict[str, set[str]] = {}
         for o in r.orders:
             k = zone_key(s, rs, o)
-            by_zone.setdefault(names[k] if k is not None else s.origin, set()).add(o)
+            by_zone.setdefault(names.get(k, s.origin) if k is not None else s.origin, set()).add(o)
         for origin, orders in by_zone.items():
             b = buckets.setdefault(origin, ([], [], [], {}))
             b[kind].append(r._replace(orders=frozenset(orders)))  # type: ignore[arg-type]
@@ -423,7 +436,9 @@ def zone_text(s: RpzSettings, v: ZoneVersion) -> Iterator[str]:
     rs = v.ruleset
     yield f"; RPZ zone written by blockd; serial {v.serial}; ruleset digest {rs.digest}\n"
     for oid, info in sorted(rs.orders.items()):
-        yield f"; order {oid}: {info.authority} {info.reference} {info.url or ''}\n".replace("\n ", " ")
+        # one comment line whatever the texts hold: a newline would start a record (Knot loads this file)
+        note = " ".join(f"{oid}: {info.authority} {info.reference} {info.url or ''}".split())
+        yield f"; order {note}\n"
     yield f"$ORIGIN {s.origin}\n$TTL {s.ttl}\n"
     yield f"@ SOA {s.mname} {s.rname} {v.serial} {s.refresh} {s.retry} {s.expire} {s.minimum}\n"
     yield f"@ NS {s.mname}\n"

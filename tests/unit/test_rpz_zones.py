@@ -93,6 +93,8 @@ def test_for_zone_override() -> None:
      r"zones\[0\].allow_transfer: '192.0.2.1/24' is not a prefix with host bits zero"),
     ({"zones": (rpz.ZoneOverride("x", zone="a.rpz."), rpz.ZoneOverride("y", zone="A.rpz"))},
      r"zones: zone 'a.rpz' is given to two authorities/orders"),
+    ({"zones": (rpz.ZoneOverride("x", zone="../../etc/x."),)}, r"zones\[0\].zone: '../../etc/x.' is not a zone name"),
+    ({"max_zones": 0}, r"max_zones: 0 must be >= 1"),
 ])
 def test_bad_settings(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -174,3 +176,19 @@ def test_journal_changed_names() -> None:
     assert j.changed(1, 3) == ["a.example", "b.example", "c.example", "t.example"]
     assert j.changed(2, 3) == ["a.example", "c.example"]
     assert j.changed(7, 3) is None
+
+
+def test_max_zones_keeps_the_rest_in_the_default_zone() -> None:
+    s = rpz.RpzSettings(layout="authority", max_zones=2)
+    parts = rpz.partition(s, rs(("a.example", False, {"a1"}), ("v.example", False, {"v1"})))
+    assert set(parts) == {"rpz.blockd.", "bo-thong-tin-va-truyen-thong.rpz.blockd."}
+    assert [r.name for r in parts["rpz.blockd."][1].domains] == ["a.example"]  # still enforced
+
+
+def test_zone_file_comments_stay_comments() -> None:
+    s = rpz.RpzSettings()
+    evil = {"e1": OrderInfo("e1", "reg", 1, "Court\nevil.example CNAME .", "r\r\n; x", None, "block", None, None, T)}
+    r = RuleSet.build([DomainRule("a.example", False, frozenset({"e1"}))], orders=evil)
+    text = "".join(rpz.zone_text(s, rpz.ZoneVersion(s, 1, rpz.owners(r, False), r)))
+    records = [line for line in text.splitlines() if line and not line.startswith(("; ", "$", "@"))]
+    assert records == ["a.example CNAME . ; orders=e1"]
