@@ -205,6 +205,18 @@ class BlockPageServer:
             raise
         log.info("block_page_started", listen=[f"{h}:{p}" for h, p in self.addresses])
 
+    async def keep_trying(self, max_delay_s: float = 60.0) -> None:
+        """After a failed `start`: try again, doubling the wait from 1 s up to `max_delay_s`, until it
+        listens (the sinkhole address may be configured after blockd starts). Logged once on success."""
+        delay = 1.0
+        while not self._servers:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+            try:
+                await self.start()
+            except OSError:
+                continue
+
     async def aclose(self) -> None:
         for s in self._servers:
             s.close()

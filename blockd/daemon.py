@@ -98,6 +98,7 @@ class Daemon:
         self.metrics.registry.register(m.LiveCollector(self.live))
         self.enforcers = build_enforcers(settings)
         self.block_page = _block_page(settings)
+        self._page_retry: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(settings, self.enforcers)
         for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
             self.metrics.apply_failures.labels(e.name)
@@ -225,8 +226,9 @@ class Daemon:
             except OSError as e:  # the DNS answers stand without the page; said once, blockd_block_page_up 0
                 log.error("block_page_failed", listen=[f"{h}:{p}" for h, p in page.settings.listen],
                           error=e.strerror or str(e), hint="block_page.listen must be a local address (the "
-                          "sinkhole address) and port 80 free")
-                await page.aclose()
+                          "sinkhole address) and port 80 free; retrying")
+                self._page_retry = asyncio.get_running_loop().create_task(
+                    page.keep_trying(self.settings.daemon.retry_max_s))
             self.live.block_page = lambda: (page.listening, dict(page.stats))
         for e in self.enforcers:
             server = getattr(e, "server", None)
@@ -253,6 +255,8 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self._page_retry is not None:
+            self._page_retry.cancel()
         if self.block_page is not None:
             await self.block_page.aclose()
         if self._lock is not None:

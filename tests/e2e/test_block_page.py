@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -209,9 +210,10 @@ def test_a_page_that_cannot_listen_leaves_nothing_open() -> None:
         lt.close()
 
 
-def test_daemon_without_its_page_keeps_answering(tmp_path: Path) -> None:
-    """block_page on an address the host does not have: logged once, blockd_block_page_up 0, the
-    sinkhole still answers (the page is not a reason to leave names unblocked)."""
+def test_daemon_without_its_page_keeps_answering_and_retries(tmp_path: Path) -> None:
+    """block_page on a port another process holds: logged once, blockd_block_page_up 0, the sinkhole
+    still answers (the page is not a reason to leave names unblocked); once the port is free, the
+    page comes up without a restart."""
     import json
     import sys
     import textwrap
@@ -234,8 +236,11 @@ def test_daemon_without_its_page_keeps_answering(tmp_path: Path) -> None:
           metrics_listen: "{addr}:9153"
         block_page:
           blocked_by: {BLOCKED_BY}
-          listen: ["192.0.2.1:80"]
+          listen: ["{addr}:80"]
         """))
+    squatter = socket.socket()
+    squatter.bind((addr, 80))
+    squatter.listen()
     drop_policy(pol, "p.yaml", textwrap.dedent("""\
         issuer: demo-regulator
         serial: 1
@@ -265,8 +270,18 @@ def test_daemon_without_its_page_keeps_answering(tmp_path: Path) -> None:
         assert "blockd_block_page_up 0.0" in metrics, log.read_text()[-3000:]
         r = dns.query.udp(dns.message.make_query("casino.example", "A"), addr, 2, port=5353)
         assert [rd.address for rr in r.answer for rd in rr] == [addr]
+        squatter.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "blockd_block_page_up 1.0" not in metrics:
+            time.sleep(0.2)  # poll interval under the deadline (the retry backs off from 1 s)
+            metrics = urllib.request.urlopen(f"http://{addr}:9153/metrics", timeout=2).read().decode()
+        assert "blockd_block_page_up 1.0" in metrics
+        r2 = subprocess.run([CURL, "-s", "-i", "--max-time", "5", "--resolve", f"casino.example:80:{addr}",
+                             "http://casino.example/"], capture_output=True, text=True, timeout=10)
+        assert r2.stdout.startswith("HTTP/1.1 451 ")
         events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
         assert events.count("block_page_failed") == 1
     finally:
+        squatter.close()
         proc.terminate()
         proc.wait(20)
