@@ -422,6 +422,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(_settings(args))
 
 
+def cmd_rpz_config(args: argparse.Namespace) -> int:
+    """Print the resolver configuration for the RPZ zones blockd serves for the policies in force."""
+    from blockd.dns import rpz, rpzconfig
+    from blockd.schema import endpoint
+
+    ev = _evaluate(args)
+    s = ev.ctx.settings.enforcers.rpz
+    if s is None:
+        raise BlockdError(f"{ev.ctx.settings.source}: enforcers.rpz is not configured; `rpz config` describes "
+                          f"the zones of the rpz enforcer")
+    if args.primary:
+        try:
+            primary = endpoint(args.primary, 53)
+        except ValueError as e:
+            raise BlockdError(f"--primary: {args.primary!r}: {e}") from None
+    else:
+        primary = s.listen[0]
+        if primary[0] in ("0.0.0.0", "::", ""):
+            raise BlockdError(f"enforcers.rpz.listen[0] is {primary[0]!r} (a wildcard): give the address resolvers "
+                              f"reach blockd at with --primary HOST:PORT")
+    try:
+        known = rpz.load_state(s.state_file).get("zones") or {}
+    except (OSError, ValueError):
+        known = {}
+    zones = rpzconfig.zones_for(s, ev.compilation.ruleset, known if isinstance(known, dict) else {})
+    text = rpzconfig.render(args.resolver, s, zones, primary, state_dir=args.resolver_dir, refresh=args.refresh)
+    data = {"command": "rpz config", "ok": True, "resolver": args.resolver, "layout": s.layout,
+            "zones": [{"zone": z.origin, "key": z.key, "text": z.text, "zone_file": z.zone_file} for z in zones],
+            "config": text}
+    _out(args, data, text.rstrip("\n"))
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Load the config and everything `run` will use; every problem is reported at once."""
     settings = _settings(args)
@@ -735,6 +768,21 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(metavar="COMMAND")
     sp = cfg_sub.add_parser("check", parents=[common], help="validate the config and what it names")
     sp.set_defaults(func=cmd_config_check, command_name="config check")
+
+    rpzp = sub.add_parser("rpz", parents=[common], help="RPZ primary commands")
+    rpz_sub = rpzp.add_subparsers(metavar="COMMAND")
+    sp = rpz_sub.add_parser("config", parents=[common], help="print the configuration of a resolver that consumes "
+                            "blockd's RPZ zones (one stanza per zone, for the policies in force)")
+    sp.add_argument("--for", dest="resolver", required=True, choices=("powerdns", "unbound", "bind", "knot"))
+    sp.add_argument("--primary", help="HOST:PORT resolvers reach blockd at (default: enforcers.rpz.listen[0])")
+    sp.add_argument("--resolver-dir", help="the resolver's directory for its copies of the zones")
+    sp.add_argument("--refresh", type=int, default=1, help="PowerDNS: seconds between SOA polls (default 1)")
+    sp.add_argument("policies", nargs="*", metavar="POLICY", help="policy files (default: the policy directory)")
+    sp.add_argument("--trust-store", dest="trust_store", help="trust store directory")
+    sp.add_argument("--catalog", dest="catalog_dir", help="service catalog directory")
+    sp.add_argument("--state-dir", dest="state_dir", help="state directory")
+    sp.add_argument("--now", type=_parse_now, help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+    sp.set_defaults(func=cmd_rpz_config, command_name="rpz config")
 
     att = sub.add_parser("attest", parents=[common], help="attestation commands")
     att_sub = att.add_subparsers(metavar="COMMAND")

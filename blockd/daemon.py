@@ -31,6 +31,7 @@ import structlog
 from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.audit import iso
+from blockd.blockpage import BlockPageServer
 from blockd.attest import EnforcerPass
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
@@ -48,6 +49,18 @@ _READBACK_FAILED = "read-back failed: "
 
 #: the longest a boundary timer waits before it looks at the wall clock again
 BOUNDARY_TICK_S = 5.0
+
+
+def _block_page(settings: Settings) -> BlockPageServer | None:
+    """The HTTP 451 page, answering for the orders the sinkhole answers with its address."""
+    bp = settings.block_page
+    if bp is None:
+        return None
+    from dataclasses import replace
+
+    if settings.enforcers.dns is not None:
+        bp = replace(bp, default_answer=settings.enforcers.dns.default_answer)
+    return BlockPageServer(bp)
 
 
 def build_enforcers(settings: Settings) -> list[Enforcer]:
@@ -87,6 +100,8 @@ class Daemon:
         self.live = m.Live()
         self.metrics.registry.register(m.LiveCollector(self.live))
         self.enforcers = build_enforcers(settings)
+        self.block_page = _block_page(settings)
+        self._page_retry: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(settings, self.enforcers)
         for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
             self.metrics.apply_failures.labels(e.name)
@@ -212,6 +227,17 @@ class Daemon:
         self._wake.set()
 
     async def _start_listeners(self) -> None:
+        page = self.block_page
+        if page is not None:
+            try:
+                await page.start()
+            except OSError as e:  # the DNS answers stand without the page; said once, blockd_block_page_up 0
+                log.error("block_page_failed", listen=[f"{h}:{p}" for h, p in page.settings.listen],
+                          error=e.strerror or str(e), hint="block_page.listen must be a local address (the "
+                          "sinkhole address) and port 80 free; retrying")
+                self._page_retry = asyncio.get_running_loop().create_task(
+                    page.keep_trying(self.settings.daemon.retry_max_s))
+            self.live.block_page = lambda: (page.listening, dict(page.stats))
         for e in self.enforcers:
             server = getattr(e, "server", None)
             if server is not None:
@@ -227,6 +253,8 @@ class Daemon:
             primary = rpz.server  # type: ignore[attr-defined]
             self.live.rpz = lambda: (primary.serial, {a: s.serial for a, s in primary.secondaries().items()},
                                      dict(primary.stats))
+            self.live.rpz_zones = lambda: {z: (n, {a: s.serial for a, s in held.items()})
+                                           for z, (n, held) in primary.zone_states().items()}
 
     async def _shutdown(self, *, remove_rules: bool) -> None:
         if remove_rules:
@@ -237,6 +265,10 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self._page_retry is not None:
+            self._page_retry.cancel()
+        if self.block_page is not None:
+            await self.block_page.aclose()
         if self._lock is not None:
             self._lock.close()
         for sock in self._claims:
@@ -311,6 +343,8 @@ class Daemon:
             return
         self._pass_failed = False
         self.last = result
+        if self.block_page is not None:
+            self.block_page.update(result.compilation.ruleset)
         self._boundary = result.next_boundary
         now = datetime.now(timezone.utc)
         for name, a in result.applied.items():

@@ -15,6 +15,7 @@ from blockd.errors import ConfigError, InputError
 from blockd.fsutil import read_regular
 from blockd.model import Cidr
 from blockd.names import display, normalise
+from blockd.blockpage import BlockPageSettings
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.server import SinkholeSettings
 from blockd.enforcers.bgp import BgpSettings
@@ -91,6 +92,8 @@ class Settings:
     enforcers: EnforcerSettings = field(default_factory=EnforcerSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "(defaults)"
+    #: the HTTP 451 page on the sinkhole address (blockd/blockpage.py); None = off
+    block_page: BlockPageSettings | None = None
 
 
 def defaults(base: Path = Path(".")) -> Settings:
@@ -124,7 +127,7 @@ def load_settings(path: Path | None) -> Settings:
     r = Reader(source)
     m = r.mapping(doc, "", 1, required=("trust_store", "policy_dir", "catalog_dir", "state_dir"),
                   optional=("prefix_table", "shared_infra_dir", "guards", "allowlist",
-                            "max_policy_bytes", "enforcers", "daemon"))
+                            "max_policy_bytes", "enforcers", "daemon", "block_page"))
     if m is None:
         r.raise_if_any(ConfigError)
         raise AssertionError("unreachable")
@@ -175,6 +178,9 @@ def load_settings(path: Path | None) -> Settings:
         max_bytes = r.integer(m["max_policy_bytes"], "max_policy_bytes", m.lines["max_policy_bytes"], minimum=1024) or max_bytes
     enforcers = dataclass_from(r, EnforcerSettings, m.get("enforcers"), "enforcers", m.lines.get("enforcers"))
     daemon = dataclass_from(r, DaemonSettings, m.get("daemon"), "daemon", m.lines.get("daemon"))
+    block_page = None
+    if "block_page" in m:
+        block_page = dataclass_from(r, BlockPageSettings, m["block_page"], "block_page", m.lines["block_page"])
     if daemon is not None:
         daemon = _resolve(daemon, base)
     if enforcers is not None and daemon is not None:
@@ -195,6 +201,7 @@ def load_settings(path: Path | None) -> Settings:
         enforcers=enforcers,
         daemon=daemon,
         source=source,
+        block_page=block_page,
     )
 
 

@@ -71,6 +71,10 @@ class SinkholeSettings:
     reuse_port: bool = False
     udp_batch: bool = True  # UDP via recvmmsg/sendmmsg in a thread per socket (Linux); else the event loop
     upstream_case_randomize: bool = True  # 0x20 in forwarded qnames (off for an upstream that loses case)
+    #: structured DNS errors (blockd/dns/sde.py): the operator's name and contact URIs, a sub-error
+    sde_organization: str = ""
+    sde_contact: tuple[str, ...] = ()
+    sde_sub_error: int | None = None
 
     def __post_init__(self) -> None:
         bad = [f"{name}: {value!r} is below the minimum {lo}"
@@ -89,6 +93,7 @@ class SinkholeSettings:
             default_answer=self.default_answer, override_answer=self.override_answer, ede_code=self.ede_code,
             sinkhole_v4=self.sinkhole_v4, sinkhole_v6=self.sinkhole_v6, answer_ttl=self.answer_ttl,
             negative_ttl=self.negative_ttl,
+            sde_organization=self.sde_organization, sde_contact=self.sde_contact, sde_sub_error=self.sde_sub_error,
         )
 
     def forwarding(self) -> ForwardSettings:
