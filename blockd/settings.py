@@ -184,7 +184,7 @@ def load_settings(path: Path | None) -> Settings:
     if daemon is not None:
         daemon = _resolve(daemon, base)
     if enforcers is not None and daemon is not None:
-        _validate(r, m, enforcers, daemon)
+        _validate(r, m, enforcers, daemon, block_page)
     r.raise_if_any(ConfigError)
     assert enforcers is not None and daemon is not None
     return Settings(
@@ -225,7 +225,8 @@ def _line(m: object, *keys: str) -> int | None:
     return line
 
 
-def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings,
+              block_page: BlockPageSettings | None = None) -> None:
     """Values that parse but cannot work: every one is reported with the others."""
     from blockd.model import DNS_ANSWERS
 
@@ -252,10 +253,11 @@ def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> N
         parent = Path(value) if key == "attest_dir" else Path(value).parent
         if parent.exists() and not parent.is_dir():
             r.error(join("daemon", key), _line(m, "daemon", key), f"{str(parent)!r} is not a directory")
-    _clashes(r, m, e, d)
+    _clashes(r, m, e, d, block_page)
 
 
-def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings,
+             block_page: BlockPageSettings | None = None) -> None:
     """Two listeners on one address and port (a wildcard address overlaps every address)."""
     listeners: list[tuple[str, str, int, str, int | None]] = []  # (proto, host, port, path, line)
     if e.dns is not None:
@@ -269,6 +271,9 @@ def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> No
     if d.metrics_listen is not None:
         host, port = d.metrics_listen
         listeners.append(("tcp", host, port, "daemon.metrics_listen", _line(m, "daemon", "metrics_listen")))
+    if block_page is not None:
+        for i, (host, port) in enumerate(block_page.listen):
+            listeners.append(("tcp", host, port, f"block_page.listen[{i}]", _line(m, "block_page", "listen")))
     for i, (proto, host, port, path, line) in enumerate(listeners):
         for proto2, host2, port2, path2, _ in listeners[:i]:
             if proto == proto2 and port == port2 and path != path2 and _overlap(host, host2):

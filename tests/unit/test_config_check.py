@@ -29,6 +29,8 @@ def test_a_good_config_is_ok(capsys, tmp_path: Path) -> None:
 
 
 BAD = [
+    ("block_page: {blocked_by: 'https://isp.example/blocking', listen: ['127.0.0.1:9153']}\n",
+     "block_page.listen[0]: 127.0.0.1:9153 (tcp) is also daemon.metrics_listen"),
     ("allowlist:\n  cidrs: ['::ffff:0:0/96']\n", "allowlist.cidrs[0]: 0.0.0.0/0 is wider than the guards' min_prefix_v4"),
     ("enforcers:\n  dns:\n    default_answer: nxdomian\n", "enforcers.dns.default_answer: bad value 'nxdomian'"),
     ("daemon:\n  attest_dir: /tmp\n", "attest_dir is set but operator_key is not"),
