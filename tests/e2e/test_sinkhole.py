@@ -296,7 +296,7 @@ def test_structured_dns_error_only_for_clients_that_ask() -> None:
                 "o": "ISP Example", "c": ["mailto:noc@isp.example", "https://isp.example/blocking"], "l": "en"}
         r = e.tcp("sink.example.org", use_edns=0, options=[dns.edns.EDEOption(dns.edns.EDECode.OTHER)])
         (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
-        assert json.loads(o.text or "")["j"].startswith("Blocked by Example Court, order sh")
+        assert json.loads(o.text or "")["j"].startswith("Blocked by order sh of Example Court")
         assert [rd.address for rr in r.answer for rd in rr] == ["192.0.2.80"]
     finally:
         e.close()
