@@ -103,8 +103,17 @@ class Prepared:
     findings: tuple[Finding, ...]
 
 
-def prepare(policy: Policy, catalog: Catalog, guards: Guards) -> Prepared:
-    """Expand and guard every order of `policy`; every expansion problem is reported at once."""
+#: (order key, order) -> what the order contributes ("block" or "unblock", expanded, findings)
+OrderCache = dict[tuple[str, Order], tuple[str, Expanded, tuple[Finding, ...]]]
+
+
+def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: OrderCache | None = None) -> Prepared:
+    """Expand and guard every order of `policy`; every expansion problem is reported at once.
+
+    `orders` (valid for one catalog and guards) caches each order's expansion by its content:
+    a new serial that changes one order of a registry-sized policy expands and guards only that
+    order again.
+    """
     with gc_paused():
         infos: dict[str, OrderInfo] = {}
         blocks: list[tuple[str, Expanded]] = []
@@ -114,17 +123,26 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards) -> Prepared:
         for i, order in enumerate(policy.orders):
             key = order_key(policy, order)
             infos[key] = _info(policy, order)
-            try:
-                expanded = expand_order(policy, i, order, catalog)
-            except PolicyError as e:
-                problems.extend(e.problems or (Problem(e.where, e.message),))
-                continue
-            if order.action == "unblock":
+            hit = orders.get((key, order)) if orders is not None else None
+            if hit is None:
+                try:
+                    expanded = expand_order(policy, i, order, catalog)
+                except PolicyError as e:
+                    problems.extend(e.problems or (Problem(e.where, e.message),))
+                    continue
+                if order.action == "unblock":
+                    hit = ("unblock", expanded, ())
+                else:
+                    kept, order_findings = _guard(key, order, expanded, guards)
+                    hit = ("block", kept, tuple(order_findings))
+                if orders is not None:
+                    orders[(key, order)] = hit
+            kind, expanded, order_findings = hit
+            if kind == "unblock":
                 unblocks.append((key, expanded))
             else:
-                kept, order_findings = _guard(key, order, expanded, guards)
                 findings.extend(order_findings)
-                blocks.append((key, kept))
+                blocks.append((key, expanded))
         raise_problems(problems, PolicyError)
         return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings))
 

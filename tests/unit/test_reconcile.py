@@ -323,3 +323,32 @@ def test_plan_shows_what_the_daemon_will_do_when_the_catalog_breaks(settings: Se
     assert plan["remove"] == {"domains": [], "ipv4": [], "ipv6": []} and plan["from_digest"] == plan["to_digest"]
     assert any(f["input"] == "catalog" and "cannot expand the accepted policy" in f["error"]
                for f in plan["input_failures"])
+
+
+def test_a_new_serial_expands_only_the_orders_that_changed(settings: Settings, write_policy) -> None:
+    two = """\
+issuer: reg
+serial: {serial}
+issued_at: 2026-11-01T00:00:00Z
+not_before: 2026-11-01T00:00:00Z
+not_after: 2030-01-01T00:00:00Z
+orders:
+  - id: big
+    legal_basis: {{authority: Court, reference: R1}}
+    action: block
+    targets: {{services: [telegram]}}
+  - id: small
+    legal_basis: {{authority: Court, reference: R2}}
+    action: block
+    targets: {{domains: [{name}]}}
+"""
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(two.format(serial=1, name="a.example"), name="p-1.yaml")
+    run_pass(rec)
+    big1 = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)["reg/big"]  # type: ignore[arg-type]
+    write_policy(two.format(serial=2, name="b.example"), name="p-2.yaml")
+    r = run_pass(rec)
+    assert [p.serial for p in r.policies] == [2]
+    blocks = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)  # type: ignore[arg-type]
+    assert blocks["reg/big"] is big1, "the unchanged order is not expanded and guarded again"
+    assert blocks["reg/small"].domains == ("b.example",)
