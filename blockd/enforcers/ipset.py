@@ -12,6 +12,10 @@ ipset has no transactions, so atomicity comes from swapping whole sets:
                    applies them one by one; a failure part-way is undone with the inverse
                    operations (the datapath may see the partial diff for that moment).
 
+With a `Change` from what is held, the plan's union intervals are split into CIDRs and sent
+incrementally (or, when the plan does not fit what is held or the sets' maxelem, the full
+path runs); either way each entry touched is TESTed right after.
+
 hash:net holds CIDRs, so intervals are split (`cidr_keys`, via `ranges.interval_to_cidrs`);
 `readback` dumps the sets (a linear kernel dump) and merges the CIDRs back into intervals.
 Matching traffic is left to the operator's iptables rules
@@ -35,7 +39,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, RuleSet
+from blockd.model import Applied, Plan, RuleSet
 from blockd.ranges import BITS, interval_to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.ipset")
@@ -121,6 +125,18 @@ def cidr_keys(version: int, rules: Iterable[tuple[int, int, object]]) -> set[int
             out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
         start, end = first, last
     out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
+    return _no_slash0(bits, out)
+
+
+def plan_cidr_keys(version: int, intervals: Iterable[tuple[int, int]]) -> set[int]:
+    """A plan's union intervals -> CIDR keys, as `cidr_keys` splits them."""
+    out: set[int] = set()
+    for first, last in intervals:
+        out.update(n << 8 | p for n, p in interval_to_cidrs(version, first, last))
+    return _no_slash0(BITS[version], out)
+
+
+def _no_slash0(bits: int, out: set[int]) -> set[int]:
     if 0 in out:  # 0.0.0.0/0 or ::/0: hash:net refuses /0, so hold it as the two /1s
         out.discard(0)
         out.update((1, (1 << (bits - 1)) << 8 | 1))
@@ -205,6 +221,46 @@ class IpsetEnforcer(nl.KernelEnforcer):
         )
         log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, replaced=full,
                  in_sync=equal, duration_s=round(applied.duration_s, 4))
+        return applied
+
+    def _apply_plan(self, desired: RuleSet, plan: Plan) -> Applied | None:
+        """Send only `plan` (from exactly what `_held` holds) and TEST each entry it touched;
+        None (nothing sent) when it does not fit `_held` or a set's maxelem."""
+        t0 = time.perf_counter()
+        held = self._held
+        if held is None:
+            return None
+        adds = {4: plan_cidr_keys(4, plan.add_v4), 6: plan_cidr_keys(6, plan.add_v6)}
+        dels = {4: plan_cidr_keys(4, plan.del_v4), 6: plan_cidr_keys(6, plan.del_v6)}
+        for v in (4, 6):
+            same = adds[v] & dels[v]  # a CIDR of both an old and a new interval: leave it
+            adds[v] -= same
+            dels[v] -= same
+            if (not dels[v] <= held[v] or any(k in held[v] for k in adds[v])
+                    or len(held[v]) + len(adds[v]) > self._maxelem.get(v, 0)):
+                log.debug("ipset_plan_does_not_fit", enforcer=self.name, family=v)
+                return None
+        self._incremental(adds, dels)
+        for v in (4, 6):  # in place: O(change), not a copy of 1M keys
+            held[v] -= dels[v]
+            held[v] |= adds[v]
+        added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
+        t_read = time.perf_counter()
+        equal = not (added + removed) or self._entries_hold(adds, dels)
+        if not equal:
+            log.warning("ipset_readback_differs", enforcer=self.name, added=added, removed=removed)
+            self._read_kernel()
+        self.last_readback_s = time.perf_counter() - t_read
+        share = nl.share_digest(desired)
+        assert self._held is not None
+        applied = Applied(
+            enforcer=self.name, digest=share if equal else self._held_ruleset().digest, desired_digest=share,
+            added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_cidrs": len(self._held[4]), "ipv6_cidrs": len(self._held[6])},
+            readback_scope=self._scope, readback_at=self._read_at, full_readback_at=self._full_at,
+        )
+        log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, path="plan",
+                 in_sync=applied.in_sync, duration_s=round(applied.duration_s, 4))
         return applied
 
     def _entries_hold(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> bool:

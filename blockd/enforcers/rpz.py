@@ -15,7 +15,7 @@ import structlog
 from blockd.dns import rpz
 from blockd.dns.rpzserver import RpzServer
 from blockd.errors import EnforcerError
-from blockd.model import Applied, RuleSet
+from blockd.model import Applied, Change, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.rpz")
 
@@ -44,7 +44,8 @@ class RpzEnforcer:
             return rs
         return RuleSet.build(rs.domains, (), (), rs.orders)
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
+        """`change` is not used: the zone is compared with the version served."""
         t0 = time.perf_counter()
         s = self.server.settings
         want = self.enforced(desired)
