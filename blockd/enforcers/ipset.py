@@ -240,7 +240,7 @@ class IpsetEnforcer(nl.KernelEnforcer):
                     or len(held[v]) + len(adds[v]) > self._maxelem.get(v, 0)):
                 log.debug("ipset_plan_does_not_fit", enforcer=self.name, family=v)
                 return None
-        self._incremental(adds, dels)
+        self._incremental(adds, dels, exclusive=True)
         for v in (4, 6):  # in place: O(change), not a copy of 1M keys
             held[v] -= dels[v]
             held[v] |= adds[v]
@@ -280,9 +280,11 @@ class IpsetEnforcer(nl.KernelEnforcer):
         self._read_at, self._scope = at, "touched"
         return True
 
-    def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> None:
+    def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]], exclusive: bool = False) -> None:
+        """`exclusive`: an add of a present entry or a delete of an absent one is an error (a
+        plan's view of the sets is then wrong) and the change is undone."""
         t0 = time.perf_counter()
-        msgs = self._diff_msgs(adds, dels)
+        msgs = self._diff_msgs(adds, dels, exclusive)
         if not msgs:
             return
         failures = self._transact(msgs)
@@ -295,10 +297,11 @@ class IpsetEnforcer(nl.KernelEnforcer):
                          f"incremental update failed and was undone; {failures[0].describe(IPSET_ERRORS)}")
         self._record(len(msgs), sum(len(x) for x in (*adds.values(), *dels.values())), sum(map(len, msgs)), t0)
 
-    def _diff_msgs(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> list[bytes]:
+    def _diff_msgs(self, adds: dict[int, set[int]], dels: dict[int, set[int]], exclusive: bool = False) -> list[bytes]:
         # Adds before deletes: a prefix that is re-split stays blocked in between.
-        msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
-        return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
+        name, x = self.settings.name, exclusive
+        msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, name(v), adds[v], x)]
+        return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, name(v), dels[v], x)]
 
     def _replace(self, want: dict[int, set[int]]) -> None:
         """Fill shadow sets, then swap both in; on any failure the live sets are unchanged."""
@@ -396,15 +399,16 @@ class IpsetEnforcer(nl.KernelEnforcer):
     def _msg(self, cmd: int, flags: int, version: int, payload: bytes) -> bytes:
         return nl.msg((nl.NFNL_SUBSYS_IPSET << 8) | cmd, flags, NFPROTO[version], attr(A_PROTOCOL, bytes([PROTOCOL])) + payload)
 
-    def _adt_msgs(self, cmd: int, version: int, setname: str, keys: Iterable[int]) -> list[bytes]:
+    def _adt_msgs(self, cmd: int, version: int, setname: str, keys: Iterable[int],
+                  exclusive: bool = False) -> list[bytes]:
         items = [(k >> 8, k & 0xFF) for k in sorted(keys)]
         # LINENO is mandatory whenever ADT carries entries; 0 = "not from a file".
         prefix = attr_str(A_SETNAME, setname) + attr(A_LINENO, struct.pack("=I", 0))
         out = []
         for k in range(0, len(items), CHUNK[version]):
             body = pack_entries(version, items[k:k + CHUNK[version]])
-            # No NLM_F_EXCL: re-adding a present entry is a no-op rather than an error.
-            out.append(self._msg(cmd, 0, version, prefix + nest(A_ADT, body)))
+            # Without NLM_F_EXCL re-adding a present entry (deleting an absent one) is a no-op.
+            out.append(self._msg(cmd, nl.NLM_F_EXCL if exclusive else 0, version, prefix + nest(A_ADT, body)))
         return out
 
     def _transact(self, msgs: list[bytes]) -> list[nl.Failure]:
