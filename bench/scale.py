@@ -181,6 +181,8 @@ class Daemon:
         self.log = work / "blockd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: socket.socket | None = None
+        #: READY=1 datagrams seen; a thread drains the socket (systemd always reads it)
+        self._ready = threading.Semaphore(0)
 
     def launch(self) -> float:
         """Start and wait for READY=1; seconds from launch."""
@@ -188,6 +190,8 @@ class Daemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(path))
         self.notify.settimeout(0.5)
+        self._ready = threading.Semaphore(0)
+        threading.Thread(target=self._drain, args=(self.notify, self._ready), daemon=True).start()
         env = dict(os.environ, NOTIFY_SOCKET=str(path))
         t0 = time.monotonic()
         with open(self.log, "ab") as out:
@@ -197,17 +201,25 @@ class Daemon:
         self.wait_ready()
         return time.monotonic() - t0
 
+    @staticmethod
+    def _drain(sock: socket.socket, ready: threading.Semaphore) -> None:
+        while True:
+            try:
+                msg = sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            if "READY=1" in msg.split("\n"):
+                ready.release()
+
     def wait_ready(self) -> None:
         assert self.notify is not None and self.proc is not None
         t0 = time.monotonic()
         while time.monotonic() - t0 < DEADLINE_S:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"blockd exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                msg = self.notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in msg.split("\n"):
+            if self._ready.acquire(timeout=0.5):
                 return
         raise TimeoutError("no READY=1")
 
