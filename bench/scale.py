@@ -169,8 +169,8 @@ class Probe:
         q = dns.message.make_query(name, "A")
         try:
             r = dns.query.udp(q, "127.0.0.1", port=53, timeout=2, sock=self.udp)
-        except (TimeoutError, dns.exception.Timeout, OSError):
-            return False
+        except (TimeoutError, dns.exception.Timeout, OSError, dns.query.BadResponse, dns.query.UnexpectedSource):
+            return False  # not answered in time (or the late answer to an earlier query): ask again
         return r.rcode() == dns.rcode.NXDOMAIN
 
 
