@@ -167,8 +167,15 @@ class Probe:
 
     def blocked(self, name: str) -> bool:
         q = dns.message.make_query(name, "A")
+        self.udp.setblocking(False)
         try:
-            r = dns.query.udp(q, "127.0.0.1", port=53, timeout=2, sock=self.udp)
+            while self.udp.recv(4096):  # late answers to earlier queries that timed out
+                pass
+        except BlockingIOError:
+            pass
+        self.udp.settimeout(2)
+        try:
+            r = dns.query.udp(q, "127.0.0.1", port=53, timeout=2, sock=self.udp, ignore_unexpected=True)
         except (TimeoutError, dns.exception.Timeout, OSError, dns.query.BadResponse, dns.query.UnexpectedSource):
             return False  # not answered in time (or the late answer to an earlier query): ask again
         return r.rcode() == dns.rcode.NXDOMAIN
