@@ -17,10 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from blockd import minisign, trust
+from blockd.clock import MonotonicWallClock
+from blockd.reconcile import latest_acceptance
 from blockd.compile import Compilation, Prepared, merge, prepare
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write, read_regular
-from blockd.intake import Context, InputFailure, load_context, policy_files, read_candidates, state_candidates
+from blockd.intake import (
+    Context, InputFailure, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
+)
 from blockd.model import Policy, RuleSet, diff, union_intervals
 from blockd.names import display
 from blockd.policy import read_signed
@@ -39,12 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)  # SUPPRESSed where not given (see _parser)
+    if sys.stdout is None and getattr(args, "command_name", None) != "run":
+        print("blockd: error: stdout is closed; nothing could be reported", file=sys.stderr)
+        return EXIT_REFUSED
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     try:
         code = int(args.func(args))
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return code
     except BlockdError as e:
         _emit_error(args, e)
@@ -56,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _emit_error(args, BlockdError(f"{where}{e.strerror or e}"))
+        if e.filename is None:
+            _quiet_stdout()  # stdout itself failed (a full disk): the exit flush must not fail again
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
@@ -85,10 +95,12 @@ def _emit_error(args: argparse.Namespace, e: BlockdError) -> None:
             print(json.dumps({"command": getattr(args, "command_name", None), "ok": False,
                               "error": {"type": type(e).__name__, "message": message, "where": where},
                               "message": str(e)}))
+            return
         except BrokenPipeError:
             _quiet_stdout()
-    else:
-        print(f"blockd: error: {e}", file=sys.stderr)
+        except OSError:
+            pass  # stdout is full or broken: say it on stderr instead
+    print(f"blockd: error: {e}", file=sys.stderr)
 
 
 def _parse_now(text: str) -> datetime:
@@ -147,6 +159,18 @@ def _secret_key(path: str) -> minisign.SecretKey:
                                      password=password.encode() if password is not None else None)
 
 
+def _require_regular(path: Path, what: str) -> None:
+    """A file the command reads must be a regular file: a FIFO would hang it, /dev/zero fill memory."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BlockdError(f"{path}: cannot read {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BlockdError(f"{path}: not a regular file; expected a {what}")
+
+
 def _public_key(path: str) -> minisign.PublicKey:
     raw = read_regular(Path(path), 4096, what="minisign public key")
     return minisign.parse_public_key(raw.decode("utf-8", errors="replace"), where=path)
@@ -200,13 +224,16 @@ class Evaluation:
     compilation: Compilation
     before: Compilation  # the state's accepted policies alone (what is in force now)
     failures: tuple[InputFailure, ...]
+    explicit: bool = True  # files were named (not the whole policy directory)
 
 
 def _evaluate(args: argparse.Namespace) -> Evaluation:
     settings = _settings(args)
     ctx, failures = load_context(settings, save=False)
     paths = [Path(p) for p in args.policies] or (policy_files(settings.policy_dir) if settings.policy_dir.is_dir() else [])
-    now = args.now or datetime.now(timezone.utc)
+    # Judged as the daemon judges it: the wall clock, or the state's high-water mark if the
+    # clock stepped back (blockd.clock); nothing is written.
+    now = args.now or MonotonicWallClock(settings.state_dir / "clock.json", latest_acceptance(settings)).now()
     found, bad = read_candidates(paths, ctx)
     kept, kept_bad = state_candidates(ctx)
     cache: dict[str, Prepared] = {}
@@ -219,10 +246,25 @@ def _evaluate(args: argparse.Namespace) -> Evaluation:
     accepted = ctx.state.accepted_serials()
     baseline = ctx.state.baseline()
     sel = select([*found, *kept], [*bad, *kept_bad], accepted, now, prepared)
+    broken = [v for v in sel.with_status("rejected")
+              if v.kind == "expand" and v.digest in {a.digest for a in accepted.values()}]
+    good = context_from_copy(settings, ctx.store, ctx.state) if broken else None
+    if broken and good is not None and good.key != ctx.key:
+        # As the daemon does: a catalog that cannot expand an accepted policy is refused, the
+        # last good one (the state's copy) is used, and the refusal is reported.
+        failures.append(InputFailure("catalog", broken[0].source, f"the catalog cannot expand the accepted policy "
+                                     f"(serial {broken[0].serial} of {broken[0].issuer!r}): {broken[0].reason}; "
+                                     f"the daemon keeps the last good catalog (state copy)"))
+        ctx = good
+        found, bad = read_candidates(paths, ctx)
+        kept, kept_bad = state_candidates(ctx)
+        cache.clear()
+        sel = select([*found, *kept], [*bad, *kept_bad], accepted, now, prepared)
     old = select(kept, kept_bad, accepted, now, prepared)
     comp = merge(sel.prepared, ctx.compile, baseline, sel.order_statuses(), sel.policy_statuses())
     before = merge(old.prepared, ctx.compile, baseline, old.order_statuses(), old.policy_statuses())
-    return Evaluation(ctx, now, tuple(str(p) for p in paths), sel, comp, before, tuple(failures))
+    return Evaluation(ctx, now, tuple(str(p) for p in paths), sel, comp, before, tuple(failures),
+                      explicit=bool(args.policies))
 
 
 def _verdicts(ev: Evaluation) -> list[Verdict]:
@@ -232,10 +274,14 @@ def _verdicts(ev: Evaluation) -> list[Verdict]:
 
 
 def _takes_effect(ev: Evaluation) -> bool:
-    """Every file asked about is (or will be, when pending) in force, and no rule is refused."""
+    """Every file asked about is (or will be, when pending) in force, and no rule is refused.
+
+    Without file arguments the question is about the policy directory as the daemon sees it:
+    an old serial left there (superseded) or an ended one (expired) is not a fault; a refused
+    file or rule is."""
     given = set(ev.given)
-    return not ev.compilation.refused and all(v.status in ("active", "pending") for v in ev.selection.verdicts
-                                              if v.source in given)
+    fine = ("active", "pending") if ev.explicit else ("active", "pending", "superseded", "expired")
+    return not ev.compilation.refused and all(v.status in fine for v in ev.selection.verdicts if v.source in given)
 
 
 def _report(command: str, ev: Evaluation, ok: bool) -> dict[str, object]:
@@ -321,6 +367,10 @@ def cmd_accept(args: argparse.Namespace) -> int:
     superseded, or with rules a guard refuses) stops the whole command and nothing is written;
     a pending file is left for the daemon to record when it takes effect.
     """
+    if args.now is not None:
+        # What is recorded becomes what the daemon restores: it must be in force at the real
+        # clock, not at a time of the operator's choosing (that could drop the policy in force).
+        raise BlockdError("accept records policies at the current time; --now is for check and plan")
     with StateStore(_settings(args).state_dir).lock("blockd accept"):
         ev = _evaluate(args)
         ok = _takes_effect(ev)
@@ -370,6 +420,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logs.configure(json=not args.console, level=args.log_level)
     return run(_settings(args))
+
+
+def cmd_rpz_config(args: argparse.Namespace) -> int:
+    """Print the resolver configuration for the RPZ zones blockd serves for the policies in force."""
+    from blockd.dns import rpz, rpzconfig
+    from blockd.schema import endpoint
+
+    ev = _evaluate(args)
+    s = ev.ctx.settings.enforcers.rpz
+    if s is None:
+        raise BlockdError(f"{ev.ctx.settings.source}: enforcers.rpz is not configured; `rpz config` describes "
+                          f"the zones of the rpz enforcer")
+    if args.primary:
+        try:
+            primary = endpoint(args.primary, 53)
+        except ValueError as e:
+            raise BlockdError(f"--primary: {args.primary!r}: {e}") from None
+    else:
+        primary = s.listen[0]
+        if primary[0] in ("0.0.0.0", "::", ""):
+            raise BlockdError(f"enforcers.rpz.listen[0] is {primary[0]!r} (a wildcard): give the address resolvers "
+                              f"reach blockd at with --primary HOST:PORT")
+    try:
+        known = rpz.load_state(s.state_file).get("zones") or {}
+    except (OSError, ValueError):
+        known = {}
+    zones = rpzconfig.zones_for(s, ev.compilation.ruleset, known if isinstance(known, dict) else {})
+    text = rpzconfig.render(args.resolver, s, zones, primary, state_dir=args.resolver_dir, refresh=args.refresh)
+    data = {"command": "rpz config", "ok": True, "resolver": args.resolver, "layout": s.layout,
+            "zones": [{"zone": z.origin, "key": z.key, "text": z.text, "zone_file": z.zone_file} for z in zones],
+            "config": text}
+    _out(args, data, text.rstrip("\n"))
+    return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -458,6 +541,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print("blockd: error: give --key or --no-key, not both", file=sys.stderr)
         return EXIT_USAGE
     key = _public_key(args.key) if args.key else None
+    _require_regular(Path(args.log), "audit log")
+    for name in args.attestation or ():
+        read_regular(Path(name), MAX_STATEMENT_BYTES, what="attestation statement")
     anchors = []
     for name in args.attestation or ():
         st = attest.verify(Path(name), key) if key else json.loads(Path(name).read_bytes())
@@ -682,6 +768,21 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(metavar="COMMAND")
     sp = cfg_sub.add_parser("check", parents=[common], help="validate the config and what it names")
     sp.set_defaults(func=cmd_config_check, command_name="config check")
+
+    rpzp = sub.add_parser("rpz", parents=[common], help="RPZ primary commands")
+    rpz_sub = rpzp.add_subparsers(metavar="COMMAND")
+    sp = rpz_sub.add_parser("config", parents=[common], help="print the configuration of a resolver that consumes "
+                            "blockd's RPZ zones (one stanza per zone, for the policies in force)")
+    sp.add_argument("--for", dest="resolver", required=True, choices=("powerdns", "unbound", "bind", "knot"))
+    sp.add_argument("--primary", help="HOST:PORT resolvers reach blockd at (default: enforcers.rpz.listen[0])")
+    sp.add_argument("--resolver-dir", help="the resolver's directory for its copies of the zones")
+    sp.add_argument("--refresh", type=int, default=1, help="PowerDNS: seconds between SOA polls (default 1)")
+    sp.add_argument("policies", nargs="*", metavar="POLICY", help="policy files (default: the policy directory)")
+    sp.add_argument("--trust-store", dest="trust_store", help="trust store directory")
+    sp.add_argument("--catalog", dest="catalog_dir", help="service catalog directory")
+    sp.add_argument("--state-dir", dest="state_dir", help="state directory")
+    sp.add_argument("--now", type=_parse_now, help="evaluate at this time (ISO 8601 with zone) instead of the clock")
+    sp.set_defaults(func=cmd_rpz_config, command_name="rpz config")
 
     att = sub.add_parser("attest", parents=[common], help="attestation commands")
     att_sub = att.add_subparsers(metavar="COMMAND")

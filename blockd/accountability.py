@@ -32,7 +32,7 @@ import structlog
 from blockd import attest, minisign, tte
 from blockd.audit import GENESIS, AuditLog, Head, iso
 from blockd.errors import BlockdError
-from blockd.fsutil import atomic_write
+from blockd.fsutil import atomic_write, read_regular
 from blockd.model import RuleSet
 from blockd.reconcile import PassResult
 from blockd.settings import Settings
@@ -82,7 +82,8 @@ class Accountability:
             return None
         key = None
         if d.operator_key:
-            key = minisign.parse_secret_key(Path(d.operator_key).read_text(), where=d.operator_key)
+            raw = read_regular(Path(d.operator_key), 4096, what="minisign secret key")
+            key = minisign.parse_secret_key(raw.decode("utf-8", errors="replace"), where=d.operator_key)
         self = cls(settings, None, key, on_failure)
         if d.audit_log:
             self._audit_path = Path(d.audit_log)

@@ -31,12 +31,25 @@ log = structlog.get_logger("blockd.clock")
 NOISE_S = 2.0
 
 
+#: a forward step larger than this is held back until it has lasted CONFIRM_S
+FORWARD_TOLERANCE_S = 300.0
+CONFIRM_S = 600.0
+
+
 class MonotonicWallClock:
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, floor: datetime | None = None) -> None:
+        """`floor`: a time known to have passed (the latest `accepted_at` of the state), for a
+        first start on a clock that is behind and has no mark yet."""
         self.path = path
         self.high: datetime | None = self._load()
+        if floor is not None and (self.high is None or floor > self.high):
+            self.high = floor
         self._mono = time.monotonic()  # when `high` was the time (after a restart: when it was loaded)
         self.step_back_s = 0.0
+        #: a forward step being held back (seconds ahead of the judged time), 0 when none
+        self.step_ahead_s = 0.0
+        self._ahead_since: float | None = None
+        self._observed = False
         self._reported = False
         self._saved: datetime | None = self.high
 
@@ -56,6 +69,23 @@ class MonotonicWallClock:
         wall = wall or datetime.now(timezone.utc)
         mono = time.monotonic() if mono is None else mono
         floor = self.high + timedelta(seconds=max(0.0, mono - self._mono)) if self.high is not None else None
+        first, self._observed = not self._observed, True
+        # A forward step is only measured against what this process saw: after a restart the mark
+        # is as old as the downtime, and a clock ahead of it is the time that passed meanwhile.
+        if not first and floor is not None and (wall - floor).total_seconds() > FORWARD_TOLERANCE_S:
+            # A big forward step (a mistyped `date -s`, a bad NTP source) would expire policies at
+            # once and, kept as the mark, for good. It is taken only once it has lasted CONFIRM_S
+            # (a clock being corrected stays corrected); until then time flows from the mark.
+            if self._ahead_since is None:
+                self._ahead_since = mono
+                log.warning("clock_step_forward", ahead_s=round((wall - floor).total_seconds(), 1),
+                            wall=wall.isoformat(), judged_at=floor.isoformat(),
+                            note=f"held back; taken if it lasts {CONFIRM_S:.0f} s")
+            if mono - self._ahead_since < CONFIRM_S:
+                self.step_ahead_s = (wall - floor).total_seconds()
+                return floor
+            log.warning("clock_step_forward_taken", wall=wall.isoformat(), was=floor.isoformat())
+        self._ahead_since, self.step_ahead_s = None, 0.0
         if floor is None or wall >= floor:
             self.high, self._mono = wall, mono
             if self._reported:

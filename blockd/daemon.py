@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import struct
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -28,6 +31,7 @@ import structlog
 from blockd import metrics as m
 from blockd.accountability import Accountability
 from blockd.audit import iso
+from blockd.blockpage import BlockPageServer
 from blockd.attest import EnforcerPass
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
@@ -45,6 +49,18 @@ _READBACK_FAILED = "read-back failed: "
 
 #: the longest a boundary timer waits before it looks at the wall clock again
 BOUNDARY_TICK_S = 5.0
+
+
+def _block_page(settings: Settings) -> BlockPageServer | None:
+    """The HTTP 451 page, answering for the orders the sinkhole answers with its address."""
+    bp = settings.block_page
+    if bp is None:
+        return None
+    from dataclasses import replace
+
+    if settings.enforcers.dns is not None:
+        bp = replace(bp, default_answer=settings.enforcers.dns.default_answer)
+    return BlockPageServer(bp)
 
 
 def build_enforcers(settings: Settings) -> list[Enforcer]:
@@ -84,6 +100,8 @@ class Daemon:
         self.live = m.Live()
         self.metrics.registry.register(m.LiveCollector(self.live))
         self.enforcers = build_enforcers(settings)
+        self.block_page = _block_page(settings)
+        self._page_retry: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(settings, self.enforcers)
         for e in self.enforcers:  # counters exist at 0 from the start, so increase() sees the first event
             self.metrics.apply_failures.labels(e.name)
@@ -114,6 +132,7 @@ class Daemon:
         self.ready = False
         self.last: PassResult | None = None
         self._lock: StateLock | None = None
+        self._claims: list[socket.socket] = []
         self._seen: tuple[object, ...] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -125,11 +144,15 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self._manual.set)
         try:
             self._lock = StateStore(self.settings.state_dir).lock()
+            self._claims = claim_kernel_objects(self.settings)
         except (BlockdError, OSError) as e:
-            log.error("start_failed", reason="state_locked", error=str(e))
+            log.error("start_failed", reason="held_by_another_daemon", error=str(e))
             for enforcer in self.enforcers:
                 await enforcer.aclose()
             return 1
+        if not self.settings.policy_dir.is_dir():
+            log.warning("policy_dir_missing", directory=str(self.settings.policy_dir),
+                        note="serving the state's accepted policies; the directory is watched for")
         await self._pass("start")
         if self.last is None:
             # Fail closed: with no rule set there is nothing safe to serve. Kernel rules from
@@ -204,6 +227,17 @@ class Daemon:
         self._wake.set()
 
     async def _start_listeners(self) -> None:
+        page = self.block_page
+        if page is not None:
+            try:
+                await page.start()
+            except OSError as e:  # the DNS answers stand without the page; said once, blockd_block_page_up 0
+                log.error("block_page_failed", listen=[f"{h}:{p}" for h, p in page.settings.listen],
+                          error=e.strerror or str(e), hint="block_page.listen must be a local address (the "
+                          "sinkhole address) and port 80 free; retrying")
+                self._page_retry = asyncio.get_running_loop().create_task(
+                    page.keep_trying(self.settings.daemon.retry_max_s))
+            self.live.block_page = lambda: (page.listening, dict(page.stats))
         for e in self.enforcers:
             server = getattr(e, "server", None)
             if server is not None:
@@ -212,11 +246,15 @@ class Daemon:
         if dns is not None:
             stats = dns.server.stats  # type: ignore[attr-defined]
             self.live.dns = lambda: (dict(stats.results), stats.by_order())
+            srv = dns.server  # type: ignore[attr-defined]
+            self.live.dns_defence = lambda: (dict(srv.tcp_closed), dict(srv.forwarder.rejected))
         rpz = next((e for e in self.enforcers if e.name == "rpz"), None)
         if rpz is not None:
             primary = rpz.server  # type: ignore[attr-defined]
             self.live.rpz = lambda: (primary.serial, {a: s.serial for a, s in primary.secondaries().items()},
                                      dict(primary.stats))
+            self.live.rpz_zones = lambda: {z: (n, {a: s.serial for a, s in held.items()})
+                                           for z, (n, held) in primary.zone_states().items()}
 
     async def _shutdown(self, *, remove_rules: bool) -> None:
         if remove_rules:
@@ -227,8 +265,14 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self._page_retry is not None:
+            self._page_retry.cancel()
+        if self.block_page is not None:
+            await self.block_page.aclose()
         if self._lock is not None:
             self._lock.close()
+        for sock in self._claims:
+            sock.close()
         log.info("daemon_stopped", kept_rules=not remove_rules)
 
     # -- passes -----------------------------------------------------------------------------
@@ -299,6 +343,8 @@ class Daemon:
             return
         self._pass_failed = False
         self.last = result
+        if self.block_page is not None:
+            self.block_page.update(result.compilation.ruleset)
         self._boundary = result.next_boundary
         now = datetime.now(timezone.utc)
         for name, a in result.applied.items():
@@ -392,6 +438,7 @@ class Daemon:
             mt.state_write_failures.inc()
         if self.reconciler.clock is not None:
             mt.clock_behind.set(self.reconciler.clock.step_back_s)
+            mt.clock_ahead.set(self.reconciler.clock.step_ahead_s)
         m.replace_labels(mt.policy_serial, {(p.issuer,): p.serial for p in r.policies})
         m.replace_labels(mt.policy_issued, {(p.issuer,): p.issued_at.timestamp() for p in r.policies})
         m.replace_labels(mt.policy_expiry, {(p.issuer,): p.not_after.timestamp() for p in r.policies})
@@ -460,32 +507,64 @@ class Daemon:
 
     # -- periodic work ----------------------------------------------------------------------
     async def _drift_loop(self) -> None:
-        """Read every enforcer back; re-apply where it no longer holds what it was given."""
+        """Read every enforcer back; re-apply where it no longer holds what it was given.
+
+        The read-back (seconds at 1M rules) runs without the apply lock: a change arriving
+        meanwhile is compiled and applied beside it, not queued behind a full dump (each
+        enforcer serialises its own backend). Only the repair takes the lock, and a read-back
+        that a pass overtook is dropped: the pass read back what it changed, and the next
+        round checks the rest.
+        """
         interval = self.settings.daemon.drift_check_s
         while True:
             await asyncio.sleep(interval)
-            async with self._apply_lock:
-                try:
-                    if await self._check_drift():
+            try:
+                desired = self.reconciler.desired
+                if desired is None or self.last is None:
+                    continue
+                reads = await self._read_all(desired)
+                async with self._apply_lock:
+                    if self.reconciler.desired is not desired:
+                        log.debug("drift_check_overtaken", note="a pass applied a newer rule set meanwhile")
+                        continue
+                    if await self._check_drift(desired, reads):
                         self.metrics.last_reconcile.set(time.time())  # a full read-back that agrees
-                except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
-                    log.exception("drift_check_crashed", error=str(e))
+            except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
+                log.exception("drift_check_crashed", error=str(e))
 
-    async def _check_drift(self) -> bool:
+    async def _read_all(self, desired: RuleSet) -> dict[str, tuple[RuleSet, float, datetime] | EnforcerError]:
+        """Every enforcer's full read-back (or its error), not yet recorded as what it holds."""
+        out: dict[str, tuple[RuleSet, float, datetime] | EnforcerError] = {}
+        for e in self.enforcers:
+            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+                continue  # its apply fails: the pass loop retries it with backoff
+            t0 = time.perf_counter()
+            try:
+                held = await e.readback()
+            except EnforcerError as exc:
+                out[e.name] = exc
+                continue
+            out[e.name] = (held, time.perf_counter() - t0, datetime.now(timezone.utc))
+        return out
+
+    async def _check_drift(self, desired: RuleSet,
+                           reads: dict[str, tuple[RuleSet, float, datetime] | EnforcerError]) -> bool:
         """True when every enforcer was read back and holds (or again holds) what it should."""
-        desired = self.reconciler.desired
-        if desired is None or self.last is None:
+        if self.last is None:
             return False
         clean = True
         repairs: list[dict[str, object]] = []
         for e in self.enforcers:
-            if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
+            read = reads.get(e.name)
+            if read is None:
                 # its apply fails: the pass loop retries it with backoff, and says so once
                 self.metrics.in_sync.labels(e.name).set(0)
                 clean = False
                 continue
             try:
-                found, held = await self._read_back(e, desired)
+                if isinstance(read, EnforcerError):
+                    raise read
+                found, held = await self._record_readback(e, desired, *read)
                 repaired = await check_and_repair(e, desired, held)
             except EnforcerError as exc:
                 self.metrics.in_sync.labels(e.name).set(0)
@@ -520,13 +599,16 @@ class Daemon:
         """A full read-back of `e`, recorded as what it holds now (EnforcerError if it fails)."""
         t0 = time.perf_counter()
         held = await e.readback()
-        now = datetime.now(timezone.utc)
+        return await self._record_readback(e, desired, held, time.perf_counter() - t0, datetime.now(timezone.utc))
+
+    async def _record_readback(self, e: Enforcer, desired: RuleSet, held: RuleSet, took_s: float,
+                               now: datetime) -> tuple[Applied, RuleSet]:
         prev = self.held.get(e.name)
         if prev is not None and e.name not in self.errors:
             share = prev[0].desired_digest
         else:
             share = await asyncio.to_thread(self._share_digest, e, desired)
-        a = Applied(e.name, held.digest, share, 0, 0, time.perf_counter() - t0, held.counts(), "full", now, now)
+        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), "full", now, now)
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
             del self.errors[e.name]
@@ -537,6 +619,7 @@ class Daemon:
             self.reconciler.now()  # measures a wall clock step, also while no pass runs
             if self.reconciler.clock is not None:
                 self.metrics.clock_behind.set(self.reconciler.clock.step_back_s)
+                self.metrics.clock_ahead.set(self.reconciler.clock.step_ahead_s)
             for e in self.enforcers:
                 stats: Callable[[], object] | None = getattr(e, "stats", None)
                 if stats is not None:
@@ -564,9 +647,16 @@ class Daemon:
             self._manual.clear()
             if self.last is None:
                 continue
+            desired = self.reconciler.desired
+            # The read-back runs beside changes (see _drift_loop); it is redone under the lock
+            # in the rare case a pass applied a newer rule set meanwhile.
+            reads = await self._read_all(desired) if desired is not None else {}
             async with self._apply_lock:
                 try:
-                    await self._refresh_readback()
+                    if desired is not None and self.reconciler.desired is desired:
+                        await self._record_all(desired, reads)
+                    else:
+                        await self._refresh_readback()
                     self._observe_sync()
                     passes = self.enforcer_passes()
                     self.accountability.record(self.last, passes)
@@ -589,10 +679,69 @@ class Daemon:
                 log.error("readback_failed", enforcer=e.name, errno=exc.errno, error=str(exc))
                 self.errors.setdefault(e.name, f"{_READBACK_FAILED}{exc}")
 
+    async def _record_all(self, desired: RuleSet,
+                          reads: dict[str, tuple[RuleSet, float, datetime] | EnforcerError]) -> None:
+        for e in self.enforcers:
+            read = reads.get(e.name)
+            if isinstance(read, EnforcerError):
+                log.error("readback_failed", enforcer=e.name, errno=read.errno, error=str(read))
+                self.errors.setdefault(e.name, f"{_READBACK_FAILED}{read}")
+            elif read is not None:
+                await self._record_readback(e, desired, *read)
+
     def _observe_sync(self) -> None:
         for name, e in self.enforcer_passes().items():
             self.metrics.in_sync.labels(name).set(1 if e.in_sync else 0)
 
 
+def claim_kernel_objects(settings: Settings) -> list[socket.socket]:
+    """Hold the kernel objects this daemon drives (its nft table, its ipset sets) alone in this
+    network namespace, as the state lock does for the state directory: an abstract unix socket
+    lives in the network namespace, needs no file, and goes away with the process.
+
+    A second daemon with another state directory would otherwise flip the same table between two
+    rule sets, each repairing the other's "drift" and attesting it.
+    """
+    names = []
+    e = settings.enforcers
+    if e.nft is not None:
+        names.append(f"nft table inet {e.nft.table}")
+    if e.ipset is not None:
+        names.append(f"ipset sets {e.ipset.prefix}4/{e.ipset.prefix}6")
+    held: list[socket.socket] = []
+    for name in names:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        address = "\0blockd: " + name
+        try:
+            sock.bind(address)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            for other in held:
+                other.close()
+            raise BlockdError(f"the {name} in this network namespace is driven by another blockd "
+                              f"({_holder(address)}); only one daemon may drive it") from None
+        held.append(sock)
+    return held
+
+
+def _holder(address: str) -> str:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            probe.connect(address)
+            pid, _, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            return f"pid {pid}"
+    except OSError:
+        return "pid unknown"
+
+
+#: how often a thread holding the GIL hands it over (CPython's default is 5 ms): passes run in a
+#: worker thread, and a query waiting for the GIL behind them would wait that long each time
+GIL_SWITCH_S = 0.001
+
+
 def run(settings: Settings) -> int:
+    sys.setswitchinterval(GIL_SWITCH_S)
     return asyncio.run(Daemon(settings).run())

@@ -132,6 +132,8 @@ class SharedInfra:
 
 
 MAX_SHARED_INFRA_BYTES = 16 << 20
+#: the widest prefix a shared-infrastructure list may hold, per IP version
+SHARED_INFRA_FLOOR = {4: 8, 6: 16}
 
 
 def read_shared_infra(directory: Path | None) -> dict[str, tuple[str, bytes]]:
@@ -176,9 +178,18 @@ def parse_shared_infra(files: Iterable[tuple[str, bytes]]) -> SharedInfra:
             if not line:
                 continue
             try:
-                cidrs.append(ranges.parse_cidr(line))
+                cidr = ranges.parse_cidr(line)
             except ValueError as e:
                 problems.append(Problem(f"{where}:{lineno}", str(e)))
+                continue
+            floor = SHARED_INFRA_FLOOR[cidr.version]
+            if cidr.prefixlen < floor:
+                # An unsigned list: one wide line (0.0.0.0/0) would make every address "shared"
+                # and refuse all IP blocking. The widest real provider ranges are /9 and /16.
+                problems.append(Problem(f"{where}:{lineno}", f"{line!r} is wider than /{floor}; no provider's range "
+                                        f"is, and it would shield all of that space from blocking"))
+                continue
+            cidrs.append(cidr)
         providers.append(Provider(name, source, tuple(sorted(set(cidrs)))))
     raise_problems(problems, CatalogError)
     return SharedInfra.build(tuple(providers))

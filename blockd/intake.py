@@ -14,14 +14,14 @@ The I/O half of the pipeline (`selection` and `compile` are the pure half):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
 from blockd import trust
 from blockd.catalog import CatalogFiles, build_catalog, read_catalog_files
 from blockd.compile import CompileSettings
-from blockd.errors import BlockdError, CatalogError, InputError
+from blockd.errors import BlockdError, CatalogError, InputError, PolicyError
 from blockd.fsutil import read_regular
 from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
 from blockd.model import Catalog, Policy
@@ -89,6 +89,14 @@ def load_context(settings: Settings, previous: Context | None = None, *, save: b
         failures.append(InputFailure("trust_store", e.where, f"{e.message}; the trust store loaded before stays in use"))
         store = previous.store
     failures += [InputFailure("trust_store", p.where, p.message) for p in store.problems]
+    if previous is not None:
+        store = keep_refused_issuers(store, previous.store, failures)
+    elif store.refused and state.trust_copy.is_dir():
+        # A restart after a bad edit: the refused issuers come from the state's last good copy.
+        try:
+            store = keep_refused_issuers(store, trust.load_trust_store(state.trust_copy), failures)
+        except InputError:
+            pass
 
     files: CatalogFiles | None = None
     try:
@@ -114,6 +122,33 @@ def load_context(settings: Settings, previous: Context | None = None, *, save: b
     except OSError as e:
         failures.append(InputFailure("state", str(state.directory), f"cannot save the catalog's copy: {e.strerror}"))
     return ctx, failures
+
+
+def keep_refused_issuers(store: trust.TrustStore, previous: trust.TrustStore,
+                         failures: list[InputFailure]) -> trust.TrustStore:
+    """An issuer refused for a bad file keeps its last good entry (a bad edit is not a
+    revocation); an issuer whose directory or key was removed cleanly is gone, as intended."""
+    kept = {name: previous.issuers[name] for name in store.refused if name in previous.issuers}
+    if not kept:
+        return store
+    for name in sorted(kept):
+        failures.append(InputFailure("trust_store", name, f"issuer {name!r} is refused; its last good keys, threshold "
+                                                          f"and roles stay in use"))
+    issuers = {**store.issuers, **kept}
+    owners = {key_id: name for name, issuer in issuers.items() for key_id in issuer.keys}
+    mark = hashlib.sha256(f"{store.digest}\0kept:{sorted(kept)}\0{previous.digest}".encode()).hexdigest()
+    return replace(store, issuers=MappingProxyType(issuers), owners=MappingProxyType(owners), digest=mark)
+
+
+def context_from_copy(settings: Settings, store: trust.TrustStore, state: StateStore) -> Context | None:
+    """The context built from the state's last good catalog copy (None if there is none or it fails)."""
+    files = state.context_copy()
+    if files is None:
+        return None
+    try:
+        return build_context(settings, store, files, state, "state copy")
+    except CatalogError:
+        return None
 
 
 def read_context_files(settings: Settings) -> CatalogFiles:
@@ -162,6 +197,10 @@ def read_candidates(paths: list[Path], ctx: Context, parsed: ParseCache | None =
                                                 parsed=parsed)
         except BlockdError as e:
             unreadable.append(Unreadable(str(path), e, _digest_of(path, ctx.settings.max_policy_bytes)))
+            continue
+        except (ValueError, RecursionError, MemoryError) as e:  # a parser's limit, not ours: still this file alone
+            error = PolicyError(f"cannot be parsed ({type(e).__name__}: {str(e)[:200]})", where=str(path))
+            unreadable.append(Unreadable(str(path), error, _digest_of(path, ctx.settings.max_policy_bytes)))
             continue
         candidates.append(Candidate(policy, signed))
     return candidates, unreadable

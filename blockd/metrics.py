@@ -56,6 +56,7 @@ class Metrics:
     policy_dir_events: Counter
     state_write_failures: Counter
     clock_behind: Gauge
+    clock_ahead: Gauge
     write_failures: Counter
     ready: Gauge
 
@@ -119,6 +120,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
             registry=r),
         clock_behind=Gauge("blockd_clock_behind_seconds", "How far the wall clock is behind the highest time seen "
                            "(a step back); validity windows are judged at the highest time", registry=r),
+        clock_ahead=Gauge("blockd_clock_ahead_held_seconds", "A forward step of the wall clock being held back "
+                          "(taken once it has lasted 10 minutes); 0 when none", registry=r),
         write_failures=Counter("blockd_attestation_write_failures_total",
                                "Failed writes of statements (attestation), the audit log (audit) or the "
                                "time-to-enforce state (state); enforcement continues, the write is retried",
@@ -201,8 +204,14 @@ class Live:
 
     kernel: dict[str, object] = field(default_factory=dict)  # enforcer -> KernelStats
     dns: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None  # (by result, by order)
+    #: the sinkhole's defences: (TCP connections refused or cut by reason, upstream replies rejected by reason)
+    dns_defence: Callable[[], tuple[Mapping[str, int], Mapping[str, int]]] | None = None
     #: (serial served or None, {secondary address: serial it holds or None}, RpzServer.stats)
     rpz: Callable[[], tuple[int | None, Mapping[str, int | None], Mapping[str, int]]] | None = None
+    #: every RPZ zone served: {zone: (serial, {secondary address: serial it holds or None})}
+    rpz_zones: Callable[[], Mapping[str, tuple[int, Mapping[str, int | None]]]] | None = None
+    #: the HTTP 451 page: (listening, {result: responses})
+    block_page: Callable[[], tuple[bool, Mapping[str, int]]] | None = None
 
 
 class LiveCollector(Collector):
@@ -241,29 +250,81 @@ class LiveCollector(Collector):
             for issuer, n in sorted(by_issuer.items()):
                 blocked.add_metric([issuer], n)
             yield blocked
+            closed_by, rejected_by = self.live.dns_defence() if self.live.dns_defence is not None else ({}, {})
+            closed = CounterMetricFamily("blockd_dns_tcp_connections_closed",
+                                         "DNS TCP connections refused or cut by the sinkhole, by reason",
+                                         labels=["reason"])
+            for reason, n in sorted(closed_by.items()):
+                closed.add_metric([reason], n)
+            yield closed
+            rejected = CounterMetricFamily("blockd_dns_upstream_replies_rejected",
+                                           "Upstream DNS replies refused (forged or not matching the query), by reason",
+                                           labels=["reason"])
+            for reason, n in sorted(rejected_by.items()):
+                rejected.add_metric([reason], n)
+            yield rejected
         if self.live.rpz is not None:
-            yield from rpz_metrics(*self.live.rpz())
+            zones = self.live.rpz_zones() if self.live.rpz_zones is not None else None
+            yield from rpz_metrics(*self.live.rpz(), zones=zones)
+        if self.live.block_page is not None:
+            up, counts = self.live.block_page()
+            yield GaugeMetricFamily("blockd_block_page_up", "1 while the HTTP 451 block page listens", value=int(up))
+            served = CounterMetricFamily("blockd_block_page_responses", "Block page responses, by result "
+                                         "(served: a 451 page; not_found: no sinkhole order for the Host)",
+                                         labels=["result"])
+            for result in ("served", "not_found", "bad", "overload"):
+                served.add_metric([result], counts.get(result, 0))
+            yield served
 
 
-def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None],
-                stats: Mapping[str, int]) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None], stats: Mapping[str, int],
+                zones: Mapping[str, tuple[int, Mapping[str, int | None]]] | None = None,
+                ) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
     """The RPZ primary's serial, what each secondary holds, and transfer/NOTIFY counters.
 
     `secondary` labels are addresses, bounded by the `notify` list plus the transfer ACL
     (at most `rpzserver.MAX_SECONDARIES`). A secondary whose serial is unknown is not in sync.
+    With more than one zone (`zones`, layout `authority` or `order`), `blockd_rpz_serial` and
+    `blockd_rpz_secondary_serial` are per zone only (`blockd_rpz_zone_*`), and
+    `blockd_rpz_secondary_in_sync` is 1 only when the secondary holds every zone's serial.
+    `zone` labels are bounded by the authorities (or orders) in force.
     """
-    if serial is not None:
+    multi = zones is not None and len(zones) > 1
+    if serial is not None and not multi:
         yield GaugeMetricFamily("blockd_rpz_serial", "SOA serial of the RPZ zone being served", value=serial)
     held = GaugeMetricFamily("blockd_rpz_secondary_serial", "Last SOA serial each RPZ secondary is known to hold",
                              labels=["secondary"])
     in_sync = GaugeMetricFamily("blockd_rpz_secondary_in_sync",
-                                "1 when the secondary is known to hold the serial being served", labels=["secondary"])
-    for addr, s in sorted(secondaries.items()):
-        if s is not None:
-            held.add_metric([addr], s)
-        in_sync.add_metric([addr], 1 if s is not None and s == serial else 0)
+                                "1 when the secondary is known to hold the serial being served (of every zone)",
+                                labels=["secondary"])
+    if not multi:
+        for addr, s in sorted(secondaries.items()):
+            if s is not None:
+                held.add_metric([addr], s)
+            in_sync.add_metric([addr], 1 if s is not None and s == serial else 0)
+    else:
+        assert zones is not None
+        addrs = sorted({a for _, held_by in zones.values() for a in held_by})
+        for addr in addrs:
+            ok = all(held_by.get(addr) == zs for zs, held_by in zones.values() if addr in held_by)
+            in_sync.add_metric([addr], 1 if ok else 0)
     yield held
     yield in_sync
+    if zones is not None:
+        zserial = GaugeMetricFamily("blockd_rpz_zone_serial", "SOA serial served, per RPZ zone", labels=["zone"])
+        zheld = GaugeMetricFamily("blockd_rpz_zone_secondary_serial", "Last SOA serial of the zone each "
+                                  "secondary is known to hold", labels=["zone", "secondary"])
+        zsync = GaugeMetricFamily("blockd_rpz_zone_secondary_in_sync", "1 when the secondary is known to hold "
+                                  "the zone's serial being served", labels=["zone", "secondary"])
+        for zone, (zs, held_by) in sorted(zones.items()):
+            zserial.add_metric([zone], zs)
+            for addr, s in sorted(held_by.items()):
+                if s is not None:
+                    zheld.add_metric([zone, addr], s)
+                zsync.add_metric([zone, addr], 1 if s == zs else 0)
+        yield zserial
+        yield zheld
+        yield zsync
     transfers = CounterMetricFamily("blockd_rpz_transfers", "Zone transfers served, by kind (ixfr_as_axfr: "
                                     "an IXFR the journal could not bridge, answered with the full zone)",
                                     labels=["kind"])
@@ -275,6 +336,11 @@ def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None],
     notifies.add_metric(["acked"], stats.get("notify_acked", 0))
     notifies.add_metric(["failed"], stats.get("notify_failed", 0))
     yield notifies
+    wipes = CounterMetricFamily("blockd_rpz_cache_wipes", "Names wiped from resolvers' caches by NOTIFY after "
+                                "their transfer (wipe_cache), by result", labels=["result"])
+    wipes.add_metric(["acked"], stats.get("cache_wipes", 0))
+    wipes.add_metric(["failed"], stats.get("cache_wipes_failed", 0))
+    yield wipes
 
 
 async def serve(registry: CollectorRegistry, host: str, port: int,

@@ -200,14 +200,16 @@ def sign(
     )
 
 
-def verify(data: bytes, sig: Signature, key: PublicKey, where: str = "") -> None:
-    """Raise SignatureError unless `sig` is `key`'s valid signature of `data` and its trusted comment."""
+def verify(data: bytes, sig: Signature, key: PublicKey, where: str = "", *, prehash: bytes | None = None) -> None:
+    """Raise SignatureError unless `sig` is `key`'s valid signature of `data` and its trusted comment.
+
+    `prehash`: BLAKE2b-512 of `data`, when the caller checks several signatures of one file."""
     if sig.key_id != key.key_id:
         raise SignatureError(
             f"signature key id {sig.key_id_hex} does not match public key {key.id_hex}", where=where
         )
     public = Ed25519PublicKey.from_public_bytes(key.key)
-    message = hashlib.blake2b(data).digest() if sig.algorithm == "ED" else data
+    message = (prehash or hashlib.blake2b(data).digest()) if sig.algorithm == "ED" else data
     try:
         public.verify(sig.signature, message)
     except InvalidSignature:

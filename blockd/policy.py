@@ -50,10 +50,12 @@ def read_signed(path: Path, store: trust.TrustStore, *, role: str, max_bytes: in
                 what: str = "policy file") -> SignedFile:
     """Read a file and verify its detached signatures; nothing is parsed before this returns."""
     where = str(path)
+    paths = trust.signature_paths(path)
+    if len(paths) > trust.MAX_SIGNATURES:  # before reading any: refusing must stay cheap
+        raise SignatureError(f"{len(paths)} signature files; at most {trust.MAX_SIGNATURES} are read", where=where)
     try:
         data = read_regular(path, max_bytes, what=what)
-        sigs = tuple((str(p), read_regular(p, MAX_SIGNATURE_BYTES, what="minisign signature"))
-                     for p in trust.signature_paths(path))
+        sigs = tuple((str(p), read_regular(p, MAX_SIGNATURE_BYTES, what="minisign signature")) for p in paths)
     except InputError as e:
         raise PolicyError(e.message, where=e.where) from None
     texts = [(name, raw.decode("utf-8", errors="replace")) for name, raw in sigs]

@@ -29,13 +29,14 @@ import structlog
 from blockd.clock import MonotonicWallClock
 from blockd.compile import Baseline, Compilation, Prepared, merge, prepare
 from blockd.enforcers.base import Enforcer
-from blockd.errors import EnforcerError
+from blockd.errors import BlockdError, EnforcerError
 from blockd.intake import (
-    Context, InputFailure, ParseCache, Rejected, load_context, policy_files, read_candidates, state_candidates,
+    Context, InputFailure, ParseCache, Rejected, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
 )
 from blockd.model import Applied, Change, Plan, Policy, RuleSet, diff
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
+from blockd.state import StateStore
 
 log = structlog.get_logger("blockd.reconcile")
 
@@ -82,10 +83,12 @@ class Reconciler:
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
     clock: MonotonicWallClock | None = None
+    #: the last context that expanded every accepted policy
+    _good_ctx: Context | None = None
 
     def __post_init__(self) -> None:
         if self.clock is None:
-            self.clock = MonotonicWallClock(self.settings.state_dir / "clock.json")
+            self.clock = MonotonicWallClock(self.settings.state_dir / "clock.json", latest_acceptance(self.settings))
 
     def now(self) -> datetime:
         """The time windows are judged at: the wall clock, never stepping back (blockd.clock)."""
@@ -93,9 +96,40 @@ class Reconciler:
         return self.clock.now()
 
     def refresh_context(self) -> list[InputFailure]:
-        """Reload trust store and catalog; a bad file is refused and the last good ones stay."""
-        self.ctx, failures = load_context(self.settings, self.ctx)
+        """Reload trust store and catalog; a bad file is refused and the last good ones stay.
+
+        The state's copy of the catalog is written only once a pass has shown that the
+        catalog still expands every accepted policy (see `_guard_accepted`)."""
+        self.ctx, failures = load_context(self.settings, self.ctx, save=False)
         return failures
+
+    def _guard_accepted(self, ctx: Context, sel: Selection, now: datetime,
+                        failures: list[InputFailure]) -> tuple[Context, Selection]:
+        """A catalog that loads cleanly but cannot expand an accepted policy (a service dropped
+        or renamed by a signed update, a file removed) is refused like a bad one: the last
+        good catalog stays, so what is enforced is not unblocked by a catalog change."""
+        accepted = {a.digest for a in ctx.state.accepted_serials().values()}
+        broken = [v for v in sel.with_status("rejected") if v.kind == "expand" and v.digest in accepted]
+        if not broken:
+            if ctx.origin == "live" and ctx.files is not None:
+                try:
+                    ctx.state.save_context_copy(ctx.files)
+                    if not ctx.store.refused:
+                        ctx.state.save_trust_copy(self.settings.trust_store, ctx.store.digest)
+                except OSError as e:
+                    failures.append(InputFailure("state", str(ctx.state.directory),
+                                                 f"cannot save the catalog's copy: {e.strerror}"))
+            self._good_ctx = ctx
+            return ctx, sel
+        good = self._good_ctx if self._good_ctx is not None and self._good_ctx.key != ctx.key else None
+        good = good or context_from_copy(self.settings, ctx.store, ctx.state)
+        if good is None or good.key == ctx.key:
+            return ctx, sel  # nothing better to fall back to: the refusals stand, and are reported
+        v = broken[0]
+        failures.append(InputFailure("catalog", v.source, f"the catalog cannot expand the accepted policy "
+                                     f"(serial {v.serial} of {v.issuer!r}): {v.reason}; the last good catalog "
+                                     f"({good.origin}) stays in use"))
+        return good, self.select(good, now)
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
         now = now or self.now()
@@ -128,7 +162,7 @@ class Reconciler:
                  policies=len(in_force), pending=len(pending), rejected=len(new), failed=sorted(failed),
                  duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
         return PassResult(comp, in_force, pending, new, applied, failed, changed,
-                          sel.next_boundary(now), {p.digest: self.received[p.digest] for p in in_force},
+                          sel.next_boundary(now), {p.digest: self.received.get(p.digest, now) for p in in_force},
                           sel.verdicts, tuple(failures), new_failures, self.state_error)
 
     def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
@@ -136,9 +170,7 @@ class Reconciler:
         assert self.ctx is not None
         ctx = self.ctx
         sel = self.select(ctx, now)
-        for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
-            if v.digest is not None:
-                self.received.setdefault(v.digest, now)
+        ctx, sel = self._guard_accepted(ctx, sel, now, failures)
         try:
             self._record(ctx, sel, now)
             self.state_error = None
@@ -151,6 +183,9 @@ class Reconciler:
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]
+        for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
+            if v.digest is not None:
+                self.received.setdefault(v.digest, now)
         statuses, policy_statuses = sel.order_statuses(), sel.policy_statuses()
         key = (ctx.key, tuple((p.policy.digest, p.policy.source) for p in sel.prepared),
                tuple(sorted(statuses.items())), tuple(sorted(policy_statuses.items())))
@@ -234,3 +269,13 @@ class Reconciler:
                      in_sync=result.in_sync, duration_s=round(result.duration_s, 4))
         return applied, failed
 
+
+
+def latest_acceptance(settings: Settings) -> datetime | None:
+    """The latest `accepted_at` in the state: that time has passed, whatever the clock says."""
+    try:
+        times = [datetime.fromisoformat(a.accepted_at.replace("Z", "+00:00"))
+                 for a in StateStore(settings.state_dir).accepted().values()]
+    except (BlockdError, ValueError, OSError):
+        return None
+    return max(times, default=None)

@@ -20,6 +20,8 @@ from blockd.errors import InputError, Problem, raise_problems
 from blockd.strictyaml import YMap, YSeq
 
 T = TypeVar("T")
+#: serials and thresholds are far below 10**18; a 4,300-digit integer is an attack on int()
+MAX_INT_DIGITS = 18
 _INT = re.compile(r"[+-]?[0-9]+")
 _NULLS = {"", "~", "null", "Null", "NULL"}
 
@@ -95,6 +97,9 @@ class Reader:
     def integer(self, value: object, path: str, line: int | None, *, minimum: int | None = None) -> int | None:
         if not isinstance(value, str) or not _INT.fullmatch(value):
             self.error(path, line, f"expected an integer; got {_show(value)}")
+            return None
+        if len(value.lstrip("+-")) > MAX_INT_DIGITS:
+            self.error(path, line, f"an integer of {len(value)} digits; at most {MAX_INT_DIGITS} digits")
             return None
         number = int(value)
         if minimum is not None and number < minimum:

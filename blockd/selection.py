@@ -81,7 +81,9 @@ class Verdict:
     def as_json(self) -> dict[str, object]:
         return {"file": self.source, "status": self.status, "reason": self.reason, "issuer": self.issuer,
                 "serial": self.serial, "sha256": self.digest, "kind": self.kind or None,
-                "from_state": self.from_state}
+                "from_state": self.from_state,
+                "orders": len(self.policy.orders) if self.policy is not None else None,
+                "signers": list(self.policy.signers) if self.policy is not None else []}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +138,17 @@ def select(
                 for u in unreadable]
     by_issuer: dict[str, list[Candidate]] = {}
     seen: dict[str, Candidate] = {}
+    copies: list[Candidate] = []
     for c in candidates:
         held = seen.get(c.policy.digest)
         if held is not None:
-            # The same bytes twice (the directory's file and the state's copy): one verdict,
-            # for the file an operator put down.
+            # The same bytes twice. The directory's file and the state's copy: one verdict, for
+            # the file an operator put down. Two files in the directory: the second is a copy.
             if held.from_state and not c.from_state:
                 by_issuer[c.policy.issuer].remove(held)
+            elif not c.from_state and not held.from_state:
+                copies.append(c)
+                continue
             else:
                 continue
         seen[c.policy.digest] = c
@@ -153,6 +159,10 @@ def select(
         verdicts.extend(issuer_verdicts)
         if chosen is not None:
             prepared.append(chosen)
+    for c in copies:
+        p, first = c.policy, seen[c.policy.digest].policy
+        verdicts.append(Verdict(p.source, "superseded", f"the same bytes as {first.source} (one policy, two names)",
+                                p.issuer, p.serial, p.digest, "", p, None, False, c.signed))
     verdicts.sort(key=lambda v: (v.issuer or "", v.serial or 0, v.source))
     return Selection(tuple(prepared), tuple(verdicts))
 

@@ -15,6 +15,7 @@ from blockd.errors import ConfigError, InputError
 from blockd.fsutil import read_regular
 from blockd.model import Cidr
 from blockd.names import display, normalise
+from blockd.blockpage import BlockPageSettings
 from blockd.dns.rpz import RpzSettings
 from blockd.dns.server import SinkholeSettings
 from blockd.enforcers.bgp import BgpSettings
@@ -91,6 +92,8 @@ class Settings:
     enforcers: EnforcerSettings = field(default_factory=EnforcerSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "(defaults)"
+    #: the HTTP 451 page on the sinkhole address (blockd/blockpage.py); None = off
+    block_page: BlockPageSettings | None = None
 
 
 def defaults(base: Path = Path(".")) -> Settings:
@@ -124,7 +127,7 @@ def load_settings(path: Path | None) -> Settings:
     r = Reader(source)
     m = r.mapping(doc, "", 1, required=("trust_store", "policy_dir", "catalog_dir", "state_dir"),
                   optional=("prefix_table", "shared_infra_dir", "guards", "allowlist",
-                            "max_policy_bytes", "enforcers", "daemon"))
+                            "max_policy_bytes", "enforcers", "daemon", "block_page"))
     if m is None:
         r.raise_if_any(ConfigError)
         raise AssertionError("unreachable")
@@ -164,15 +167,24 @@ def load_settings(path: Path | None) -> Settings:
             allow_domains = r.each(a.get("domains"), "allowlist.domains", a.lines.get("domains"),
                                    lambda s: display(*normalise(s)), "a domain name")
             allow_cidrs = r.each(a.get("cidrs"), "allowlist.cidrs", a.lines.get("cidrs"), ranges.parse_cidr, "a prefix")
+            for i, c in enumerate(allow_cidrs):
+                floor = guards.min_prefix_v4 if c.version == 4 else guards.min_prefix_v6
+                if c.prefixlen < floor:
+                    r.error(f"allowlist.cidrs[{i}]", a.lines.get("cidrs"),
+                            f"{ranges.format_cidr(c.version, c.network, c.prefixlen)} is wider than the guards' "
+                            f"min_prefix_v{c.version} (/{floor}); an allowlist that wide would unblock most orders")
     max_bytes = 64 << 20
     if "max_policy_bytes" in m:
         max_bytes = r.integer(m["max_policy_bytes"], "max_policy_bytes", m.lines["max_policy_bytes"], minimum=1024) or max_bytes
     enforcers = dataclass_from(r, EnforcerSettings, m.get("enforcers"), "enforcers", m.lines.get("enforcers"))
     daemon = dataclass_from(r, DaemonSettings, m.get("daemon"), "daemon", m.lines.get("daemon"))
+    block_page = None
+    if "block_page" in m:
+        block_page = dataclass_from(r, BlockPageSettings, m["block_page"], "block_page", m.lines["block_page"])
     if daemon is not None:
         daemon = _resolve(daemon, base)
     if enforcers is not None and daemon is not None:
-        _validate(r, m, enforcers, daemon)
+        _validate(r, m, enforcers, daemon, block_page)
     r.raise_if_any(ConfigError)
     assert enforcers is not None and daemon is not None
     return Settings(
@@ -189,6 +201,7 @@ def load_settings(path: Path | None) -> Settings:
         enforcers=enforcers,
         daemon=daemon,
         source=source,
+        block_page=block_page,
     )
 
 
@@ -212,7 +225,8 @@ def _line(m: object, *keys: str) -> int | None:
     return line
 
 
-def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings,
+              block_page: BlockPageSettings | None = None) -> None:
     """Values that parse but cannot work: every one is reported with the others."""
     from blockd.model import DNS_ANSWERS
 
@@ -239,10 +253,11 @@ def _validate(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> N
         parent = Path(value) if key == "attest_dir" else Path(value).parent
         if parent.exists() and not parent.is_dir():
             r.error(join("daemon", key), _line(m, "daemon", key), f"{str(parent)!r} is not a directory")
-    _clashes(r, m, e, d)
+    _clashes(r, m, e, d, block_page)
 
 
-def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> None:
+def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings,
+             block_page: BlockPageSettings | None = None) -> None:
     """Two listeners on one address and port (a wildcard address overlaps every address)."""
     listeners: list[tuple[str, str, int, str, int | None]] = []  # (proto, host, port, path, line)
     if e.dns is not None:
@@ -256,6 +271,9 @@ def _clashes(r: Reader, m: object, e: EnforcerSettings, d: DaemonSettings) -> No
     if d.metrics_listen is not None:
         host, port = d.metrics_listen
         listeners.append(("tcp", host, port, "daemon.metrics_listen", _line(m, "daemon", "metrics_listen")))
+    if block_page is not None:
+        for i, (host, port) in enumerate(block_page.listen):
+            listeners.append(("tcp", host, port, f"block_page.listen[{i}]", _line(m, "block_page", "listen")))
     for i, (proto, host, port, path, line) in enumerate(listeners):
         for proto2, host2, port2, path2, _ in listeners[:i]:
             if proto == proto2 and port == port2 and path != path2 and _overlap(host, host2):

@@ -5,6 +5,7 @@
       policies/<issuer>/<serial>.yaml     the accepted bytes, with their signatures beside them
       lock                                who holds the flock on this directory (the daemon, `accept`)
       baseline.json                       size and orders of the last rule set (growth guard)
+      trust/<issuer>/                     the last trust store that verified the accepted policies
       context/manifest.json, <sha256>     the last catalog, prefix table and shared-infra
                                           files that loaded cleanly (used when the live ones fail)
 
@@ -20,9 +21,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 
@@ -73,15 +75,41 @@ class StateStore:
         self.directory = directory
         self._index = directory / "accepted.json"
         self._baseline = directory / "baseline.json"
+        self._warned = False
 
     def accepted(self) -> dict[str, Accepted]:
+        """The index; if it is unreadable or malformed, rebuilt (in memory) from the copies.
+
+        Every copy is verified again when it is used, and a commit removes older copies, so
+        the copy under `policies/<issuer>/` is the accepted one: losing the index (a torn disk,
+        a bad edit) costs neither the restore nor the replay protection.
+        """
         try:
             raw = json.loads(self._index.read_bytes())
+            return {issuer: _parse_accepted(issuer, rec) for issuer, rec in _mapping(raw).items()}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
-            raise PolicyError(f"state index is unreadable ({e}); restore it from backup", where=str(self._index)) from None
-        return {issuer: Accepted(issuer=issuer, **rec) for issuer, rec in raw.items()}
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            rebuilt = self._rebuild()
+            if not self._warned:
+                self._warned = True
+                log.error("state_index_unreadable", path=str(self._index), error=str(e),
+                          rebuilt={a.issuer: a.serial for a in rebuilt.values()},
+                          note="using the policy copies in the state directory; the next commit rewrites it")
+            return rebuilt
+
+    def _rebuild(self) -> dict[str, Accepted]:
+        out: dict[str, Accepted] = {}
+        for sub in sorted((self.directory / "policies").glob("*")):
+            copies = [(int(c.stem), c) for c in sub.glob("*.yaml") if c.stem.isdigit() and c.is_file()]
+            if not copies:
+                continue
+            serial, copy = max(copies)
+            data = copy.read_bytes()
+            when = datetime.fromtimestamp(copy.stat().st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            out[sub.name] = Accepted(sub.name, serial, hashlib.sha256(data).hexdigest(), when,
+                                     str(copy.relative_to(self.directory)))
+        return out
 
     def check_replay(self, policy: Policy) -> None:
         """Refuse a rollback (lower serial) or a replayed serial with other content."""
@@ -187,6 +215,34 @@ class StateStore:
         data = {"size": baseline.size, "orders": sorted(baseline.orders)}
         atomic_write(self._baseline, json.dumps(data, separators=(",", ":")).encode() + b"\n")
 
+    # -- the last good trust store ---------------------------------------------------------
+    @property
+    def trust_copy(self) -> Path:
+        return self.directory / "trust"
+
+    def save_trust_copy(self, source: Path, digest: str) -> None:
+        """Copy the trust store (its issuer directories: keys and issuer.yaml) beside the state,
+        for a restart after a bad edit of the live one. Replaced whole: the copy is written aside
+        and swapped in by rename; `digest` marks what it holds (unchanged: nothing is written)."""
+        mark = self.trust_copy / ".digest"
+        try:
+            if mark.read_text() == digest:
+                return
+        except OSError:
+            pass
+        new, old = self.directory / ".trust.new", self.directory / ".trust.old"
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+            for f in sorted(sub.iterdir()):
+                if f.is_file() and (f.suffix == ".pub" or f.name == "issuer.yaml"):
+                    atomic_write(new / sub.name / f.name, f.read_bytes())
+        atomic_write(new / ".digest", digest.encode())
+        if self.trust_copy.exists():
+            os.rename(self.trust_copy, old)
+        os.rename(new, self.trust_copy)
+        shutil.rmtree(old, ignore_errors=True)
+
     # -- the last good catalog ------------------------------------------------------------
     def context_copy(self) -> CatalogFiles | None:
         """The catalog, prefix table and shared-infrastructure files last loaded cleanly.
@@ -230,6 +286,23 @@ class StateStore:
 
     def accepted_paths(self) -> list[Path]:
         return [self.directory / rec.file for rec in sorted(self.accepted().values(), key=lambda a: a.issuer)]
+
+
+def _mapping(raw: object) -> dict[str, object]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object of issuer -> record, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_accepted(issuer: str, rec: object) -> Accepted:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{issuer}: expected a record, got {type(rec).__name__}")
+    a = Accepted(issuer=issuer, serial=rec["serial"], digest=rec["digest"], accepted_at=rec["accepted_at"],
+                 file=rec["file"])
+    if not isinstance(a.serial, int) or isinstance(a.serial, bool) or not all(
+            isinstance(x, str) for x in (a.digest, a.accepted_at, a.file)) or ".." in Path(a.file).parts:
+        raise ValueError(f"{issuer}: malformed record {rec!r}")
+    return a
 
 
 def _as_json(rec: Accepted) -> dict[str, object]:

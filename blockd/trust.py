@@ -4,7 +4,7 @@ Trust store layout (one directory per issuer, as TUF keeps one key set per role)
 
     trust/
       ru-rkn/
-        issuer.yaml        threshold: 2           (default 1)
+        issuer.yaml        threshold: 2           (required file; threshold default 1)
                            roles: [policy]        (policy and/or catalog; default [policy])
         alice.pub          minisign public keys, any names ending in .pub
         bob.pub
@@ -50,6 +50,8 @@ class TrustStore:
     problems: tuple[Problem, ...] = ()
     #: SHA-256 over the keys, thresholds and roles loaded: equal digests, equal trust
     digest: str = ""
+    #: issuers left out because a file of theirs is bad (not removed on purpose)
+    refused: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,41 +61,57 @@ class Verified:
 
 
 MAX_KEY_BYTES = 4 << 10
+#: detached signatures read per file: more is an attack on the verifier, not a k-of-n policy
+MAX_SIGNATURES = 64
 MAX_ISSUER_BYTES = 64 << 10
 
 
 def load_trust_store(directory: Path) -> TrustStore:
     """Every issuer directory that is whole; a bad key or issuer file is refused alone.
 
-    A key file that does not parse is skipped (its issuer keeps its other keys); an issuer
-    whose `issuer.yaml` is bad, or whose threshold its usable keys cannot meet, is left out
-    whole (guessing a threshold would weaken it). Each refusal is in `problems`, for the log,
-    a metric and the audit log. Only a missing trust store is an error: nothing verifies then.
+    A key file that does not parse is skipped (its issuer keeps its other keys). An issuer is
+    left out whole (`refused`) when its `issuer.yaml` is missing or bad, or its usable keys
+    cannot meet its threshold: guessing a threshold or roles would weaken it. A key listed
+    under two issuers belongs to neither (which one signed would be ambiguous). Each refusal is
+    in `problems`, for the log, a metric and the audit log; the daemon keeps a refused issuer's
+    last good entry (intake.load_context). Only a missing trust store is an error.
     """
     if not directory.is_dir():
         raise ConfigError(f"trust store {str(directory)!r} is not a directory", where=str(directory))
-    issuers: dict[str, Issuer] = {}
-    owners: dict[bytes, str] = {}
     problems: list[Problem] = []
-    digest = hashlib.sha256()
+    refused: set[str] = set()
+    found: dict[str, tuple[Path, dict[bytes, minisign.PublicKey]]] = {}
     for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
-        where = str(sub)
         if not re.fullmatch(ISSUER_NAME, sub.name):
-            problems.append(Problem(where, f"issuer directory name {sub.name!r} must match {ISSUER_NAME}; skipped"))
+            problems.append(Problem(str(sub), f"issuer directory name {sub.name!r} must match {ISSUER_NAME}; skipped"))
             continue
+        found[sub.name] = (sub, _read_keys(sub, problems))
+    listed: dict[bytes, list[str]] = {}
+    for name, (_, keys) in found.items():
+        for key_id in keys:
+            listed.setdefault(key_id, []).append(name)
+    issuers: dict[str, Issuer] = {}
+    digest = hashlib.sha256()
+    for name, (sub, keys) in found.items():
+        for key_id in [k for k in keys if len(listed[k]) > 1]:
+            others = ", ".join(repr(n) for n in listed[key_id] if n != name)
+            problems.append(Problem(str(sub), f"key {keys[key_id].id_hex} is also listed under {others}; it belongs "
+                                              f"to neither until one copy is removed"))
+            del keys[key_id]
         try:
-            issuer, key_problems = _load_issuer(sub, owners, digest)
+            issuers[name] = _load_issuer(sub, keys, digest)
+        except ValueError as e:  # a parser's own limit: the issuer file is bad all the same
+            problems.append(Problem(str(sub / "issuer.yaml"), f"cannot be parsed ({e}); issuer {name!r} refused"))
+            refused.add(name)
         except InputError as e:
-            problems.append(Problem(e.where or where, f"{e.message}; issuer {sub.name!r} skipped"))
-            continue
-        problems.extend(key_problems)
-        issuers[sub.name] = issuer
-        owners.update({key_id: sub.name for key_id in issuer.keys})
-    return TrustStore(MappingProxyType(issuers), MappingProxyType(owners), tuple(problems), digest.hexdigest())
+            problems.append(Problem(e.where or str(sub), f"{e.message}; issuer {name!r} refused"))
+            refused.add(name)
+    owners = {key_id: name for name, issuer in issuers.items() for key_id in issuer.keys}
+    return TrustStore(MappingProxyType(issuers), MappingProxyType(owners), tuple(problems), digest.hexdigest(),
+                      frozenset(refused))
 
 
-def _load_issuer(sub: Path, owners: Mapping[bytes, str], digest: hashlib._Hash) -> tuple[Issuer, list[Problem]]:
-    problems: list[Problem] = []
+def _read_keys(sub: Path, problems: list[Problem]) -> dict[bytes, minisign.PublicKey]:
     keys: dict[bytes, minisign.PublicKey] = {}
     for pub in sorted(sub.glob("*.pub")):
         try:
@@ -102,33 +120,36 @@ def _load_issuer(sub: Path, owners: Mapping[bytes, str], digest: hashlib._Hash) 
         except InputError as e:
             problems.append(Problem(e.where or str(pub), f"{e.message}; key skipped"))
             continue
-        if key.key_id in owners or key.key_id in keys:
-            other = owners.get(key.key_id, sub.name)
-            problems.append(Problem(str(pub), f"key {key.id_hex} is listed twice (also under {other!r}); skipped"))
-            continue
-        digest.update(f"{sub.name}\0{key.id_hex}\0".encode() + key.key)
-        keys[key.key_id] = key
-    threshold, roles = 1, frozenset({"policy"})
+        keys.setdefault(key.key_id, key)
+    return keys
+
+
+def _load_issuer(sub: Path, keys: dict[bytes, minisign.PublicKey], digest: hashlib._Hash) -> Issuer:
     meta = sub / "issuer.yaml"
-    if meta.exists():
-        r = Reader(str(meta))
-        raw = read_regular(meta, MAX_ISSUER_BYTES, what="issuer file")
-        doc = r.mapping(strictyaml.load(raw, str(meta)), "", 1, optional=("threshold", "roles"))
-        if doc is not None:
-            if "threshold" in doc:
-                threshold = r.integer(doc["threshold"], "threshold", doc.lines["threshold"], minimum=1) or 1
-            if "roles" in doc:
-                roles = frozenset(
-                    x for x in (r.choice(v, p, ln, ROLES) for v, p, ln in r.items(doc["roles"], "roles", doc.lines["roles"])) if x
-                )
-        r.raise_if_any(ConfigError)
-        digest.update(raw)
+    if not meta.exists():
+        raise ConfigError(f"no issuer.yaml: an issuer states its threshold and roles (e.g. `threshold: 1`, "
+                          f"`roles: [policy]`)", where=str(meta))
+    r = Reader(str(meta))
+    raw = read_regular(meta, MAX_ISSUER_BYTES, what="issuer file")
+    doc = r.mapping(strictyaml.load(raw, str(meta)), "", 1, optional=("threshold", "roles"))
+    threshold, roles = 1, frozenset({"policy"})
+    if doc is not None:
+        if "threshold" in doc:
+            threshold = r.integer(doc["threshold"], "threshold", doc.lines["threshold"], minimum=1) or 1
+        if "roles" in doc:
+            roles = frozenset(
+                x for x in (r.choice(v, p, ln, ROLES) for v, p, ln in r.items(doc["roles"], "roles", doc.lines["roles"])) if x
+            )
+    r.raise_if_any(ConfigError)
     if not keys:
         raise ConfigError(f"issuer {sub.name!r} has no usable *.pub keys", where=str(sub))
     if threshold > len(keys):
         raise ConfigError(f"threshold {threshold} is more than the {len(keys)} usable key(s) of issuer "
                           f"{sub.name!r}", where=str(meta))
-    return Issuer(sub.name, threshold, roles, MappingProxyType(keys)), problems
+    for key_id, key in sorted(keys.items()):
+        digest.update(f"{sub.name}\0{key.id_hex}\0".encode() + key.key)
+    digest.update(f"{sub.name}\0{threshold}\0{sorted(roles)}".encode())
+    return Issuer(sub.name, threshold, roles, MappingProxyType(dict(keys)))
 
 
 def signature_paths(path: Path) -> list[Path]:
@@ -159,8 +180,12 @@ def verify(
             f"no signature: expected {Path(where).name}.minisig (or {Path(where).name}.<name>.minisig) beside it",
             where=where,
         )
+    if len(signatures) > MAX_SIGNATURES:
+        raise SignatureError(f"{len(signatures)} signature files; at most {MAX_SIGNATURES} are read (a k-of-n "
+                             f"threshold needs n signatures; remove stale ones)", where=where)
     valid: dict[str, set[str]] = {}
     failures: list[str] = []
+    prehash: bytes | None = None  # BLAKE2b of the file, once however many signatures there are
     for sig_path, text in signatures:
         try:
             sig = minisign.parse_signature(text, where=sig_path)
@@ -174,7 +199,9 @@ def verify(
                     f"(roles: {', '.join(sorted(issuer.roles))})",
                     where=sig_path,
                 )
-            minisign.verify(data, sig, issuer.keys[sig.key_id], where=sig_path)
+            if sig.algorithm == "ED" and prehash is None:
+                prehash = hashlib.blake2b(data).digest()
+            minisign.verify(data, sig, issuer.keys[sig.key_id], where=sig_path, prehash=prehash)
         except SignatureError as e:
             failures.append(str(e))
             continue

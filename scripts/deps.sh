@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages blockd's demo and tests use, only those missing.
-# Services in these packages (unbound, named) are NOT started or enabled by the install:
+# Services in these packages (unbound, named, pdns-recursor, kresd) are NOT started or enabled by the install:
 # the tests start their own instances on loopback ports with configs they write.
 set -euo pipefail
 pkgs=(
@@ -10,6 +10,8 @@ pkgs=(
   iproute2 iputils-ping netcat-openbsd   # network namespaces, veth, probes
   bind9-dnsutils                  # dig (prints EDE)
   unbound bind9 dnsperf           # real RPZ secondaries and the DNS benchmark
+  pdns-recursor knot-resolver     # RPZ consumers with EDE (PowerDNS) and file-loading (Knot) in e2e tests
+  lua-cqueues                     # lets kresd watch and reload the zone file blockd writes
   prometheus                      # promtool, and a real scraper for the e2e test
   bird2                           # a real BGP router for the RTBH enforcer test and benchmark
   faketime                        # libfaketime: the wall clock stepped under a running daemon (tests)

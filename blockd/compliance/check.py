@@ -13,13 +13,11 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from blockd import tte
-from blockd.compile import compile_policies
+from blockd.compile import Prepared, compile_policies
 from blockd.compliance import evaluate, statements
-from blockd.errors import BlockdError, ExpiredError, NotYetValidError
-from blockd.intake import load_context, policy_files
-from blockd.model import Policy
-from blockd.policy import check_window, load_policy
+from blockd.errors import BlockdError
+from blockd.intake import load_context, policy_files, read_candidates
+from blockd.selection import select
 from blockd.settings import Settings
 
 
@@ -34,31 +32,20 @@ def check(policies: list[Path], operators: Path, received: Path, settings: Setti
           max_age_s: float) -> tuple[evaluate.Report, list[dict[str, object]]]:
     ctx, _ = load_context(settings, save=False)
     refused: list[dict[str, object]] = []
-    loaded: list[Policy] = []
-    for path in policy_paths(policies):
-        try:
-            p = load_policy(path, ctx.store, max_bytes=settings.max_policy_bytes)
-            check_window(p, now)
-        except NotYetValidError:
-            loaded.append(p)  # its orders are evaluated as pending
-            continue
-        except ExpiredError as e:
-            refused.append({"path": str(path), "error": f"not evaluated: {e}", "skipped": True})
-            continue
-        except BlockdError as e:
-            refused.append({"path": str(path), "error": str(e), "skipped": False})
-            continue
-        loaded.append(p)
-    if not loaded:
+    found_policies, unreadable = read_candidates(policy_paths(policies), ctx)
+    # The orders as issued: the same selection the operators' daemons make (newest serial per
+    # issuer, validity window), without an operator's state. Pending orders are evaluated as
+    # pending; expired and superseded ones are listed as not evaluated.
+    sel = select(found_policies, unreadable, {}, now, lambda p: Prepared(p, {}, (), (), ()))
+    newest = [v.policy for v in sel.verdicts if v.status in ("active", "pending") and v.policy is not None]
+    for v in sel.verdicts:
+        if v.status == "rejected":
+            refused.append({"path": v.source, "error": v.reason, "skipped": False})
+        elif v.status in ("expired", "superseded"):
+            refused.append({"path": v.source, "error": f"not evaluated: {v.status}: {v.reason}", "skipped": True})
+    if not newest:
         raise BlockdError("no regulator policy could be used: " + "; ".join(str(r["error"]) for r in refused)
                           if refused else "no regulator policy given (*.yaml files or directories)")
-    # The orders in force are each issuer's newest serial; older serials are superseded.
-    newest = list(tte.newest(loaded).values())
-    for p in loaded:
-        if p not in newest:
-            refused.append({"path": p.source, "error": f"not evaluated: superseded by serial "
-                                                         f"{tte.newest(loaded)[p.issuer].serial} of {p.issuer}",
-                            "skipped": True})
     compilation = compile_policies(newest, ctx.catalog, ctx.compile, now)
     expected = evaluate.expected(newest, compilation)
     keys, bad_keys = statements.load_keys(operators)

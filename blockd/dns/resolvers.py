@@ -24,6 +24,8 @@ import dns.rcode
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 NAMED = shutil.which("named") or "/usr/sbin/named"
+PDNS = shutil.which("pdns_recursor") or "/usr/sbin/pdns_recursor"
+KRESD = shutil.which("kresd") or "/usr/sbin/kresd"
 
 
 def free_port() -> int:
@@ -127,13 +129,45 @@ def named_conf(d: Path, listen: tuple[str, int], upstream: int, zone: str = "rpz
     return "\n".join(lines) + "\n"
 
 
-def start(kind: str, d: Path, conf: str, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Write `conf` to <d>/<kind>.conf and run `kind` ("unbound" or "named") on it in the foreground,
-    behind `prefix` (e.g. ip netns exec NAME), output appended to <d>/log."""
+def pdns_conf(d: Path, listen: tuple[str, int], upstream: int, lua: str, *, extra: Sequence[str] = ()) -> str:
+    """A PowerDNS Recursor recursor.conf in directory `d` that forwards to `upstream` and runs the
+    Lua config `lua` (written to <d>/rpz.lua by `start`). `extra`: more recursor.conf lines."""
+    return "\n".join([
+        f"local-address={listen[0]}", f"local-port={listen[1]}", "daemon=no", "threads=1",
+        f"socket-dir={d}", "allow-from=127.0.0.0/8", "dont-query=", "dnssec=off", "disable-syslog=yes",
+        f"forward-zones-recurse=.=127.0.0.1:{upstream}", "extended-resolution-errors=yes",
+        f"lua-config-file={d}/rpz.lua", "loglevel=6", "quiet=no", *extra]) + "\n"
+
+
+def kresd_conf(listen: tuple[str, int], upstream: int, policies: str) -> str:
+    """A Knot Resolver config: `policies` (e.g. from `rpzconfig`) first, then forward everything."""
+    return "\n".join([
+        f"net.listen('{listen[0]}', {listen[1]}, {{ kind = 'dns' }})",
+        "trust_anchors.remove('.')",  # the test upstream is unsigned
+        "cache.size = 10 * MB",
+        policies,
+        f"policy.add(policy.all(policy.FORWARD('127.0.0.1@{upstream}')))"]) + "\n"
+
+
+def start(kind: str, d: Path, conf: str, prefix: Sequence[str] = (), lua: str | None = None) -> subprocess.Popen[bytes]:
+    """Write `conf` to <d>/<kind>.conf and run `kind` ("unbound", "named", "pdns" or "kresd") on it in
+    the foreground, behind `prefix` (e.g. ip netns exec NAME), output appended to <d>/log. For
+    "pdns", `lua` is its lua-config-file."""
     d.mkdir(exist_ok=True)
-    path = d / f"{kind}.conf"
+    path = d / ("recursor.conf" if kind == "pdns" else f"{kind}.conf")
     path.write_text(conf)
-    cmd = [UNBOUND, "-d", "-c", str(path)] if kind == "unbound" else [NAMED, "-g", "-c", str(path)]
+    if lua is not None:
+        (d / "rpz.lua").write_text(lua)
+    if kind == "unbound":
+        cmd = [UNBOUND, "-d", "-c", str(path)]
+    elif kind == "named":
+        cmd = [NAMED, "-g", "-c", str(path)]
+    elif kind == "pdns":
+        cmd = [PDNS, f"--config-dir={d}"]
+    elif kind == "kresd":
+        cmd = [KRESD, "-n", "-c", str(path), str(d)]
+    else:
+        raise ValueError(f"resolver {kind!r} unknown")
     with open(d / "log", "ab") as out:
         return subprocess.Popen([*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT)
 

@@ -21,9 +21,10 @@ import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from blockd.dns import wire
-from blockd.model import DomainRule, NetRule, RuleSet, gc_paused
+from blockd.model import DomainRule, NetRule, OrderInfo, RuleSet, gc_paused
 from blockd.ranges import to_cidrs
 
 MAX_MESSAGE = 60_000  # bytes of RRs per AXFR/IXFR message (TCP messages may be up to 65535)
@@ -37,9 +38,27 @@ class TsigKey:
     algorithm: str = "hmac-sha256"
 
 
+#: how rules are cut into zones: all in `zone`; one zone per authority; one zone per order
+LAYOUTS = ("one", "authority", "order")
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneOverride:
+    """Settings for the zone of one authority (layout `authority`) or order (layout `order`)."""
+
+    match: str  # the authority's name as the orders give it, or the order id
+    zone: str | None = None  # the zone's name instead of the derived `<label>.<zone>`
+    notify: tuple[tuple[str, int], ...] | None = None  # instead of RpzSettings.notify
+    allow_transfer: tuple[str, ...] | None = None  # instead of RpzSettings.allow_transfer
+
+
 @dataclass(frozen=True, slots=True)
 class RpzSettings:
     zone: str = "rpz.blockd."
+    layout: str = "one"
+    zones: tuple[ZoneOverride, ...] = ()
+    #: at most this many zones (default zone included); further authorities' rules go to the default zone
+    max_zones: int = 256
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
     notify: tuple[tuple[str, int], ...] = ()
     allow_transfer: tuple[str, ...] = ()  # prefixes allowed to AXFR/IXFR, in addition to loopback
@@ -61,10 +80,140 @@ class RpzSettings:
     #: NOTIFY again, this often, each `notify` target not known to hold the current serial
     #: (a secondary restarted from its zone file otherwise waits for `refresh`); 0 = never
     renotify_s: float = 60.0
+    #: resolvers whose answer cache blockd wipes, by a NOTIFY for each name a transfer changed,
+    #: once they have taken the transfer (PowerDNS Recursor `allow-notify-for`); host:port
+    wipe_cache: tuple[tuple[str, int], ...] = ()
+    max_wipe_names: int = 1000  # a bigger change wipes "." (the whole cache) instead
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: bad value {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
+        if self.layout != "one" and self.zone_file and "{zone}" not in self.zone_file:
+            raise ValueError(f"zone_file: {self.zone_file!r} must contain '{{zone}}' with layout "
+                             f"{self.layout!r} (one file per zone, e.g. /var/lib/blockd/{{zone}}zone)")
+        seen: set[str] = set()
+        for i, z in enumerate(self.zones):
+            if z.match in seen:
+                raise ValueError(f"zones[{i}]: match {z.match!r} is given twice")
+            seen.add(z.match)
+            for p in z.allow_transfer or ():
+                try:
+                    ipaddress.ip_network(p, strict=True)
+                except ValueError as e:
+                    raise ValueError(f"zones[{i}].allow_transfer: {p!r} is not a prefix with host bits zero "
+                                     f"({e})") from None
+        import re
+
+        for i, z in enumerate(self.zones):
+            if z.zone is not None and not re.fullmatch(r"([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+",
+                                                        z.zone.rstrip(".").lower() + "."):
+                raise ValueError(f"zones[{i}].zone: {z.zone!r} is not a zone name (labels of letters, digits, "
+                                 f"'-' and '_', e.g. court.rpz.blockd.)")
+        if self.max_zones < 1:
+            raise ValueError(f"max_zones: {self.max_zones!r} must be >= 1")
+        names = [z.zone.rstrip(".").lower() for z in self.zones if z.zone]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"zones: zone {dup[0]!r} is given to two authorities/orders; each needs its own")
 
     @property
     def origin(self) -> str:
         return self.zone.rstrip(".").lower() + "."
+
+
+# ---- zones ----------------------------------------------------------------------------------
+def label(text: str) -> str:
+    """A DNS label for an authority or order: ASCII letters, digits, '-' (diacritics dropped)."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKD", text.replace("đ", "d").replace("Đ", "D"))
+    out, dash = [], False
+    for ch in folded.lower():
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+            dash = False
+        elif not unicodedata.combining(ch) and out and not dash:
+            out.append("-")
+            dash = True
+    return "".join(out).strip("-")[:40].strip("-")
+
+
+def zone_names(s: RpzSettings, keys: Iterable[str]) -> dict[str, str]:
+    """Authority (or order id) -> zone origin. Two keys with the same label both get a hash suffix;
+    a key whose label is empty gets `z-<hash>`; an override's `zone` is taken as given."""
+    import hashlib
+
+    keys = sorted(set(keys))
+    overrides = {z.match: z.zone for z in s.zones if z.zone}
+    labels = {k: label(k) for k in keys}
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[labels[k]] = counts.get(labels[k], 0) + 1
+    out = {}
+    for k in keys:
+        if k in overrides:
+            out[k] = overrides[k].rstrip(".").lower() + "."
+            continue
+        lab = labels[k]
+        if not lab or counts[lab] > 1:
+            lab = (lab or "z") + "-" + hashlib.sha256(k.encode()).hexdigest()[:6]
+        out[k] = f"{lab}.{s.origin}"
+    return out
+
+
+def zone_key(s: RpzSettings, rs: RuleSet, order_id: str) -> str | None:
+    """The authority (layout authority) or order id (layout order) an order's rules go to."""
+    if s.layout == "order":
+        return order_id
+    info = rs.orders.get(order_id)
+    return info.authority if info is not None else None
+
+
+def partition(s: RpzSettings, rs: RuleSet) -> dict[str, tuple[str | None, RuleSet]]:
+    """Zone origin -> (authority or order id, the part of `rs` it carries). Layout `one`: everything
+    in `s.origin`. A rule of orders from two authorities is in both zones. Rules whose order has
+    no known authority, and those of authorities beyond `max_zones`, stay in `s.origin`."""
+    if s.layout == "one":
+        return {s.origin: (None, rs)}
+    keys = {k for r in (*rs.domains, *rs.v4, *rs.v6) for o in r.orders if (k := zone_key(s, rs, o)) is not None}
+    if len(keys) > s.max_zones - 1:  # the rest stay enforced, in the default zone, under its generic text
+        keys = set(sorted(keys)[: s.max_zones - 1])
+    names = zone_names(s, keys)
+    keys_of = {origin: k for k, origin in names.items()}
+    buckets: dict[str, tuple[list[DomainRule], list[NetRule], list[NetRule], dict[str, OrderInfo]]] = {}
+
+    def put(r: Any, kind: int) -> None:
+        by_zone: dict[str, set[str]] = {}
+        for o in r.orders:
+            k = zone_key(s, rs, o)
+            by_zone.setdefault(names.get(k, s.origin) if k is not None else s.origin, set()).add(o)
+        for origin, orders in by_zone.items():
+            b = buckets.setdefault(origin, ([], [], [], {}))
+            b[kind].append(r._replace(orders=frozenset(orders)))  # type: ignore[arg-type]
+            for o in orders:
+                if o in rs.orders:
+                    b[3][o] = rs.orders[o]
+
+    for r in rs.domains:
+        put(r, 0)
+    for r in rs.v4:
+        put(r, 1)
+    for r in rs.v6:
+        put(r, 2)
+    return {origin: (keys_of.get(origin), RuleSet.build(d, v4, v6, orders))
+            for origin, (d, v4, v6, orders) in buckets.items()}
+
+
+def for_zone(s: RpzSettings, origin: str, key: str | None = None) -> RpzSettings:
+    """The settings of one zone: its name, its zone file, the override's notify and ACL."""
+    from dataclasses import replace
+
+    o = next((z for z in s.zones if key is not None and z.match == key), None)
+    zone_file = s.zone_file.replace("{zone}", origin) if s.zone_file else None
+    return replace(s, zone=origin, layout="one", zones=(), zone_file=zone_file,
+                   notify=o.notify if o is not None and o.notify is not None else s.notify,
+                   allow_transfer=o.allow_transfer if o is not None and o.allow_transfer is not None
+                   else s.allow_transfer)
 
 
 # ---- owners ---------------------------------------------------------------------------------
@@ -210,6 +359,14 @@ class Journal:
         self.deltas.append(d)
         return d
 
+    def changed(self, since: int, to: int) -> list[str] | None:
+        """The names (subtree owners as their apex) added or deleted from `since` to `to`, or None."""
+        chain = self.path(since, to)
+        if chain is None:
+            return None
+        return sorted({o.removeprefix("*.") for d in chain for o in (*d.added, *d.deleted)
+                       if not o.endswith(".rpz-ip")})
+
     def path(self, since: int, to: int) -> list[Delta] | None:
         chain = []
         serial = since
@@ -279,7 +436,9 @@ def zone_text(s: RpzSettings, v: ZoneVersion) -> Iterator[str]:
     rs = v.ruleset
     yield f"; RPZ zone written by blockd; serial {v.serial}; ruleset digest {rs.digest}\n"
     for oid, info in sorted(rs.orders.items()):
-        yield f"; order {oid}: {info.authority} {info.reference} {info.url or ''}\n".replace("\n ", " ")
+        # one comment line whatever the texts hold: a newline would start a record (Knot loads this file)
+        note = " ".join(f"{oid}: {info.authority} {info.reference} {info.url or ''}".split())
+        yield f"; order {note}\n"
     yield f"$ORIGIN {s.origin}\n$TTL {s.ttl}\n"
     yield f"@ SOA {s.mname} {s.rname} {v.serial} {s.refresh} {s.retry} {s.expire} {s.minimum}\n"
     yield f"@ NS {s.mname}\n"

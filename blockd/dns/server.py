@@ -8,8 +8,17 @@ No per-query logging and no dnslib objects; outcomes are counted in `stats`.
 UDP is served by one thread per socket with recvmmsg/sendmmsg (`udpbatch`, Linux, `udp_batch`),
 or else by the event loop (`_Udp`). Counters are per writer (`Tally`) and summed when read.
 
+Forwarded and cached answers are checked for CNAME cloaking: every CNAME/DNAME target in the
+answer is looked up in the table; a chain that reaches a blocked name gets that name's blocked
+answer (its order's mode and EDE text) and is counted for that order.
+
 TCP follows RFC 7766: 2-byte length framing, pipelined queries answered as they complete (out of
-order), an idle timeout, a cap on connections and on queries in flight per connection.
+order). Under hostile traffic (`tcp.TcpClient`, admitted here by `tcp_admit`): sources outside the ACL are closed at accept; at most
+`tcp_max_per_source` connections per IPv4 address or IPv6 /64 and `tcp_max_clients` in all (the
+longest-idle connection makes room for a new one); an idle connection is closed after
+`tcp_idle_s`, a message must arrive whole within `tcp_message_s` of its first byte (bytes that
+trickle in do not extend it); a client that does not read its replies stops being read, and is
+closed after `tcp_idle_s` of that. Every close for a reason is counted in `tcp_closed`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from blockd.dns import udpbatch, wire
 from blockd.dns.acl import LOOPBACK, Acl
 from blockd.dns.forward import Forwarder, ForwardSettings, cache_key, now_s
 from blockd.dns.table import AnswerSettings, Table, Verdict
+from blockd.dns.tcp import TCP_CLOSE_REASONS, TcpClient, source_key
 
 log = structlog.get_logger("blockd.dns.server")
 
@@ -51,24 +61,45 @@ class SinkholeSettings:
     cache_max_ttl: int = 3600
     allow: tuple[str, ...] = ()  # client prefixes allowed in addition to loopback
     allow_loopback: bool = True
-    tcp_idle_s: float = 10.0
+    tcp_idle_s: float = 10.0  # idle between messages, and how long a client may leave replies unread
+    tcp_message_s: float = 5.0  # a whole message, from its first byte (not extended by more bytes)
     tcp_max_clients: int = 512
+    tcp_max_per_source: int = 16  # connections per IPv4 address or IPv6 /64
     tcp_max_pending: int = 64  # queries in flight per TCP connection
+    tcp_write_buffer: int = 65536  # reply bytes buffered per connection before it stops being read
     max_forwards: int = 10_000  # queries in flight upstream, all clients
     reuse_port: bool = False
     udp_batch: bool = True  # UDP via recvmmsg/sendmmsg in a thread per socket (Linux); else the event loop
+    upstream_case_randomize: bool = True  # 0x20 in forwarded qnames (off for an upstream that loses case)
+    #: structured DNS errors (blockd/dns/sde.py): the operator's name and contact URIs, a sub-error
+    sde_organization: str = ""
+    sde_contact: tuple[str, ...] = ()
+    sde_sub_error: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = [f"{name}: {value!r} is below the minimum {lo}"
+               for name, value, lo in (("tcp_max_clients", self.tcp_max_clients, 1),
+                                       ("tcp_max_per_source", self.tcp_max_per_source, 1),
+                                       ("tcp_max_pending", self.tcp_max_pending, 1),
+                                       ("tcp_write_buffer", self.tcp_write_buffer, 4096),
+                                       ("tcp_idle_s", self.tcp_idle_s, 0.1),
+                                       ("tcp_message_s", self.tcp_message_s, 0.1))
+               if value < lo]
+        if bad:
+            raise ValueError("; ".join(bad))
 
     def answers(self) -> AnswerSettings:
         return AnswerSettings(
             default_answer=self.default_answer, override_answer=self.override_answer, ede_code=self.ede_code,
             sinkhole_v4=self.sinkhole_v4, sinkhole_v6=self.sinkhole_v6, answer_ttl=self.answer_ttl,
             negative_ttl=self.negative_ttl,
+            sde_organization=self.sde_organization, sde_contact=self.sde_contact, sde_sub_error=self.sde_sub_error,
         )
 
     def forwarding(self) -> ForwardSettings:
         return ForwardSettings(upstreams=self.upstreams, timeout_s=self.upstream_timeout_s,
                                attempts=self.upstream_attempts, cache_size=self.cache_size,
-                               max_ttl=self.cache_max_ttl)
+                               max_ttl=self.cache_max_ttl, case_randomize=self.upstream_case_randomize)
 
 
 class Tally:
@@ -144,7 +175,10 @@ class SinkholeServer:
         self._workers: list[udpbatch.UdpBatchWorker] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.tcp_clients: set[_Tcp] = set()
+        self.tcp_clients: set[TcpClient] = set()
+        self.tcp_per_source: dict[str, int] = {}
+        self.tcp_closed: Counter[str] = Counter({r: 0 for r in TCP_CLOSE_REASONS})  # event loop only
+        self.tcp_write_peak = 0  # the largest reply backlog (bytes) seen on a paused connection
         self.addresses: list[tuple[str, int]] = []
 
     # ---- policy -------------------------------------------------------------------------
@@ -173,42 +207,47 @@ class SinkholeServer:
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPv6 sockets serve IPv4 too (`::` is dual-stack, UDP and TCP alike), unless IPv4
+        # addresses are listed as well: those are bound on their own and must not collide
+        v6only = fam == socket.AF_INET6 and any(":" not in h for h, _ in self.settings.listen)
         for attempt in range(20):  # port 0: the same free port for UDP and TCP
-            if self.udp_batched:
-                sock = self._udp_socket(fam, host, port)
-                bound = sock.getsockname()[1]
-                close: Callable[[], None] = sock.close
-            else:
-                udp, _ = await loop.create_datagram_endpoint(
-                    lambda: _Udp(self), local_addr=(host, port), family=fam,
-                    reuse_port=self.settings.reuse_port or None)
-                bound = udp.get_extra_info("sockname")[1]
-                close = udp.close
+            sock = self._socket(fam, socket.SOCK_DGRAM, host, port, v6only)
+            bound = sock.getsockname()[1]
             try:
-                srv = await loop.create_server(lambda: _Tcp(self), host, bound, family=fam,
-                                               reuse_address=True, reuse_port=self.settings.reuse_port or None)
+                tsock = self._socket(fam, socket.SOCK_STREAM, host, bound, v6only)
             except OSError:
-                close()
+                sock.close()
                 if port != 0 or attempt == 19:
                     raise
                 continue
+            srv = await loop.create_server(lambda: TcpClient(self), sock=tsock)
             if self.udp_batched:
                 w = udpbatch.UdpBatchWorker(self, sock, loop, self.stats.tally())
                 self._workers.append(w)
                 w.start()
             else:
+                sock.setblocking(False)
+                udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=sock)
                 self._transports.append(udp)
             self._servers.append(srv)
             self.addresses.append((host, bound))
             return
 
-    def _udp_socket(self, fam: socket.AddressFamily, host: str, port: int) -> socket.socket:
-        """A bound, blocking UDP socket, set up as `create_datagram_endpoint` would."""
-        sock = socket.socket(fam, socket.SOCK_DGRAM)
+    def _socket(self, fam: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int,
+                v6only: bool) -> socket.socket:
+        """A bound UDP socket or listening TCP socket, IPV6_V6ONLY set explicitly for IPv6."""
+        sock = socket.socket(fam, kind)
         try:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.settings.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(socket.getaddrinfo(host, port, fam, socket.SOCK_DGRAM)[0][4])
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+            sock.bind(socket.getaddrinfo(host, port, fam, kind)[0][4])
+            if kind == socket.SOCK_STREAM:
+                sock.listen(1024)
+                sock.setblocking(False)
         except OSError:
             sock.close()
             raise
@@ -239,14 +278,13 @@ class SinkholeServer:
         if tally is None:
             tally = self.loop_tally
         res = tally.results
-        try:
-            q = wire.parse(data)
-        except wire.Malformed as e:
-            if e.rcode is None:
+        q = wire.parse(data)
+        if type(q) is int:
+            if q == wire.DROP:
                 res["malformed_dropped"] += 1
                 return None
-            res["formerr" if e.rcode == wire.FORMERR else "notimp"] += 1
-            return wire.error_response(data, e.rcode)
+            res["formerr" if q == wire.FORMERR else "notimp"] += 1
+            return wire.error_response(data, q)
         if not self._acl.allowed(host):
             res["acl_refused"] += 1
             return wire.error_response(data, wire.REFUSED, q)
@@ -255,7 +293,7 @@ class SinkholeServer:
             return wire.error_response(data, 16, q)  # BADVERS, answered by us, never forwarded
         t = self.table
         hit = t.lookup(data[12 : q.qend].lower(), q.labels)
-        if hit is not None:
+        if hit is not None:  # the hot path: inline, not self._count / self._blocked
             v, off = hit
             st = tally.state
             if st[0] is not t.verdicts:
@@ -270,9 +308,14 @@ class SinkholeServer:
                     res["truncated"] += 1
                     return wire.truncated(data, q)
                 return out
-        c = self.forwarder.cache.get(cache_key(data, q), now_s())
-        if c is not None:
+        e = self.forwarder.cache.get(cache_key(data, q), now_s())
+        if e is not None:
+            if e.targets:
+                v = self._chain(t, e.targets, tally)
+                if v is not None:
+                    return self._blocked(t, data, q, 0, v, tcp, tally)
             res["cached"] += 1
+            c = e.wire
             out = data[:2] + c[2:12] + data[12 : q.qend + 4] + c[q.qend + 4 :]
             if not tcp and len(out) > (q.edns if q.edns > 512 else 512):
                 res["truncated"] += 1
@@ -283,24 +326,94 @@ class SinkholeServer:
             return wire.error_response(data, wire.SERVFAIL, q)
         return q
 
+    @staticmethod
+    def _count(tally: Tally, t: Table, v: Verdict) -> None:
+        """One answer by verdict `v` of table `t`: by mode, and for its orders."""
+        st = tally.state
+        if st[0] is not t.verdicts:
+            st = tally.rebase(t.verdicts)
+        st[1][v.index] += 1
+        tally.results[v.mode] += 1
+
+    def _blocked(self, t: Table, data: bytes, q: wire.Query, off: int, v: Verdict, tcp: bool,
+                 tally: Tally) -> bytes | None:
+        """The blocked answer for verdict `v` (already counted), rule name at label offset `off`."""
+        if v.mode == "drop":
+            return None
+        out = t.answers.render(data, q, off, v)
+        if not tcp and len(out) > (q.edns if q.edns > 512 else 512):
+            tally.results["truncated"] += 1
+            return wire.truncated(data, q)
+        return out
+
+    def _chain(self, t: Table, targets: list[tuple[bytes, list[int]]], tally: Tally) -> Verdict | None:
+        """The first enforcing verdict a CNAME/DNAME target reaches (counted), or None; log-only
+        (shadow) hits on the way are counted and do not change the answer."""
+        for name, labels in targets:
+            hit = t.lookup(name, labels)
+            if hit is not None:
+                self._count(tally, t, hit[0])
+                if hit[0].enforce:
+                    return hit[0]
+        return None
+
     def forward(self, data: bytes, q: wire.Query, tcp: bool, send: Callable[[bytes], None]) -> None:
         task = asyncio.get_running_loop().create_task(self._forward(data, q, tcp, send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _forward(self, data: bytes, q: wire.Query, tcp: bool, send: Callable[[bytes], None]) -> None:
-        res = self.loop_tally.results
+        tally = self.loop_tally
+        res = tally.results
         reply = await self.forwarder.resolve(data, q)
-        if reply is None:
+        targets = None if reply is None else wire.chain_targets(reply)
+        if reply is None or targets is None:  # no answer, or one we cannot check: never pass it on
             res["servfail"] += 1
             send(wire.error_response(data, wire.SERVFAIL, q))
             return
+        self.forwarder.cache.put(cache_key(data, q), reply, now_s())  # its targets are checked per hit
+        if targets:
+            t = self.table
+            v = self._chain(t, targets, tally)
+            if v is not None:
+                out = self._blocked(t, data, q, 0, v, tcp, tally)
+                if out is not None:
+                    send(out)
+                return
         res["forwarded"] += 1
-        self.forwarder.cache.put(cache_key(data, q), reply, now_s())
         if not tcp and len(reply) > (q.edns if q.edns > 512 else 512):
             res["truncated"] += 1
             reply = wire.truncated(data, q)
         send(reply)
+
+    # ---- TCP admission ------------------------------------------------------------------
+    def tcp_admit(self, conn: TcpClient, host: str) -> str | None:
+        """Admit a new TCP connection from `host`, or return why not (a TCP_CLOSE_REASONS entry).
+        When every slot is taken, the connection idle for longest makes room, if any is idle."""
+        if not self._acl.allowed(host):
+            return "acl"
+        key = source_key(host)
+        if self.tcp_per_source.get(key, 0) >= self.settings.tcp_max_per_source:
+            return "source_limit"
+        if len(self.tcp_clients) >= self.settings.tcp_max_clients:
+            idle = [c for c in self.tcp_clients if c.pending == 0]
+            if not idle:
+                return "global_limit"
+            victim = min(idle, key=lambda c: c.active)
+            victim.cut("evicted")
+        conn.source = key
+        self.tcp_per_source[key] = self.tcp_per_source.get(key, 0) + 1
+        self.tcp_clients.add(conn)
+        return None
+
+    def tcp_release(self, conn: TcpClient) -> None:
+        if conn in self.tcp_clients:
+            self.tcp_clients.discard(conn)
+            left = self.tcp_per_source.get(conn.source, 0) - 1
+            if left > 0:
+                self.tcp_per_source[conn.source] = left
+            else:
+                self.tcp_per_source.pop(conn.source, None)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -328,93 +441,3 @@ class _Udp(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         return None
-
-
-class _Tcp(asyncio.Protocol):
-    def __init__(self, server: SinkholeServer) -> None:
-        self.server = server
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.host = ""
-        self.pending = 0
-        self.last = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        s = self.server
-        if len(s.tcp_clients) >= s.settings.tcp_max_clients:
-            s.loop_tally.results["overload"] += 1
-            transport.close()
-            return
-        s.tcp_clients.add(self)
-        peer = transport.get_extra_info("peername")
-        self.host = peer[0] if peer else ""
-        loop = asyncio.get_running_loop()
-        self.last = loop.time()
-        self.timer = loop.call_later(s.settings.tcp_idle_s, self._idle)
-
-    def _idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        left = self.last + self.server.settings.tcp_idle_s - loop.time()
-        if self.pending == 0 and left <= 0:
-            self.close()
-        else:
-            self.timer = loop.call_later(max(left, 0.5), self._idle)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.tcp_clients.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.last = asyncio.get_running_loop().time()
-        while len(buf) >= 2:
-            n = (buf[0] << 8) | buf[1]
-            if n == 0:
-                self.close()
-                return
-            if len(buf) < 2 + n:
-                break
-            msg = bytes(buf[2 : 2 + n])
-            del buf[: 2 + n]
-            self._query(msg)
-
-    def _query(self, msg: bytes) -> None:
-        try:
-            out = self.server.answer(msg, self.host, True)
-        except Exception:
-            self.server.loop_tally.results["servfail"] += 1
-            log.debug("dns_query_error", exc_info=True)
-            return
-        if out is None:
-            return
-        if type(out) is bytes:
-            self._send(out)
-            return
-        self.pending += 1
-        if self.pending >= self.server.settings.tcp_max_pending and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
-        self.server.forward(msg, out, True, self._done)  # type: ignore[arg-type]
-
-    def _done(self, reply: bytes) -> None:
-        self.pending -= 1
-        if self.paused and self.pending < self.server.settings.tcp_max_pending:
-            self.paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
-        self._send(reply)
-
-    def _send(self, reply: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing() and reply:
-            self.transport.write(len(reply).to_bytes(2, "big") + reply)

@@ -8,8 +8,8 @@ Precedence (documented in docs/dns.md):
 2. Otherwise the most specific matching rule wins: an exact rule or a subtree rule at the
    query name itself (their orders are combined), then subtree rules from the longest suffix up.
 3. Among the orders of the winning rule, the answer mode ranks MODE_RANK (nxdomain, nodata,
-   sinkhole, refused, drop, log); ties go to the smallest order id. That order's authority and
-   reference are named in the EDE text; the others are counted "+N more".
+   sinkhole, refused, drop, log); ties go to the smallest order id. That order's id, authority
+   and reference are named in the EDE text (`ede_text`); the others are counted "+N more".
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from blockd.dns import wire
+from blockd.dns import sde, wire
 from blockd.model import DNS_ANSWERS, DomainRule, OrderInfo, RuleSet
 
 MODE_RANK = {m: i for i, m in enumerate(("nxdomain", "nodata", "sinkhole", "refused", "drop", "log"))}
@@ -39,6 +39,10 @@ class AnswerSettings:
     negative_ttl: int = 300  # SOA TTL and MINIMUM: how long a resolver in front caches the block
     soa_mname: str = "blockd.invalid"
     soa_rname: str = "hostmaster.blockd.invalid"
+    #: structured DNS errors (blockd/dns/sde.py), for clients that ask for them
+    sde_organization: str = ""
+    sde_contact: tuple[str, ...] = ()
+    sde_sub_error: int | None = None
 
     def __post_init__(self) -> None:
         for field, value in (("default_answer", self.default_answer), ("override_answer", self.override_answer)):
@@ -51,10 +55,10 @@ class AnswerSettings:
 class Verdict:
     """What to answer for names held by one combination of orders (shared by many names)."""
 
-    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt")
+    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt", "opt_sde")
 
     def __init__(self, mode: str, order: str | None, orders: frozenset[str], own: frozenset[str], text: str,
-                 ede_code: int, index: int) -> None:
+                 ede_code: int, index: int, sde_text: str | None = None) -> None:
         self.mode = mode
         self.enforce = mode != "log"
         self.rcode = wire.REFUSED if mode == "refused" else wire.NXDOMAIN if mode == "nxdomain" else wire.NOERROR
@@ -65,20 +69,24 @@ class Verdict:
         self.text = text
         ede = wire.ede_option(ede_code, text)
         self.opt = (wire.opt_rr(ede), wire.opt_rr(ede, do=True))  # by the query's DO bit
+        sde_ede = wire.ede_option(ede_code, sde_text) if sde_text is not None else None
+        self.opt_sde = (wire.opt_rr(sde_ede), wire.opt_rr(sde_ede, do=True)) if sde_ede else self.opt
 
 
 def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
+    """The EXTRA-TEXT of a blocked answer (the one place it is built): the order id first, then
+    its authority, reference and URL, within `wire.EDE_TEXT_MAX` bytes (cut with a visible mark),
+    so a long authority name can never push the order id out."""
     if order is None:
         return "Blocked by policy"
-    if info is None:
-        text = f"Blocked by order {order}"
-    else:
-        text = f"Blocked by {info.authority}, order {order} ({info.reference})"
+    text = f"Blocked by order {order}"
+    if info is not None:
+        text += f" of {info.authority} ({info.reference})"
         if info.url:
             text += f", see {info.url}"
     if others:
         text += f"; +{others} more order(s)"
-    return text
+    return wire.cap_text(text)
 
 
 class Table:
@@ -194,7 +202,8 @@ def _choose(own: frozenset[str], combined: frozenset[str], orders: Mapping[str, 
     else:
         mode, order = next(m for m, r in MODE_RANK.items() if r == best[0]), best[1]
     text = ede_text(order, orders.get(order) if order else None, max(len(combined) - 1, 0))
-    return Verdict(mode, order, combined, own, text, s.ede_code, index)
+    structured = sde.extra_text(text, s.sde_organization, s.sde_contact, s.sde_sub_error)
+    return Verdict(mode, order, combined, own, text, s.ede_code, index, structured)
 
 
 _SOA_COUNTS = struct.Struct("!HHHH")
@@ -235,4 +244,4 @@ class Answers:
             return (wire.header(data, v.rcode, 1, 1 if ans else 0, 1 if ns else 0, 0)
                     + data[12 : q.qend + 4] + ans + ns)
         return (wire.header(data, v.rcode, 1, 1 if ans else 0, 1 if ns else 0, 1)
-                + data[12 : q.qend + 4] + ans + ns + v.opt[q.do])
+                + data[12 : q.qend + 4] + ans + ns + (v.opt_sde if sde.wants(data, q) else v.opt)[q.do])

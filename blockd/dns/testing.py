@@ -2,7 +2,10 @@
 
 `Upstream` stands in for the internet on loopback: every name under `zone` has an A record
 (TTL 300), `big.<zone>` has 60 A records (for truncation), other names are NXDOMAIN. It
-counts the queries it received, so tests can tell a cache hit from a forward.
+counts the queries it received, so tests can tell a cache hit from a forward. `cnames` maps a
+name to a CNAME target (answered with the CNAME and an A record for the target, as a resolver
+that followed the chain would), `dnames` an owner to a DNAME target (with the synthesised
+CNAME); a name in `hold` is answered over UDP only once its event is set.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+from dnslib import CNAME, DNAME, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
 
 T = TypeVar("T")
 
@@ -49,6 +52,10 @@ class Upstream:
         self.host = host
         self.port = 0
         self.queries = 0
+        self.cnames: dict[str, str] = {}
+        self.dnames: dict[str, str] = {}
+        self.hold: dict[str, asyncio.Event] = {}
+        self._held: set[asyncio.Task[None]] = set()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
 
@@ -58,7 +65,18 @@ class Upstream:
         rep = req.reply(ra=1, aa=1)
         rep.header.ad = 0
         qn = req.q.qname
-        if qn.matchSuffix(self.zone):
+        name = str(qn).rstrip(".").lower()
+        dname = next((o for o in self.dnames if name.endswith("." + o)), None)
+        if name in self.cnames or dname is not None:
+            if dname is not None:
+                target = name[: -len(dname)] + self.dnames[dname]
+                rep.add_answer(RR(dname, QTYPE.DNAME, ttl=300, rdata=DNAME(self.dnames[dname])))
+            else:
+                target = self.cnames[name]
+            rep.add_answer(RR(qn, QTYPE.CNAME, ttl=300, rdata=CNAME(target)))
+            if req.q.qtype in (QTYPE.A, QTYPE.ANY):
+                rep.add_answer(RR(target, QTYPE.A, ttl=300, rdata=A("192.0.2.99")))
+        elif qn.matchSuffix(self.zone):
             if req.q.qtype in (QTYPE.A, QTYPE.ANY):
                 n = 60 if str(qn).lower().startswith("big.") else 1
                 for i in range(n):
@@ -85,9 +103,21 @@ class Upstream:
                 self.t = t
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                req = DNSRecord.parse(data)
+                try:
+                    req = DNSRecord.parse(data)
+                except Exception:  # dnslib refuses some valid names (non-UTF-8 labels): no answer
+                    return
                 limit = max(512, req.ar[0].rclass if req.ar and req.ar[0].rtype == QTYPE.OPT else 512)
-                self.t.sendto(up.reply(data, limit), addr)  # type: ignore[attr-defined]
+                gate = up.hold.get(str(req.q.qname).rstrip(".").lower())
+                if gate is None:
+                    self.t.sendto(up.reply(data, limit), addr)  # type: ignore[attr-defined]
+                    return
+
+                async def later() -> None:
+                    await gate.wait()
+                    self.t.sendto(up.reply(data, limit), addr)  # type: ignore[attr-defined]
+
+                up._held.add(asyncio.get_running_loop().create_task(later()))
 
         self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, 0))  # type: ignore[assignment]
         self.port = self._udp.get_extra_info("sockname")[1]  # type: ignore[union-attr]
@@ -96,7 +126,12 @@ class Upstream:
             try:
                 while True:
                     n = int.from_bytes(await reader.readexactly(2), "big")
-                    out = self.reply(await reader.readexactly(n), None)
+                    try:
+                        out = self.reply(await reader.readexactly(n), None)
+                    except (asyncio.IncompleteReadError, ConnectionError):
+                        raise
+                    except Exception:
+                        return
                     writer.write(len(out).to_bytes(2, "big") + out)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass

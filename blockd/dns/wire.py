@@ -42,69 +42,62 @@ class Query(NamedTuple):
     version: int
 
 
-class Malformed(Exception):
-    """A query we must not answer normally; `rcode` is FORMERR/NOTIMP, or None to drop it."""
-
-    def __init__(self, rcode: int | None) -> None:
-        super().__init__(rcode)
-        self.rcode = rcode
+#: `parse` result for a datagram that must not be answered at all (too short, or a response).
+DROP = -1
 
 
-_DROP = Malformed(None)
-_FORMERR = Malformed(FORMERR)
-_NOTIMP = Malformed(NOTIMP)
-
-
-def parse(data: bytes) -> Query:
-    """Parse a query; raise `Malformed` (with the rcode to answer, or None to drop).
+def parse(data: bytes) -> Query | int:
+    """Parse a query: a `Query`, or an int: the rcode to answer (FORMERR/NOTIMP), or DROP.
 
     Accepted: QR=0, opcode QUERY, exactly one question with an uncompressed qname, no answer or
     authority records, at most one OPT among the additional records (others are skipped).
+    No exception is raised or caught here: a flood of junk allocates nothing that is kept
+    (a shared exception object raised per packet grows its traceback chain without bound).
     """
     n = len(data)
     if n < 12 or data[2] & 0x80:  # too short to echo an id, or a response: never answer
-        raise _DROP
+        return DROP
     if data[2] & 0x78:
-        raise _NOTIMP
+        return NOTIMP
     qd, an, ns, ar = _COUNTS.unpack_from(data, 4)
     if qd != 1 or an or ns:
-        raise _FORMERR
+        return FORMERR
     i = 12
     labels = []
-    try:
-        while True:
-            ln = data[i]
-            if ln == 0:
-                break
-            if ln > 63:  # compression pointer or extended label type in a question: refuse
-                raise _FORMERR
-            labels.append(i - 12)
-            i += ln + 1
-    except IndexError:
-        raise _FORMERR from None
+    while True:
+        if i >= n:
+            return FORMERR
+        ln = data[i]
+        if ln == 0:
+            break
+        if ln > 63:  # compression pointer or extended label type in a question: refuse
+            return FORMERR
+        labels.append(i - 12)
+        i += ln + 1
     qend = i + 1
     if qend - 12 > 255 or qend + 4 > n:
-        raise _FORMERR
+        return FORMERR
     qtype, qclass = _U32.unpack_from(data, qend)[0] >> 16, _U16.unpack_from(data, qend + 2)[0]
     edns, do, version = -1, False, 0
     pos = qend + 4
     for _ in range(ar):
-        try:
-            if data[pos] == 0:
-                root = True
-                pos += 1
-            else:
-                root = False
-                pos = skip_name(data, pos)
-            rtype, rclass, ttl, rdlen = _RR.unpack_from(data, pos)
-        except (IndexError, ValueError, struct.error):
-            raise _FORMERR from None
+        if pos >= n:
+            return FORMERR
+        if data[pos] == 0:
+            root = True
+            pos += 1
+        else:
+            root = False
+            pos = skip_name(data, pos)
+        if pos < 0 or pos + 10 > n:
+            return FORMERR
+        rtype, rclass, ttl, rdlen = _RR.unpack_from(data, pos)
         pos += 10 + rdlen
         if pos > n:
-            raise _FORMERR
+            return FORMERR
         if rtype == T_OPT:
             if edns != -1 or not root:  # RFC 6891 6.1.1: more than one OPT, or a named OPT
-                raise _FORMERR
+                return FORMERR
             edns = rclass if rclass > 512 else 512
             version = (ttl >> 16) & 0xFF
             do = bool(ttl & 0x8000)
@@ -112,17 +105,46 @@ def parse(data: bytes) -> Query:
 
 
 def skip_name(data: bytes, pos: int) -> int:
-    """Offset just past the (possibly compressed) name at `pos`; IndexError/ValueError if bad."""
+    """Offset just past the (possibly compressed) name at `pos`, or -1 if it is malformed."""
+    n = len(data)
     for _ in range(128):
+        if pos >= n:
+            return -1
         ln = data[pos]
         if ln == 0:
             return pos + 1
         if ln & 0xC0 == 0xC0:
-            return pos + 2
+            return pos + 2 if pos + 2 <= n else -1
         if ln > 63:
-            raise ValueError("bad label type")
+            return -1
         pos += ln + 1
-    raise ValueError("name too long")
+    return -1
+
+
+def read_name(data: bytes, pos: int) -> tuple[bytes, list[int]] | None:
+    """The name at `pos` with compression pointers followed: (lowercased uncompressed wire name,
+    offset of each label in it), or None if it is malformed (loops, bad labels, > 255 bytes)."""
+    n = len(data)
+    out = bytearray()
+    labels: list[int] = []
+    for _ in range(128):  # a bound on labels plus pointers: pointer loops end here
+        if pos >= n:
+            return None
+        ln = data[pos]
+        if ln == 0:
+            out.append(0)
+            return (bytes(out).lower(), labels) if len(out) <= 255 else None
+        if ln & 0xC0 == 0xC0:
+            if pos + 1 >= n:
+                return None
+            pos = ((ln & 0x3F) << 8) | data[pos + 1]
+            continue
+        if ln > 63 or pos + 1 + ln > n:
+            return None
+        labels.append(len(out))
+        out += data[pos : pos + 1 + ln]
+        pos += ln + 1
+    return None
 
 
 def name_to_wire(name: str) -> bytes:
@@ -146,16 +168,26 @@ def wire_to_name(wire: bytes) -> str:
     return b".".join(out).decode("ascii", "backslashreplace")
 
 
+#: Cap on EDE EXTRA-TEXT, in UTF-8 bytes (docs/dns.md); longer text is cut and ends in CUT_MARK.
+EDE_TEXT_MAX = 400
+CUT_MARK = "\u2026"  # "…", 3 bytes in UTF-8
+
+
+def cap_text(text: str, limit: int = EDE_TEXT_MAX) -> str:
+    """`text` without NULs if its UTF-8 form fits in `limit` bytes; else its longest prefix that
+    fits together with CUT_MARK, cut on a character boundary, followed by CUT_MARK."""
+    text = text.replace("\x00", "")
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    room = limit - len(CUT_MARK.encode("utf-8"))
+    # "ignore" drops only the partial character at the cut: the input was a valid str
+    return raw[: max(room, 0)].decode("utf-8", "ignore") + CUT_MARK
+
+
 def ede_option(code: int, text: str) -> bytes:
-    """RFC 8914 option: OPTION-CODE 15, INFO-CODE, EXTRA-TEXT (UTF-8, no NUL), at most 400 bytes."""
-    extra = text.replace("\x00", "").encode("utf-8")[:400]
-    while True:  # do not cut a UTF-8 sequence in half
-        try:
-            extra.decode("utf-8")
-            break
-        except UnicodeDecodeError:
-            extra = extra[:-1]
-    body = _U16.pack(code) + extra
+    """RFC 8914 option: OPTION-CODE 15, INFO-CODE, EXTRA-TEXT (UTF-8, no NUL, `cap_text`)."""
+    body = _U16.pack(code) + cap_text(text).encode("utf-8")
     return _U16.pack(EDE_OPTION) + _U16.pack(len(body)) + body
 
 
@@ -213,12 +245,17 @@ def response_ttls(wire: bytes) -> tuple[list[int], list[int], int] | None:
         qd, an, ns, ar = _COUNTS.unpack_from(wire, 4)
         pos = 12
         for _ in range(qd):
-            pos = skip_name(wire, pos) + 4
+            pos = skip_name(wire, pos)
+            if pos < 0:
+                return None
+            pos += 4
         offs: list[int] = []
         ttls: list[int] = []
         neg = None
         for k in range(an + ns + ar):
             pos = skip_name(wire, pos)
+            if pos < 0:
+                return None
             rtype, _, ttl, rdlen = _RR.unpack_from(wire, pos)
             if rtype != T_OPT:
                 offs.append(pos + 4)
@@ -236,3 +273,37 @@ def response_ttls(wire: bytes) -> tuple[list[int], list[int], int] | None:
     if not ttls:
         return None
     return offs, ttls, min(ttls)
+
+
+T_DNAME = 39
+
+
+def chain_targets(reply: bytes) -> list[tuple[bytes, list[int]]] | None:
+    """The CNAME and DNAME targets in a response's answer section, in order, each as
+    `read_name` gives it (lowercased wire name, label offsets); None if it cannot be walked."""
+    n = len(reply)
+    if n < 12:
+        return None
+    qd, an = _U16.unpack_from(reply, 4)[0], _U16.unpack_from(reply, 6)[0]
+    pos = 12
+    for _ in range(qd):
+        pos = skip_name(reply, pos)
+        if pos < 0 or pos + 4 > n:
+            return None
+        pos += 4
+    out: list[tuple[bytes, list[int]]] = []
+    for _ in range(an):
+        pos = skip_name(reply, pos)
+        if pos < 0 or pos + 10 > n:
+            return None
+        rtype, _, _, rdlen = _RR.unpack_from(reply, pos)
+        pos += 10
+        if pos + rdlen > n:
+            return None
+        if rtype == T_CNAME or rtype == T_DNAME:
+            target = read_name(reply, pos)
+            if target is None:
+                return None
+            out.append(target)
+        pos += rdlen
+    return out

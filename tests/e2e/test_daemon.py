@@ -224,7 +224,7 @@ def test_start_enforce_and_stop_keeps_rules(box: Box) -> None:
     status = box.start()
     assert "demo-regulator#1" in status
     assert box.blocked("blocked.example") and box.blocked("a.b.sub.example")
-    assert "EDE: 16 (Censored): (Blocked by Test Court, order demo-regulator/o1 (T-1))" in box.dig("blocked.example")
+    assert "EDE: 16 (Censored): (Blocked by order demo-regulator/o1 of Test Court (T-1))" in box.dig("blocked.example")
     assert "192.0.2.0/24" in box.nft_elements()
     # packets to a blocked address are dropped by the output hook, others are not
     ping = box.run("ping", "-c", "1", "-W", "1", "192.0.2.1")

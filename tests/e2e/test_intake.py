@@ -114,5 +114,21 @@ def test_a_second_daemon_on_one_state_directory_refuses_to_start(box: Box) -> No
     box.start()
     second = box.run(sys.executable, "-m", "blockd", "run", "--config", str(box.config))
     assert second.returncode == 1
-    assert "state_locked" in second.stdout + second.stderr and "only one blockd may use it" in second.stdout + second.stderr
+    assert "held_by_another_daemon" in second.stdout + second.stderr and "only one blockd may use it" in second.stdout + second.stderr
     assert box.proc is not None and box.proc.poll() is None and box.blocked("kept1.example")
+
+
+def test_a_second_daemon_on_the_same_kernel_table_refuses_to_start(box: Box) -> None:  # noqa: F811
+    """Another state directory, the same `inet blockd` table in the same namespace."""
+    box.write_policy("p-1.yaml", POLICY.format(serial=1, service="telegram"))
+    box.start()
+    other = box.tmp / "other.yaml"
+    other.write_text(box.config.read_text().replace(str(box.tmp / "state"), str(box.tmp / "state2"))
+                     .replace("127.0.0.1:9153", "127.0.0.1:9154").replace('"127.0.0.1:53"', '"127.0.0.1:5353"')
+                     .replace(str(box.tmp / "attestations"), str(box.tmp / "att2"))
+                     .replace(str(box.tmp / "audit.jsonl"), str(box.tmp / "audit2.jsonl")))
+    second = box.run(sys.executable, "-m", "blockd", "run", "--config", str(other))
+    assert second.returncode == 1, second.stdout + second.stderr
+    out = second.stdout + second.stderr
+    assert "nft table inet blockd in this network namespace is driven by another blockd (pid" in out, out
+    assert box.blocked("kept1.example") and "192.0.2.1" in box.nft_elements()

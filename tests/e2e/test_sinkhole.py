@@ -104,7 +104,7 @@ def test_applied_in_sync_and_readback(env: Env) -> None:
 def test_dig_prints_ede_16_with_authority_and_order(env: Env) -> None:
     out = env.dig("blocked.example.org", "A")
     assert "status: NXDOMAIN" in out
-    assert "; EDE: 16 (Censored): (Blocked by Example Court, order nx (2024/nx), see https://example.org/legal)" in out
+    assert "; EDE: 16 (Censored): (Blocked by order nx of Example Court (2024/nx), see https://example.org/legal)" in out
     assert "blocked.example.org.\t300\tIN\tSOA\tblockd.invalid." in out  # negative caching (RFC 2308)
     assert "flags: qr rd ra;" in out  # no AA, no AD
 
@@ -243,8 +243,10 @@ def test_acl_refuses_unlisted_clients() -> None:
     try:
         before = e.up.queries
         assert e.udp("www.example.net").rcode() == dns.rcode.REFUSED
-        assert e.tcp("blocked.example.org").rcode() == dns.rcode.REFUSED
-        assert e.up.queries == before and e.server.stats.results["acl_refused"] == 2
+        with pytest.raises((EOFError, ConnectionError)):  # TCP: closed at accept, holds no slot
+            e.tcp("blocked.example.org")
+        assert e.up.queries == before and e.server.stats.results["acl_refused"] == 1
+        assert e.server.tcp_closed["acl"] == 1 and not e.server.tcp_clients
     finally:
         e.close()
 
@@ -270,3 +272,31 @@ def test_upstream_failover_and_servfail() -> None:
         lt.close()
     finally:
         dead.close()
+
+
+def test_structured_dns_error_only_for_clients_that_ask() -> None:
+    """draft-ietf-dnsop-structured-dns-error: an EDE option with INFO-CODE 0 in the query gets the JSON;
+    other EDNS clients keep the plain text."""
+    import json
+
+    s = SinkholeSettings(**{**_fields(BASE), "sde_organization": "ISP Example",
+                            "sde_contact": ("mailto:noc@isp.example", "https://isp.example/blocking")})
+    e = Env(s)
+    try:
+        plain = e.udp("blocked.example.org", use_edns=0)
+        (o,) = [x for x in plain.options if isinstance(x, dns.edns.EDEOption)]
+        assert o.code == 16 and o.text == "Blocked by Example Court, order nx (2024/nx), see https://example.org/legal"
+        for signal in (dns.edns.EDEOption(dns.edns.EDECode.OTHER), dns.edns.GenericOption(15, b"")):
+            r = e.udp("www.tree.example.org", use_edns=0, options=[signal])
+            assert r.rcode() == dns.rcode.NXDOMAIN
+            (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
+            assert o.code == 16
+            assert json.loads(o.text or "") == {
+                "j": "Blocked by Example Court, order nx (2024/nx), see https://example.org/legal",
+                "o": "ISP Example", "c": ["mailto:noc@isp.example", "https://isp.example/blocking"], "l": "en"}
+        r = e.tcp("sink.example.org", use_edns=0, options=[dns.edns.EDEOption(dns.edns.EDECode.OTHER)])
+        (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
+        assert json.loads(o.text or "")["j"].startswith("Blocked by Example Court, order sh")
+        assert [rd.address for rr in r.answer for rd in rr] == ["192.0.2.80"]
+    finally:
+        e.close()

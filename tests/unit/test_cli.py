@@ -69,14 +69,14 @@ def test_check_rejects_unsigned_and_expired(capsys, env, write_policy) -> None:
 
 def test_accept_then_plan_then_rollback(capsys, env, write_policy) -> None:
     v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
-    assert run(capsys, "accept", *env, str(v1))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v1))[0] == 0
     v2 = write_policy(POLICY.format(serial=2, domains="t.me, x.org", cidrs="192.0.2.0/25"), name="v2.yaml")
     code, out = run(capsys, "plan", *env, "--json", str(v2))
     plan = json.loads(out)
     assert code == 0
     assert plan["add"] == {"domains": ["x.org"], "ipv4": [], "ipv6": []}
     assert plan["remove"] == {"domains": [], "ipv4": ["192.0.2.128/25"], "ipv6": []}
-    assert run(capsys, "accept", *env, str(v2))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v2))[0] == 0
     code, out = run(capsys, "check", *env, str(v1))
     assert code == 1 and "SUPERSEDED issuer reg serial 1: serial 1 is below serial 2, accepted before" in out
 
@@ -134,7 +134,24 @@ def test_accept_refuses_while_a_daemon_holds_the_state(capsys, env, write_policy
 
     v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
     with StateStore(tmp_path / "state").lock("blockd run"):
-        code, out = run(capsys, "accept", *env, str(v1))
+        code, out = run(capsys, "accept", *env[:2], str(v1))
         assert code == 1 and "the state directory is held by blockd run (pid" in out, out
         assert not (tmp_path / "state" / "accepted.json").exists()
-    assert run(capsys, "accept", *env, str(v1))[0] == 0
+    assert run(capsys, "accept", *env[:2], str(v1))[0] == 0
+
+
+def test_accept_refuses_now(capsys, env, write_policy) -> None:
+    """accept records at the real clock: a --now could record a serial not in force now."""
+    v1 = write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="v1.yaml")
+    code, out = run(capsys, "accept", *env, str(v1))
+    assert code == 1 and "--now is for check and plan" in out
+
+
+def test_check_of_the_directory_does_not_fail_on_an_old_serial(capsys, env, write_policy, tmp_path: Path) -> None:
+    write_policy(POLICY.format(serial=1, domains="t.me", cidrs="192.0.2.0/24"), name="p-1.yaml")
+    write_policy(POLICY.format(serial=2, domains="t.me", cidrs="192.0.2.0/24"), name="p-2.yaml")
+    code, out = run(capsys, "check", *env)  # no files: the policy directory, as the daemon sees it
+    assert code == 0 and "SUPERSEDED" in out and out.rstrip().endswith("OK"), out
+    d = tmp_path / "policies"
+    code, out = run(capsys, "check", *env, str(d / "p-1.yaml"), str(d / "p-2.yaml"))  # p-1 asked about: won't apply
+    assert code == 1

@@ -92,6 +92,8 @@ def test_bad_files(tmp_path: Path, odd: dict[str, str], name: str, argv: list[st
     ["attest", "verify", "--key", "{tmp}/missing.pub", str(ROOT / "README.md")],
     ["audit", "verify", "--key", "{tmp}/missing.pub", "{tmp}/audit.jsonl"],
     ["audit", "verify", "{tmp}/missing.jsonl"],
+    ["audit", "verify", "{tmp}/fifo.yaml", "--no-key"],
+    ["audit", "verify", "{tmp}/zero.yaml", "--no-key"],
     ["config", "check", "--config", "{tmp}/missing.yaml"],
     ["config", "check", "--config", "{tmp}/fifo.yaml"],
     ["config", "check", "--config", "{tmp}/dir.yaml"],
@@ -164,8 +166,19 @@ def test_pending_is_not_an_error(tmp_path: Path, keys: Keys, catalog_dir: Path, 
             "    action: block\n    targets: {domains: [a.example]}\n")
     path = write_policy(text)
     for cmd in ("check", "accept"):
-        proc = blockd(cmd, "--config", str(config), "--now", "2026-12-01T00:00:00Z", "--json", str(path))
+        proc = blockd(cmd, "--config", str(config), "--json", str(path))  # judged now (before 2027)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         (v,) = json.loads(proc.stdout)["policies"]
         assert v["status"] == "pending" and "takes effect at not_before 2027-01-01T00:00:00Z" in v["reason"]
     assert not (tmp_path / "state" / "accepted.json").exists(), "pending is recorded when it takes effect"
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_full_stdout(tmp_path: Path, json_flag: list[str]) -> None:
+    """stdout on a full disk: one line on stderr, exit 1, no traceback."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "blockd", "plan", *json_flag, "--now", "2026-11-29T00:00:00Z",
+                               "--state-dir", str(tmp_path / "state")], stdout=full, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "blockd: error: No space left on device"

@@ -18,7 +18,7 @@ STEPS = [
     ((-86390, 20), (20, 86410)),  # the wall clock steps back a day: time keeps flowing from 10 s
     ((-86380, 30), (30, 86410)),
     ((40, 40), (40, 0)),          # fixed: the wall clock is right again
-    ((3640, 50), (3640, 0)),      # a forward step (a clock being corrected) is taken
+    ((290, 50), (290, 0)),        # a small forward step (a clock being corrected) is taken at once
 ]
 
 
@@ -42,3 +42,29 @@ def test_the_mark_survives_a_restart(tmp_path: Path) -> None:
 def test_an_unreadable_mark_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "clock.json").write_text("{not json")
     assert MonotonicWallClock(tmp_path / "clock.json").now(T, 0.0) == T
+
+
+def test_a_big_forward_step_is_held_back_then_taken_if_it_lasts(tmp_path: Path) -> None:
+    from blockd.clock import CONFIRM_S
+
+    clock = MonotonicWallClock(tmp_path / "clock.json")
+    assert clock.now(T, 0.0) == T
+    year = timedelta(days=365)
+    assert clock.now(T + year, 10.0) == T + 10 * S and clock.step_ahead_s > 0  # held: time flows from the mark
+    assert clock.now(T + 20 * S, 20.0) == T + 20 * S and clock.step_ahead_s == 0  # fixed in time: nothing lost
+    assert clock.now(T + year, 30.0) == T + 30 * S  # a new step is held again
+    assert clock.now(T + year + CONFIRM_S * S, 30.0 + CONFIRM_S) == T + year + CONFIRM_S * S  # it lasted: taken
+
+
+def test_a_first_start_on_a_clock_that_is_behind_uses_the_latest_acceptance(tmp_path: Path) -> None:
+    clock = MonotonicWallClock(tmp_path / "clock.json", floor=T)
+    assert clock.now(T - timedelta(days=45), time.monotonic()) >= T
+
+
+def test_a_restart_after_downtime_takes_the_clock_as_it_is(tmp_path: Path) -> None:
+    clock = MonotonicWallClock(tmp_path / "clock.json")
+    clock.now(T, time.monotonic())
+    clock.save()
+    week_later = T + timedelta(days=7)
+    again = MonotonicWallClock(tmp_path / "clock.json")
+    assert again.now(week_later, time.monotonic()) == week_later and again.step_ahead_s == 0

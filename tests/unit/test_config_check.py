@@ -29,6 +29,9 @@ def test_a_good_config_is_ok(capsys, tmp_path: Path) -> None:
 
 
 BAD = [
+    ("block_page: {blocked_by: 'https://isp.example/blocking', listen: ['127.0.0.1:9153']}\n",
+     "block_page.listen[0]: 127.0.0.1:9153 (tcp) is also daemon.metrics_listen"),
+    ("allowlist:\n  cidrs: ['::ffff:0:0/96']\n", "allowlist.cidrs[0]: 0.0.0.0/0 is wider than the guards' min_prefix_v4"),
     ("enforcers:\n  dns:\n    default_answer: nxdomian\n", "enforcers.dns.default_answer: bad value 'nxdomian'"),
     ("daemon:\n  attest_dir: /tmp\n", "attest_dir is set but operator_key is not"),
     ("daemon:\n  drift_check_s: 0\n", "daemon.drift_check_s: 0.0 is too small"),
@@ -79,3 +82,12 @@ def test_the_shipped_config_enables_the_shared_infra_guard() -> None:
 
     s = load_settings(ROOT / "systemd" / "blockd.yaml")
     assert s.shared_infra_dir == ROOT / "systemd" / "shared-infra"
+
+
+@pytest.mark.parametrize("line", ["0.0.0.0/0", "::/0", "10.0.0.0/7", "2000::/15"])
+def test_a_shared_infra_line_wider_than_any_provider_is_refused(line: str) -> None:
+    from blockd.errors import CatalogError
+    from blockd.guards import parse_shared_infra
+
+    with pytest.raises(CatalogError, match="is wider than"):
+        parse_shared_infra([("x.txt", f"# provider: X\n192.0.2.0/24\n{line}\n".encode())])

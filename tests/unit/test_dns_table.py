@@ -116,7 +116,7 @@ def test_cache_counts_ttl_down_and_expires() -> None:
     c.put(b"k", _resp(100), 1000)
     import dns.message
 
-    assert dns.message.from_wire(c.get(b"k", 1030)).answer[0].ttl == 70  # type: ignore[arg-type]
+    assert dns.message.from_wire(c.get(b"k", 1030).wire).answer[0].ttl == 70  # type: ignore[arg-type]
     assert c.get(b"k", 1100) is None
     c.put(b"s", _resp(100, 2), 0)  # SERVFAIL is never cached
     assert c.get(b"s", 1) is None

@@ -37,6 +37,9 @@ METRIC = re.compile(r"\bblockd_[a-z0-9_]*[a-z0-9]")
 def exported_names() -> set[str]:
     m = metrics.create()
     live = metrics.Live(dns=lambda: ({}, {}))  # with the sinkhole on, its two families appear too
+    live.rpz = lambda: (1, {"192.0.2.1": 1}, {})  # and with the RPZ primary, its families
+    live.rpz_zones = lambda: {"rpz.blockd.": (1, {"192.0.2.1": 1})}
+    live.block_page = lambda: (True, {})
     m.registry.register(metrics.LiveCollector(live))
     names = set()
     for family in m.registry.collect():

@@ -213,6 +213,9 @@ def test_a_state_that_cannot_be_written_holds_the_new_serial_back(settings: Sett
     import json as _json
 
     assert _json.loads((settings.state_dir / "accepted.json").read_text())["reg"]["serial"] == 1
+    # a restart while the state still cannot be written serves what it holds
+    restarted = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert [p.serial for p in restarted.policies] == [1] and restarted.state_error is not None
     blocker.rmdir()
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [2] and r.state_error is None
@@ -240,6 +243,86 @@ def test_a_pass_with_nothing_changed_reuses_the_parse_the_expansion_and_the_merg
                for v in fourth.verdicts)
 
 
+def _enforced(r: PassResult) -> tuple[int, ...]:
+    return tuple(p.serial for p in r.policies)
+
+
+@pytest.mark.parametrize("edit", [
+    "a copy of the issuer's key under another issuer",
+    "an unknown key in issuer.yaml",
+    "issuer.yaml removed",
+    "issuer.yaml replaced by a directory",
+])
+def test_a_bad_trust_store_edit_keeps_the_issuer(settings: Settings, write_policy, keys: Keys, edit: str) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    good = run_pass(rec).compilation.ruleset.digest
+    reg = keys.trust / "reg"
+    if edit.startswith("a copy"):
+        (keys.trust / "aaa").mkdir()
+        shutil.copy(reg / "k0.pub", keys.trust / "aaa" / "k0.pub")
+        (keys.trust / "aaa" / "issuer.yaml").write_text("roles: [policy]\n")
+    elif edit.startswith("an unknown"):
+        (reg / "issuer.yaml").write_text("threshold: 1\nroles: [policy]\nextra: 1\n")
+    elif edit == "issuer.yaml removed":
+        (reg / "issuer.yaml").unlink()
+    else:
+        (reg / "issuer.yaml").unlink()
+        (reg / "issuer.yaml").mkdir()
+    r = run_pass(rec)
+    assert _enforced(r) == (1,) and r.compilation.ruleset.digest == good, edit
+    assert any(f.input == "trust_store" and "last good keys" in f.message for f in r.input_failures), r.input_failures
+    # and after a restart, from the state's copy of the last good trust store
+    again = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert _enforced(again) == (1,) and again.compilation.ruleset.digest == good, edit
+
+
+@pytest.mark.parametrize("how", ["removed", "service renamed by a signed update"])
+def test_a_catalog_that_cannot_expand_an_accepted_policy_is_refused(settings: Settings, write_policy, keys: Keys,
+                                                                    catalog_dir: Path, how: str) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    good = run_pass(rec).compilation.ruleset.digest
+    svc = catalog_dir / "telegram.yaml"
+    if how == "removed":
+        svc.unlink()
+        svc.with_name("telegram.yaml.minisig").unlink()
+    else:
+        renamed = catalog_dir / "telegram-messenger.yaml"
+        renamed.write_text(svc.read_text().replace("service: telegram", "service: telegram-messenger"))
+        keys.sign(renamed, keys.operator)
+        svc.unlink()
+        svc.with_name("telegram.yaml.minisig").unlink()
+    r = run_pass(rec)
+    assert _enforced(r) == (1,) and r.compilation.ruleset.digest == good
+    (failure,) = [f for f in r.input_failures if f.input == "catalog"]
+    assert "cannot expand the accepted policy" in failure.message and "unknown service 'telegram'" in failure.message
+    # after a restart the state's copy of the last good catalog is used
+    again = run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))
+    assert _enforced(again) == (1,) and again.compilation.ruleset.digest == good
+    assert any(f.input == "catalog" and "state copy" in f.message for f in again.input_failures)
+
+
+def test_plan_shows_what_the_daemon_will_do_when_the_catalog_breaks(settings: Settings, write_policy,
+                                                                    catalog_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    from blockd.__main__ import main
+
+    write_policy(POLICY.format(serial=1, targets="services: [telegram]"), name="p-1.yaml")
+    run_pass(Reconciler(settings, [DryRunEnforcer("nft")]))  # the daemon ran: the state has the catalog's copy
+    (catalog_dir / "telegram.yaml").unlink()
+    capsys.readouterr()  # the pass's own log lines
+    config = tmp_path / "c.yaml"
+    config.write_text(f"trust_store: {settings.trust_store}\npolicy_dir: {settings.policy_dir}\n"
+                      f"catalog_dir: {catalog_dir}\nprefix_table: {settings.prefix_table}\n"
+                      f"shared_infra_dir: {settings.shared_infra_dir}\nstate_dir: {settings.state_dir}\n")
+    main(["plan", "--config", str(config), "--json"])
+    plan = _json.loads(capsys.readouterr().out)
+    assert plan["remove"] == {"domains": [], "ipv4": [], "ipv6": []} and plan["from_digest"] == plan["to_digest"]
+    assert any(f["input"] == "catalog" and "cannot expand the accepted policy" in f["error"]
+               for f in plan["input_failures"])
 class RecordingEnforcer(DryRunEnforcer):
     """The dry-run enforcer, remembering the change each apply was given."""
 

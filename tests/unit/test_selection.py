@@ -129,3 +129,11 @@ def test_strict_raises_instead_of_rejecting() -> None:
 
     with pytest.raises(PolicyError):
         select([F(1).candidate()], (), {}, NOW, prepare, strict=True)
+
+
+def test_one_policy_under_two_names_gets_two_verdicts() -> None:
+    a = F(1).candidate()
+    b = Candidate(parse_policy(TEXT.format(serial=1, variant="", nb=NOW - DAY, na=NOW + 30 * DAY).encode(), "copy.yaml"))
+    sel = select([a, b], (), {}, NOW, lambda p: Prepared(p, {}, (), (), ()))
+    assert {(v.source, v.status) for v in sel.verdicts} == {("1.yaml", "active"), ("copy.yaml", "superseded")}
+    assert "the same bytes as 1.yaml" in next(v.reason for v in sel.verdicts if v.source == "copy.yaml")

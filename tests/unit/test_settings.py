@@ -37,6 +37,8 @@ def test_paths_are_relative_to_the_config_and_enforcers_typed(tmp_path: Path) ->
     ("colour: red\n", r"blockd.yaml:5: colour: unknown key 'colour'; valid keys: "),
     ("enforcers: {nft: {hooks: [sideways]}}\n", r"nft.hooks: \['sideways'\] invalid; known: prerouting"),
     ('enforcers: {dns: {listen: ["127.0.0.1:99999"]}}\n', r"enforcers.dns.listen\[0\]: '127.0.0.1:99999': port"),
+    ("enforcers: {dns: {tcp_max_per_source: 0, tcp_message_s: 0}}\n",
+     r"enforcers.dns: tcp_max_per_source: 0 is below the minimum 1; tcp_message_s: 0.0 is below the minimum 0.1"),
     ("daemon: {keep_rules_on_stop: maybe}\n", r"daemon.keep_rules_on_stop: bad value 'maybe'; expected true or false"),
     ("daemon: {drift_check_s: soon}\n", r"daemon.drift_check_s: bad value 'soon'; expected a number"),
     ("guards: {min_prefix_v4: 40}\n", r"guards.min_prefix_v4: 40 is above the maximum 32"),

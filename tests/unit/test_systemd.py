@@ -118,6 +118,17 @@ def test_unit_keeps_what_blockd_needs() -> None:
     assert s["User"] == ["blockd"] and s["StateDirectory"] == ["blockd"]
 
 
+def test_unit_caps_memory_with_headroom_for_1m_names() -> None:
+    """MemoryMax= is set, above MemoryHigh=, and both above the 1M-name compile peak (848 MiB)."""
+    s = unit_settings(UNIT.read_text())
+    size = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+    def parse(v: str) -> int:
+        return int(v[:-1]) * size[v[-1]] if v[-1] in size else int(v)
+    high, top = parse(s["MemoryHigh"][-1]), parse(s["MemoryMax"][-1])
+    assert 848 << 20 < high < top, (high, top)
+
+
 def test_unit_and_default_config_agree() -> None:
     """The shipped blockd.yaml writes only inside the unit's StateDirectory= (all else is read-only)."""
     from blockd.settings import load_settings

@@ -151,3 +151,31 @@ def test_record_replaces_older_copies(tmp_path: Path) -> None:
         state.record(*load_signed_policy(p, store), NOW)
     files = sorted(f.name for f in (tmp_path / "state" / "policies" / "reg").iterdir())
     assert files == ["2.yaml", "2.yaml.0.minisig"]
+
+
+def test_a_flood_of_signature_files_is_refused_before_reading(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = _policy(tmp_path)
+    keys.sign(path)
+    for i in range(trust.MAX_SIGNATURES + 1):
+        (tmp_path / f"{path.name}.x{i}.minisig").write_text("junk")
+    with pytest.raises(SignatureError, match=f"{trust.MAX_SIGNATURES + 2} signature files; at most"):
+        load_policy(path, store)
+
+
+@pytest.mark.parametrize("index", [b"[]", b'{"reg": 1}', b'{"reg": {"serial": "5"}}', b"{", b""])
+def test_a_broken_state_index_is_rebuilt_from_the_copies(tmp_path: Path, index: bytes) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    state = StateStore(tmp_path / "state")
+    p5 = _policy(tmp_path, 5, name="p5.yaml")
+    keys.sign(p5)
+    state.record(*load_signed_policy(p5, store), NOW)
+    (tmp_path / "state" / "accepted.json").write_bytes(index)
+    rebuilt = StateStore(tmp_path / "state").accepted()
+    assert rebuilt["reg"].serial == 5 and rebuilt["reg"].file == "policies/reg/5.yaml"
+    p4 = _policy(tmp_path, 4, name="p4.yaml")
+    keys.sign(p4)
+    with pytest.raises(ReplayError, match="rollback refused"):  # replay protection survives
+        StateStore(tmp_path / "state").check_replay(load_policy(p4, store))

@@ -153,7 +153,7 @@ def test_audit_verify_without_key_says_unverified(tmp_path: Path, capsys: pytest
     pub = tmp_path / "op.pub"
     pub.write_text(key.public.to_text())
     assert main(["audit", "verify", "--key", str(pub), str(path)]) == 0
-    assert f"head seq 2" in capsys.readouterr().out
+    assert "head seq 2" in capsys.readouterr().out
 
 
 def test_audit_verify_reports_an_unsigned_entry_after_the_signed_head(tmp_path: Path,
