@@ -285,18 +285,18 @@ def test_structured_dns_error_only_for_clients_that_ask() -> None:
     try:
         plain = e.udp("blocked.example.org", use_edns=0)
         (o,) = [x for x in plain.options if isinstance(x, dns.edns.EDEOption)]
-        assert o.code == 16 and o.text == "Blocked by Example Court, order nx (2024/nx), see https://example.org/legal"
+        assert o.code == 16 and o.text == "Blocked by order nx of Example Court (2024/nx), see https://example.org/legal"
         for signal in (dns.edns.EDEOption(dns.edns.EDECode.OTHER), dns.edns.GenericOption(15, b"")):
             r = e.udp("www.tree.example.org", use_edns=0, options=[signal])
             assert r.rcode() == dns.rcode.NXDOMAIN
             (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
             assert o.code == 16
             assert json.loads(o.text or "") == {
-                "j": "Blocked by Example Court, order nx (2024/nx), see https://example.org/legal",
+                "j": "Blocked by order nx of Example Court (2024/nx), see https://example.org/legal",
                 "o": "ISP Example", "c": ["mailto:noc@isp.example", "https://isp.example/blocking"], "l": "en"}
         r = e.tcp("sink.example.org", use_edns=0, options=[dns.edns.EDEOption(dns.edns.EDECode.OTHER)])
         (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
-        assert json.loads(o.text or "")["j"].startswith("Blocked by Example Court, order sh")
+        assert json.loads(o.text or "")["j"].startswith("Blocked by order sh of Example Court")
         assert [rd.address for rr in r.answer for rd in rr] == ["192.0.2.80"]
     finally:
         e.close()
