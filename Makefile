@@ -33,6 +33,7 @@ bench: deps venv
 	$(PY) bench/dns.py
 	$(PY) bench/rpz_fleet.py
 	$(PY) bench/scaleout.py
+	$(PY) bench/scale.py
 	$(PY) bench/pass_latency.py
 
 clean:

@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import structlog
@@ -162,7 +162,7 @@ class Daemon:
             return 1
         if self.settings.daemon.metrics_listen is not None:
             host, port = self.settings.daemon.metrics_listen
-            await m.serve(self.metrics.registry, host, port)
+            await m.serve(self.metrics.registry, host, port, self._order_rows)
             log.info("metrics_listening", address=f"{host}:{port}")
         if not await self._until_ready():
             self.notifier.stopping()
@@ -461,21 +461,33 @@ class Daemon:
         m.replace_labels(mt.findings, findings)
         live = set(r.applied) == {e.name for e in self.enforcers}
         now = datetime.now(timezone.utc)
-        enforced = {}
-        deadlines = {}
-        for key, res in r.compilation.orders.items():
-            ok = res.status in ("enforced", "partially_refused") and live
-            enforced[(key,)] = 1 if ok else 0
-            info = rs.orders.get(key)
-            if info is not None and info.deadline is not None:
-                deadlines[(key,)] = info.deadline.timestamp()
-        m.replace_labels(mt.order_enforced, enforced)
-        m.replace_labels(mt.order_deadline, deadlines)
+        series = m.order_series({k: res.status for k, res in r.compilation.orders.items()},
+                                {k: i.deadline for k, i in rs.orders.items() if i.deadline is not None}, live)
+        m.replace_labels(mt.order_enforced, series.enforced)
+        m.replace_labels(mt.order_deadline, series.deadlines)
+        m.replace_labels(mt.orders, series.counts)
+        mt.order_series_omitted.set(series.omitted)
         if r.changed:
             for p in r.policies:
                 start = max(p.issued_at, self.reconciler.received.get(p.digest, p.issued_at))
                 for name in r.applied:
                     mt.time_to_enforce.labels(name).observe(max(0.0, (now - start).total_seconds()))
+
+    def _order_rows(self) -> Iterator[dict[str, object]]:
+        """GET /orders (in a worker thread): every order of the last pass with its status,
+        deadline and blocked DNS answers, by order key."""
+        last = self.last
+        if last is None:
+            return
+        rs = last.compilation.ruleset
+        live = set(last.applied) == {e.name for e in self.enforcers}
+        hits = self.live.dns()[1] if self.live.dns is not None else {}
+        for key, res in sorted(last.compilation.orders.items()):
+            info = rs.orders.get(key)
+            yield {"order": key, "issuer": key.split("/", 1)[0], "status": res.status,
+                   "live": res.status in ("enforced", "partially_refused") and live, "rules": res.rules,
+                   "refused": res.refused, "deadline": iso(info.deadline) if info and info.deadline else None,
+                   "dns_blocked_queries": hits.get(key, 0)}
 
     def _status(self) -> str:
         if self.last is None:

@@ -1,7 +1,11 @@
 """Prometheus metrics: definitions on a registry passed in, and a collector for live counters.
 
-Labels are bounded: enforcer, kind, issuer, order id, guard, reason, result, set — never a
-domain or an address. Counters that live elsewhere (kernel rule counters, the sinkhole's
+Labels are bounded: enforcer, kind, issuer, guard, reason, result, set — never a domain or
+an address. An order id is a label only on the per-order series of deadline-bearing orders,
+at most ORDER_SERIES_MAX of them (the most urgent: not live first, then nearest deadline); a
+registry import has an order per decision (hundreds of thousands), so every order is counted
+per issuer and status (`blockd_orders`), and per-order detail is at GET /orders (JSON) and in
+the attestation. Counters that live elsewhere (kernel rule counters, the sinkhole's
 answer counts) are read at scrape time by `LiveCollector` from the latest snapshot the
 daemon took, so they are exported as counters, not gauges.
 """
@@ -10,8 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import parse_qs
 
 import asyncio
+import json
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -41,6 +48,8 @@ class Metrics:
     time_to_enforce: Histogram
     order_deadline: Gauge
     order_enforced: Gauge
+    orders: Gauge
+    order_series_omitted: Gauge
     policy_status: Gauge
     input_refused: Gauge
     input_failures: Counter
@@ -90,8 +99,12 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)),
         order_deadline=Gauge("blockd_order_deadline_timestamp_seconds", "Deadline of an order (if it has one)",
                              ["order"], registry=r),
-        order_enforced=Gauge("blockd_order_enforced", "1 when the order's rules are live on every enforcer",
-                             ["order"], registry=r),
+        order_enforced=Gauge("blockd_order_enforced", "1 when the order's rules are live on every enforcer "
+                             "(deadline-bearing orders only, the most urgent ORDER_SERIES_MAX)", ["order"], registry=r),
+        orders=Gauge("blockd_orders", "Orders per issuer and status; live=1: enforced on every enforcer",
+                     ["issuer", "status", "live"], registry=r),
+        order_series_omitted=Gauge("blockd_order_series_omitted", "Deadline-bearing orders without their own "
+                                   "blockd_order_* series (beyond ORDER_SERIES_MAX; see GET /orders)", registry=r),
         policy_status=Gauge("blockd_policy_status", "Policy files per issuer and status (active, pending, superseded, "
                             "expired, rejected); issuer \"\" when a file was refused before its issuer was known",
                             ["issuer", "status"], registry=r),
@@ -123,6 +136,59 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
         m.input_failures.labels(name)
     m.build.info({"version": __version__})
     return m
+
+
+#: per-order series (blockd_order_enforced, blockd_order_deadline_timestamp_seconds) at most
+ORDER_SERIES_MAX = 500
+#: orders in one GET /orders answer unless `limit` says otherwise (at most ORDERS_PAGE_MAX)
+ORDERS_PAGE, ORDERS_PAGE_MAX = 1000, 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSeries:
+    """What the per-order metrics export: bounded whatever the number of orders."""
+
+    enforced: Mapping[tuple[str], float]
+    deadlines: Mapping[tuple[str], float]
+    counts: Mapping[tuple[str, str, str], float]  # (issuer, status, live) -> orders
+    omitted: int
+
+
+def order_series(statuses: Mapping[str, str], deadlines: Mapping[str, datetime | None], live: bool,
+                 limit: int = ORDER_SERIES_MAX) -> OrderSeries:
+    """Pure: order key ("issuer/id") -> status, and its deadline -> the bounded series.
+
+    An order is live when its status is enforced (or partially refused) and every enforcer
+    applied the rule set. Orders with a deadline get their own series, the most urgent first:
+    those not live, then by deadline; the rest are only counted.
+    """
+    counts: dict[tuple[str, str, str], float] = {}
+    urgent: list[tuple[bool, float, str]] = []
+    for key, status in statuses.items():
+        ok = status in ("enforced", "partially_refused") and live
+        issuer = key.split("/", 1)[0]
+        c = (issuer, status, "1" if ok else "0")
+        counts[c] = counts.get(c, 0) + 1
+        deadline = deadlines.get(key)
+        if deadline is not None:
+            urgent.append((ok, deadline.timestamp(), key))
+    urgent.sort()
+    kept = urgent[:limit]
+    return OrderSeries({(k,): 1.0 if ok else 0.0 for ok, _, k in kept}, {(k,): d for _, d, k in kept}, counts,
+                       len(urgent) - len(kept))
+
+
+def orders_page(rows: Callable[[], Iterable[Mapping[str, object]]], query: str) -> bytes:
+    """GET /orders?issuer=&status=&order=&offset=&limit= -> JSON {total, offset, orders: [...]}."""
+    q = {k: v[-1] for k, v in parse_qs(query).items()}
+    try:
+        offset = max(0, int(q.get("offset", 0)))
+        limit = min(ORDERS_PAGE_MAX, max(0, int(q.get("limit", ORDERS_PAGE))))
+    except ValueError:
+        raise ValueError(f"offset and limit must be integers; got {q.get('offset')!r}, {q.get('limit')!r}") from None
+    picked = [r for r in rows() if all(str(r.get(f)) == q[f] for f in ("issuer", "status", "order") if f in q)]
+    doc = {"total": len(picked), "offset": offset, "orders": picked[offset:offset + limit]}
+    return json.dumps(doc, default=str, separators=(",", ":")).encode()
 
 
 def replace_labels(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
@@ -174,10 +240,15 @@ class LiveCollector(Collector):
             for result, n in sorted(by_result.items()):
                 queries.add_metric([result], n)
             yield queries
-            blocked = CounterMetricFamily("blockd_dns_blocked_queries", "Blocked DNS answers, by order",
-                                          labels=["order"])
-            for order, n in sorted(by_order.items()):
-                blocked.add_metric([order], n)
+            # By issuer, not by order (unbounded); per order: GET /orders.
+            blocked = CounterMetricFamily("blockd_dns_blocked_queries", "Blocked DNS answers, by the issuer of "
+                                          "the order named in them", labels=["issuer"])
+            by_issuer: dict[str, int] = {}
+            for order, n in by_order.items():
+                issuer = order.split("/", 1)[0]
+                by_issuer[issuer] = by_issuer.get(issuer, 0) + n
+            for issuer, n in sorted(by_issuer.items()):
+                blocked.add_metric([issuer], n)
             yield blocked
             closed_by, rejected_by = self.live.dns_defence() if self.live.dns_defence is not None else ({}, {})
             closed = CounterMetricFamily("blockd_dns_tcp_connections_closed",
@@ -272,8 +343,9 @@ def rpz_metrics(serial: int | None, secondaries: Mapping[str, int | None], stats
     yield wipes
 
 
-async def serve(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
-    """A minimal HTTP/1.1 server for GET /metrics on the event loop.
+async def serve(registry: CollectorRegistry, host: str, port: int,
+                orders: Callable[[], Iterable[Mapping[str, object]]] | None = None) -> asyncio.Server:
+    """A minimal HTTP/1.1 server for GET /metrics (and GET /orders with `orders`) on the event loop.
 
     prometheus_client's own server does a reverse DNS lookup of the listen address when it
     binds (http.server calls getfqdn): a stall, and a query leaving the box, at start-up.
@@ -283,14 +355,25 @@ async def serve(registry: CollectorRegistry, host: str, port: int) -> asyncio.Se
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, target, *_ = request.split(b" ", 2)
-            if method not in (b"GET", b"HEAD") or target.split(b"?")[0] not in (b"/metrics", b"/"):
-                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            path, _, query = target.partition(b"?")
+            status, kind = b"200 OK", CONTENT_TYPE_LATEST.encode()
+            if method not in (b"GET", b"HEAD") or path not in (b"/metrics", b"/", b"/orders") or (
+                    path == b"/orders" and orders is None):
+                status, kind, body = b"404 Not Found", b"text/plain", b""
+            elif path == b"/orders":
+                assert orders is not None
+                kind = b"application/json"
+                try:
+                    # a worker thread: at registry scale the scan takes a while, and DNS is served here
+                    body = await asyncio.to_thread(orders_page, orders, query.decode(errors="replace"))
+                except ValueError as e:
+                    status, body = b"400 Bad Request", json.dumps({"error": str(e)}).encode()
             else:
                 body = generate_latest(registry)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + CONTENT_TYPE_LATEST.encode() +
-                             b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
-                if method == b"GET":
-                    writer.write(body)
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind +
+                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+            if method == b"GET":
+                writer.write(body)
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError, ValueError):
             pass

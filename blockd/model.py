@@ -293,20 +293,38 @@ def diff(current: RuleSet, desired: RuleSet) -> Plan:
 
     Address families are compared as union intervals, so an interval whose bounds change is
     one delete plus one add (nftables interval sets cannot resize an element in place).
+    A part (names, v4, v6) whose rules are equal is skipped without building sets: a tuple
+    comparison runs in C and stops at the first difference.
     """
-    cur_d = {(r.name, r.subtree) for r in current.domains}
-    des_d = {(r.name, r.subtree) for r in desired.domains}
+    add_d: tuple[tuple[str, bool], ...] = ()
+    del_d: tuple[tuple[str, bool], ...] = ()
+    if current.domains != desired.domains:
+        cur_d = {(r.name, r.subtree) for r in current.domains}
+        des_d = {(r.name, r.subtree) for r in desired.domains}
+        add_d, del_d = tuple(sorted(des_d - cur_d)), tuple(sorted(cur_d - des_d))
     out: dict[str, tuple[tuple[int, int], ...]] = {}
     for fam in ("v4", "v6"):
-        cur = set(union_intervals(getattr(current, fam)))
-        des = set(union_intervals(getattr(desired, fam)))
+        a, b = getattr(current, fam), getattr(desired, fam)
+        if a == b:
+            out["add_" + fam] = out["del_" + fam] = ()
+            continue
+        cur = set(union_intervals(a))
+        des = set(union_intervals(b))
         out["add_" + fam] = tuple(sorted(des - cur))
         out["del_" + fam] = tuple(sorted(cur - des))
-    return Plan(
-        add_domains=tuple(sorted(des_d - cur_d)),
-        del_domains=tuple(sorted(cur_d - des_d)),
-        **out,
-    )
+    return Plan(add_domains=add_d, del_domains=del_d, **out)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """How a new RuleSet differs from the one whose digest is `base`: `apply(desired, change)`.
+
+    An enforcer that holds exactly `base` (it applied it, and read it back) commits only
+    `plan`; any other enforcer ignores the change and diffs `desired` against what it holds.
+    """
+
+    base: str
+    plan: Plan
 
 
 @dataclass(frozen=True, slots=True)

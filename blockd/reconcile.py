@@ -33,7 +33,7 @@ from blockd.errors import BlockdError, EnforcerError
 from blockd.intake import (
     Context, InputFailure, ParseCache, Rejected, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
 )
-from blockd.model import Applied, Policy, RuleSet
+from blockd.model import Applied, Change, Plan, Policy, RuleSet, diff
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
 from blockd.state import StateStore
@@ -260,11 +260,19 @@ class Reconciler:
             log.error("baseline_write_failed", path=str(self.ctx.state.directory), error=e.strerror)
 
     async def apply_all(self, desired: RuleSet) -> tuple[dict[str, Applied], dict[str, str]]:
+        """Apply `desired` everywhere, with the change from the last rule set (diffed once, here,
+        for every enforcer): an enforcer that holds that rule set commits only the change."""
         applied: dict[str, Applied] = {}
         failed: dict[str, str] = {}
+        change = None
+        if self.desired is not None:
+            if self.desired.digest == desired.digest:
+                change = Change(desired.digest, Plan((), (), (), (), (), ()))
+            else:
+                change = Change(self.desired.digest, await asyncio.to_thread(diff, self.desired, desired))
         for enforcer in self.enforcers:
             try:
-                result = await enforcer.apply(desired)
+                result = await enforcer.apply(desired, change)
             except EnforcerError as e:
                 failed[enforcer.name] = str(e)
                 log.error("apply_failed", enforcer=enforcer.name, errno=e.errno, error=str(e))

@@ -33,9 +33,11 @@ class Notifier:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             try:
-                s.sendto("\n".join(fields).encode(), self._addr)
+                # Never block: a reader that stalls (a full queue) must not freeze the event loop,
+                # which answers DNS; a STATUS= dropped then is superseded by the next one.
+                s.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._addr)
             except OSError:
-                pass  # systemd gone (shutdown): nothing to tell
+                pass  # systemd gone (shutdown), or its queue full: nothing to tell
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

@@ -127,8 +127,8 @@ def _read_keys(sub: Path, problems: list[Problem]) -> dict[bytes, minisign.Publi
 def _load_issuer(sub: Path, keys: dict[bytes, minisign.PublicKey], digest: hashlib._Hash) -> Issuer:
     meta = sub / "issuer.yaml"
     if not meta.exists():
-        raise ConfigError(f"no issuer.yaml: an issuer states its threshold and roles (e.g. `threshold: 1`, "
-                          f"`roles: [policy]`)", where=str(meta))
+        raise ConfigError("no issuer.yaml: an issuer states its threshold and roles (e.g. `threshold: 1`, "
+                          "`roles: [policy]`)", where=str(meta))
     r = Reader(str(meta))
     raw = read_regular(meta, MAX_ISSUER_BYTES, what="issuer file")
     doc = r.mapping(strictyaml.load(raw, str(meta)), "", 1, optional=("threshold", "roles"))

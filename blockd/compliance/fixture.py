@@ -33,7 +33,7 @@ from pathlib import Path
 from blockd import attest, minisign, tte
 from blockd.audit import GENESIS, Head
 from blockd.enforcers.nft import piece_keys
-from blockd.model import Applied, RuleSet, diff
+from blockd.model import Applied, Change, RuleSet, diff
 from blockd.reconcile import Reconciler
 from blockd.settings import Settings
 
@@ -89,7 +89,7 @@ class SimEnforcer:
             return RuleSet.build(desired.domains, (), (), desired.orders)
         return RuleSet.build((), desired.v4, desired.v6)
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
         t0 = time.perf_counter()
         want = self.enforced(desired)
         held = RuleSet.build(want.domains[self.lose:], want.v4, want.v6) if self.lose else want

@@ -1,8 +1,12 @@
 """The enforcer interface every backend implements (kernel sets, DNS sinkhole, RPZ, BGP).
 
     enforced(rs)    -> RuleSet   the part of a rule set this backend holds (names, or addresses)
-    apply(desired)  -> Applied   whole desired state in, diff against what is held, one atomic
-                                 commit; on failure raise EnforcerError and keep the old state
+    apply(desired, change=None)
+                    -> Applied   whole desired state in, one atomic commit; on failure raise
+                                 EnforcerError and keep the old state. With `change` (the plan
+                                 from the rule set whose digest is `change.base`), an enforcer
+                                 that holds exactly that base commits only the plan and reads
+                                 back what it touched; otherwise it diffs against what it holds
     readback()      -> RuleSet   what the backend really holds (no provenance); its digest is
                                  compared with the compiled RuleSet's digest
     aclose()                     release sockets/servers; never removes enforced rules unless
@@ -15,9 +19,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from blockd.model import Applied, Plan, RuleSet, diff
+from blockd.model import Applied, Change, Plan, RuleSet, diff
 
-__all__ = ["Enforcer", "Plan", "diff"]
+__all__ = ["Change", "Enforcer", "Plan", "diff"]
 
 
 @runtime_checkable
@@ -26,7 +30,7 @@ class Enforcer(Protocol):
 
     def enforced(self, desired: RuleSet) -> RuleSet: ...
 
-    async def apply(self, desired: RuleSet) -> Applied: ...
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied: ...
 
     async def readback(self) -> RuleSet: ...
 

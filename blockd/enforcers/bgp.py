@@ -44,7 +44,7 @@ from pathlib import Path
 import structlog
 
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, NetRule, RuleSet, union_intervals
+from blockd.model import Applied, Change, NetRule, RuleSet, union_intervals
 from blockd.ranges import format_cidr, merge, parse_cidr, to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.bgp")
@@ -310,7 +310,8 @@ class BgpEnforcer:
 
     # -- Enforcer interface -----------------------------------------------------------------
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
+        """`change` is not used yet: the prefix sets held (small for RTBH) are diffed here."""
         t0 = time.perf_counter()
         async with self._lock:
             await self._start()

@@ -15,7 +15,7 @@ import structlog
 from blockd.dns.server import SinkholeServer
 from blockd.dns.table import Table
 from blockd.errors import EnforcerError
-from blockd.model import Applied, RuleSet
+from blockd.model import Applied, Change, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.dns")
 
@@ -31,7 +31,9 @@ class SinkholeEnforcer:
         """The sinkhole holds names only; the addresses are the kernel enforcers' job."""
         return desired if not (desired.v4 or desired.v6) else RuleSet.build(desired.domains, (), (), desired.orders)
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
+        """`change` is not used yet: the table is rebuilt from `desired` (a patch is issue 14's
+        next step), and `_changes` counts what differs from the table served."""
         t0 = time.perf_counter()
         want = self.enforced(desired)
         old = self.server.table

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import structlog
 
-from blockd.model import Applied, RuleSet, diff
+from blockd.model import Applied, Change, RuleSet, diff
 
 log = structlog.get_logger("blockd.enforcers.dryrun")
 
@@ -24,9 +24,10 @@ class DryRunEnforcer:
     def enforced(self, desired: RuleSet) -> RuleSet:
         return desired
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
         t0 = time.perf_counter()
-        plan = diff(self._held, desired)
+        # The reconciler's plan is used only when it starts from exactly what is held.
+        plan = change.plan if change is not None and change.base == self._held.digest else diff(self._held, desired)
         self.last_plan = plan
         self._held = RuleSet.build(desired.domains, desired.v4, desired.v6)
         log.debug("plan", enforcer=self.name, added=plan.added, removed=plan.removed)

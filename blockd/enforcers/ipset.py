@@ -12,6 +12,10 @@ ipset has no transactions, so atomicity comes from swapping whole sets:
                    applies them one by one; a failure part-way is undone with the inverse
                    operations (the datapath may see the partial diff for that moment).
 
+With a `Change` from what is held, the plan's union intervals are split into CIDRs and sent
+incrementally (or, when the plan does not fit what is held or the sets' maxelem, the full
+path runs); either way each entry touched is TESTed right after.
+
 hash:net holds CIDRs, so intervals are split (`cidr_keys`, via `ranges.interval_to_cidrs`);
 `readback` dumps the sets (a linear kernel dump) and merges the CIDRs back into intervals.
 Matching traffic is left to the operator's iptables rules
@@ -35,7 +39,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, RuleSet
+from blockd.model import Applied, Plan, RuleSet
 from blockd.ranges import BITS, interval_to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.ipset")
@@ -121,6 +125,18 @@ def cidr_keys(version: int, rules: Iterable[tuple[int, int, object]]) -> set[int
             out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
         start, end = first, last
     out.update(n << 8 | p for n, p in interval_to_cidrs(version, start, end))
+    return _no_slash0(bits, out)
+
+
+def plan_cidr_keys(version: int, intervals: Iterable[tuple[int, int]]) -> set[int]:
+    """A plan's union intervals -> CIDR keys, as `cidr_keys` splits them."""
+    out: set[int] = set()
+    for first, last in intervals:
+        out.update(n << 8 | p for n, p in interval_to_cidrs(version, first, last))
+    return _no_slash0(BITS[version], out)
+
+
+def _no_slash0(bits: int, out: set[int]) -> set[int]:
     if 0 in out:  # 0.0.0.0/0 or ::/0: hash:net refuses /0, so hold it as the two /1s
         out.discard(0)
         out.update((1, (1 << (bits - 1)) << 8 | 1))
@@ -207,6 +223,46 @@ class IpsetEnforcer(nl.KernelEnforcer):
                  in_sync=equal, duration_s=round(applied.duration_s, 4))
         return applied
 
+    def _apply_plan(self, desired: RuleSet, plan: Plan) -> Applied | None:
+        """Send only `plan` (from exactly what `_held` holds) and TEST each entry it touched;
+        None (nothing sent) when it does not fit `_held` or a set's maxelem."""
+        t0 = time.perf_counter()
+        held = self._held
+        if held is None:
+            return None
+        adds = {4: plan_cidr_keys(4, plan.add_v4), 6: plan_cidr_keys(6, plan.add_v6)}
+        dels = {4: plan_cidr_keys(4, plan.del_v4), 6: plan_cidr_keys(6, plan.del_v6)}
+        for v in (4, 6):
+            same = adds[v] & dels[v]  # a CIDR of both an old and a new interval: leave it
+            adds[v] -= same
+            dels[v] -= same
+            if (not dels[v] <= held[v] or any(k in held[v] for k in adds[v])
+                    or len(held[v]) + len(adds[v]) > self._maxelem.get(v, 0)):
+                log.debug("ipset_plan_does_not_fit", enforcer=self.name, family=v)
+                return None
+        self._incremental(adds, dels, exclusive=True)
+        for v in (4, 6):  # in place: O(change), not a copy of 1M keys
+            held[v] -= dels[v]
+            held[v] |= adds[v]
+        added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
+        t_read = time.perf_counter()
+        equal = not (added + removed) or self._entries_hold(adds, dels)
+        if not equal:
+            log.warning("ipset_readback_differs", enforcer=self.name, added=added, removed=removed)
+            self._read_kernel()
+        self.last_readback_s = time.perf_counter() - t_read
+        share = nl.share_digest(desired)
+        assert self._held is not None
+        applied = Applied(
+            enforcer=self.name, digest=share if equal else self._held_ruleset().digest, desired_digest=share,
+            added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_cidrs": len(self._held[4]), "ipv6_cidrs": len(self._held[6])},
+            readback_scope=self._scope, readback_at=self._read_at, full_readback_at=self._full_at,
+        )
+        log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, path="plan",
+                 in_sync=applied.in_sync, duration_s=round(applied.duration_s, 4))
+        return applied
+
     def _entries_hold(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> bool:
         """TEST every entry just added (must be present) and deleted (must be absent)."""
         msgs, expect = [], []
@@ -224,9 +280,11 @@ class IpsetEnforcer(nl.KernelEnforcer):
         self._read_at, self._scope = at, "touched"
         return True
 
-    def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> None:
+    def _incremental(self, adds: dict[int, set[int]], dels: dict[int, set[int]], exclusive: bool = False) -> None:
+        """`exclusive`: an add of a present entry or a delete of an absent one is an error (a
+        plan's view of the sets is then wrong) and the change is undone."""
         t0 = time.perf_counter()
-        msgs = self._diff_msgs(adds, dels)
+        msgs = self._diff_msgs(adds, dels, exclusive)
         if not msgs:
             return
         failures = self._transact(msgs)
@@ -239,10 +297,11 @@ class IpsetEnforcer(nl.KernelEnforcer):
                          f"incremental update failed and was undone; {failures[0].describe(IPSET_ERRORS)}")
         self._record(len(msgs), sum(len(x) for x in (*adds.values(), *dels.values())), sum(map(len, msgs)), t0)
 
-    def _diff_msgs(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> list[bytes]:
+    def _diff_msgs(self, adds: dict[int, set[int]], dels: dict[int, set[int]], exclusive: bool = False) -> list[bytes]:
         # Adds before deletes: a prefix that is re-split stays blocked in between.
-        msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, self.settings.name(v), adds[v])]
-        return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, self.settings.name(v), dels[v])]
+        name, x = self.settings.name, exclusive
+        msgs = [m for v in (4, 6) for m in self._adt_msgs(CMD_ADD, v, name(v), adds[v], x)]
+        return msgs + [m for v in (4, 6) for m in self._adt_msgs(CMD_DEL, v, name(v), dels[v], x)]
 
     def _replace(self, want: dict[int, set[int]]) -> None:
         """Fill shadow sets, then swap both in; on any failure the live sets are unchanged."""
@@ -340,15 +399,16 @@ class IpsetEnforcer(nl.KernelEnforcer):
     def _msg(self, cmd: int, flags: int, version: int, payload: bytes) -> bytes:
         return nl.msg((nl.NFNL_SUBSYS_IPSET << 8) | cmd, flags, NFPROTO[version], attr(A_PROTOCOL, bytes([PROTOCOL])) + payload)
 
-    def _adt_msgs(self, cmd: int, version: int, setname: str, keys: Iterable[int]) -> list[bytes]:
+    def _adt_msgs(self, cmd: int, version: int, setname: str, keys: Iterable[int],
+                  exclusive: bool = False) -> list[bytes]:
         items = [(k >> 8, k & 0xFF) for k in sorted(keys)]
         # LINENO is mandatory whenever ADT carries entries; 0 = "not from a file".
         prefix = attr_str(A_SETNAME, setname) + attr(A_LINENO, struct.pack("=I", 0))
         out = []
         for k in range(0, len(items), CHUNK[version]):
             body = pack_entries(version, items[k:k + CHUNK[version]])
-            # No NLM_F_EXCL: re-adding a present entry is a no-op rather than an error.
-            out.append(self._msg(cmd, 0, version, prefix + nest(A_ADT, body)))
+            # Without NLM_F_EXCL re-adding a present entry (deleting an absent one) is a no-op.
+            out.append(self._msg(cmd, nl.NLM_F_EXCL if exclusive else 0, version, prefix + nest(A_ADT, body)))
         return out
 
     def _transact(self, msgs: list[bytes]) -> list[nl.Failure]:

@@ -29,7 +29,7 @@ from itertools import repeat
 from types import MappingProxyType
 
 from blockd.errors import EnforcerError
-from blockd.model import Applied, NetRule, RuleSet
+from blockd.model import Applied, Change, NetRule, Plan, RuleSet, content_digest
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
@@ -155,6 +155,11 @@ class Commit:
     duration_s: float
 
 
+def share_digest(desired: RuleSet) -> str:
+    """`addresses(desired).digest` without building the RuleSet (its rules are sorted already)."""
+    return desired.digest if not desired.domains else content_digest((), desired.v4, desired.v6)
+
+
 def addresses(desired: RuleSet) -> RuleSet:
     """The part of a RuleSet a kernel enforcer holds: the address intervals, no names."""
     return desired if not desired.domains else RuleSet.build(v4=desired.v4, v6=desired.v6)
@@ -177,7 +182,15 @@ class KernelEnforcer:
 
     Netlink work is blocking: it runs in a worker thread, one call at a time (`_lock`), so the
     event loop keeps answering DNS meanwhile. Subclasses call `__init__(name, netns)` (it opens
-    the socket) and implement `_apply(addresses)`, `_readback()` and `_stats()`.
+    the socket) and implement `_apply(addresses)`, `_apply_plan(desired, plan)`, `_readback()`
+    and `_stats()`.
+
+    Deltas: after an apply that read back equal, `_base` is the digest of the whole RuleSet
+    given (names included) and `_base_share` that of the addresses held. An apply whose
+    `change.base` is `_base` hands the plan to `_apply_plan`, which commits only it (no diff
+    of the whole desired state) and reads back what it touched; anything else (first apply,
+    a failure, a read-back that found other contents, a plan that does not fit what is held)
+    takes the full path `_apply`, which diffs against what the kernel holds.
     """
 
     def __init__(self, name: str, netns: str | None) -> None:
@@ -191,14 +204,33 @@ class KernelEnforcer:
             where = f" in netns {netns!r}" if netns else ""
             raise EnforcerError(name, f"open netlink socket{where}: {exc.strerror}", errno=exc.errno) from exc
         self._lock = asyncio.Lock()
+        self._base: str | None = None
+        self._base_share: str | None = None
+        #: how the last apply went: "plan" (only the change), "full" (diffed against the kernel)
+        self.last_path = "full"
 
-    async def apply(self, desired: RuleSet) -> Applied:
+    async def apply(self, desired: RuleSet, change: Change | None = None) -> Applied:
         async with self._lock:
-            return await asyncio.to_thread(self._apply, addresses(desired))
+            return await asyncio.to_thread(self._apply_any, desired, change)
+
+    def _apply_any(self, desired: RuleSet, change: Change | None) -> Applied:
+        base, self._base = self._base, None  # unknown until this apply reads back equal
+        applied = None
+        if change is not None and base is not None and change.base == base:
+            applied = self._apply_plan(desired, change.plan)
+        self.last_path = "plan" if applied is not None else "full"
+        if applied is None:
+            applied = self._apply(addresses(desired))
+        if applied.in_sync:
+            self._base, self._base_share = desired.digest, applied.desired_digest
+        return applied
 
     async def readback(self) -> RuleSet:
         async with self._lock:
-            return await asyncio.to_thread(self._readback)
+            held = await asyncio.to_thread(self._readback)
+            if held.digest != self._base_share:  # someone changed the sets: no plan fits them
+                self._base = None
+            return held
 
     async def stats(self) -> KernelStats:
         async with self._lock:
@@ -213,6 +245,10 @@ class KernelEnforcer:
 
     def _apply(self, desired: RuleSet) -> Applied:
         raise NotImplementedError
+
+    def _apply_plan(self, desired: RuleSet, plan: Plan) -> Applied | None:
+        """Commit only `plan` (from exactly what is held); None when it does not fit what is held."""
+        return None
 
     def _readback(self) -> RuleSet:
         raise NotImplementedError
@@ -322,6 +358,33 @@ class NetlinkSocket:
                     # BEGIN or END refused (e.g. EPERM): nothing was applied, no more ACKs come.
                     return [Failure(-1, code, _ext_ack_text(body))]
         return sorted(failures, key=lambda f: f.index)
+
+    def query(self, requests: list[bytes]) -> list[tuple[int, list[bytes]]]:
+        """Send non-dump requests (e.g. GETSETELEM of given keys, ipset TEST) in ONE datagram,
+        each with NLM_F_ACK; per request, in order: (errno, reply payloads after nfgenmsg).
+
+        errno 0 with replies: found; ENOENT (or a subsystem code): the kernel says no.
+        """
+        if not requests:
+            return []
+        data, first = self._number(requests, range(len(requests)))
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 20))
+        # each answer: the reply (<= ~200 B for one element) plus the ACK
+        self._ensure_rcvbuf(len(requests) * 1024 + (8 << 20))
+        self._sock.sendall(data)
+        replies: list[list[bytes]] = [[] for _ in requests]
+        codes = [0] * len(requests)
+        pending = set(range(first, first + len(requests)))
+        while pending:
+            for kind, seq, body in self._recv():
+                if seq not in pending:
+                    continue
+                if kind == NLMSG_ERROR:
+                    codes[seq - first] = -struct.unpack_from("=i", body, 0)[0]
+                    pending.discard(seq)
+                elif kind != NLMSG_DONE:
+                    replies[seq - first].append(bytes(body[4:]))
+        return list(zip(codes, replies))
 
     def dump(self, request: bytes) -> Iterator[memoryview]:
         """Payloads (after nfgenmsg) of the answers to one dump request; OSError on failure."""
@@ -437,6 +500,15 @@ def _elem_re(klen: int) -> re.Pattern[bytes]:
             re.DOTALL,
         )
     return _ELEM_RE[klen]
+
+
+def element_keys(bits: int, payload: bytes | memoryview) -> list[tuple[int, bool]]:
+    """One GETSETELEM answer -> its elements as (key, is_interval_end)."""
+    found = attrs(payload).get(3)  # NFTA_SET_ELEM_LIST_ELEMENTS
+    if found is None:
+        return []
+    return [(int.from_bytes(key, "big"), bool(flags) and flags[-1] & 1 == 1)
+            for _, key, flags in _slow_elements(found)]
 
 
 def _slow_elements(elements: memoryview) -> Iterator[tuple[bytes, bytes, bytes]]:

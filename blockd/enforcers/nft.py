@@ -16,12 +16,20 @@ The packet path pays one vmap lookup plus one rbtree lookup in a 256x smaller tr
 The first apply (or any apply that finds the layout incomplete) sends [add table, delete
 table, create everything, all elements] as one batch; later applies send only the element
 diff. Either way the batch is all-or-nothing (NFNL_MSG_BATCH_BEGIN ... END).
+
+With a `Change` from what is held, the plan's union intervals are cut into pieces and sent
+as they are: the cost is the change's, not the rule set's (no diff of 1M keys). After any
+incremental commit, each element it touched is read back with one GETSETELEM of a point
+(the kernel answers with the interval element holding it; `_elements_hold`), so the read-back
+also costs the change's. The full read-back (every shard dumped) is the drift check's.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +42,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, RuleSet
+from blockd.model import Applied, Plan, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.nft")
 
@@ -56,6 +64,7 @@ TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR = 4, 7, 8
 NFT_OBJECT_COUNTER = 1
 NFT_META_NFPROTO, NFT_META_L4PROTO = 15, 16
 NFT_REJECT_TCP_RST, NFT_REJECT_ICMPX_UNREACH, NFT_REJECT_ICMPX_ADMIN_PROHIBITED = 1, 2, 3
+ENOENT = 2
 
 #: Per family: address bits, network-header offset of (saddr, daddr), shard shift, elements
 #: per NEWSETELEM message (the element list is one attribute with a u16 length: <= 64 KiB).
@@ -104,6 +113,15 @@ def _cut(first: int, last: int, bits: int, shift: int, add: Callable[[int], None
         add(first << bits | edge)
         first = edge + 1
     add(first << bits | last)
+
+
+def plan_keys(version: int, intervals: Iterable[tuple[int, int]]) -> set[int]:
+    """A plan's union intervals (disjoint, non-adjacent) -> their pieces, as `piece_keys` cuts them."""
+    bits, _, shift, _ = FAMILY[version]
+    out: set[int] = set()
+    for first, last in intervals:
+        _cut(first, last, bits, shift, out.add)
+    return out
 
 
 def split_key(version: int, key: int) -> tuple[int, int]:
@@ -155,14 +173,11 @@ class NftEnforcer(nl.KernelEnforcer):
     def __init__(self, settings: NftSettings | None = None, *, netns: str | None = None, name: str = "nft") -> None:
         super().__init__(name, netns)
         self.settings = settings or NftSettings()
-        # What the kernel held when each shard was last read back (a full dump, or the dump of
-        # the shards a commit touched, right after it): {4: keys, 6: keys}. Shards no commit
-        # touched since the last full read-back are as that read-back found them.
+        # What the kernel holds, {4: piece keys, 6: piece keys}: the last full read-back, changed
+        # by each commit since (ACKed, and its elements read back one by one right after it).
         # None = unknown (read it before diffing); `_layout_ok` False = rebuild.
         self._held: dict[int, set[int]] | None = None
         self._layout_ok = False
-        #: elements per (family, shard) in `_held`, so a touched shard is checked without a scan
-        self._counts: dict[tuple[int, int], int] = {}
         self._full_at: datetime | None = None
         self._read_at: datetime | None = None
         self._scope: Literal["full", "touched"] = "full"
@@ -198,13 +213,9 @@ class NftEnforcer(nl.KernelEnforcer):
         if held is None:
             self._read_kernel()  # a new table: read all of it back
         elif msgs:
-            for (v, i) in {(v, i) for v in (4, 6) for by in (add_by[v], del_by[v]) for i in by}:
-                self._counts[(v, i)] = (self._counts.get((v, i), 0) + len(add_by[v].get(i, ()))
-                                        - len(del_by[v].get(i, ())))
             self._held = want
-            touched = {(v, i) for v in (4, 6) for i in (*add_by[v], *del_by[v])}
-            if not self._touched_hold(touched, want):
-                log.warning("nft_readback_differs", enforcer=self.name, shards=len(touched))
+            if not self._elements_hold(adds, dels):
+                log.warning("nft_readback_differs", enforcer=self.name, added=added, removed=removed)
                 self._read_kernel()  # something else changed the table: read all of it
         self.last_readback_s = time.perf_counter() - t_read
         assert self._held is not None
@@ -227,28 +238,103 @@ class NftEnforcer(nl.KernelEnforcer):
                  duration_s=round(applied.duration_s, 4))
         return applied
 
-    def _touched_hold(self, touched: set[tuple[int, int]], want: dict[int, set[int]]) -> bool:
-        """Dump the shard sets a commit touched; True when each holds exactly its part of `want`.
+    def _apply_plan(self, desired: RuleSet, plan: Plan) -> Applied | None:
+        """Commit only `plan`, which starts from exactly what `_held` holds; read back what it
+        touched. None (nothing sent) when the plan does not fit `_held`."""
+        t0 = time.perf_counter()
+        held = self._held
+        if held is None or not self._layout_ok:
+            return None
+        adds = {4: plan_keys(4, plan.add_v4), 6: plan_keys(6, plan.add_v6)}
+        dels = {4: plan_keys(4, plan.del_v4), 6: plan_keys(6, plan.del_v6)}
+        for v in (4, 6):
+            same = adds[v] & dels[v]  # a piece both deleted and added (a shard cut): leave it
+            adds[v] -= same
+            dels[v] -= same
+            if not dels[v] <= held[v] or any(k in held[v] for k in adds[v]):
+                log.debug("nft_plan_does_not_fit", enforcer=self.name, family=v)
+                return None
+        add_by = {v: _by_shard(v, adds[v]) for v in (4, 6)}
+        del_by = {v: _by_shard(v, dels[v]) for v in (4, 6)}
+        msgs = [m for v in (4, 6) for m in self._elem_msgs(DELSETELEM, v, del_by[v])]
+        msgs += [m for v in (4, 6) for m in self._elem_msgs(NEWSETELEM, v, add_by[v])]
+        added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
+        if msgs:
+            self._commit(msgs, added + removed)
+            for v in (4, 6):  # in place: O(change), not a copy of 1M keys
+                held[v] -= dels[v]
+                held[v] |= adds[v]
+        t_read = time.perf_counter()
+        equal = not msgs or self._elements_hold(adds, dels)
+        if not equal:
+            log.warning("nft_readback_differs", enforcer=self.name, added=added, removed=removed)
+            self._read_kernel()  # something else changed the table: read all of it
+        self.last_readback_s = time.perf_counter() - t_read
+        share = nl.share_digest(desired)
+        assert self._held is not None
+        applied = Applied(
+            enforcer=self.name, digest=share if equal else self._held_ruleset().digest, desired_digest=share,
+            added=added, removed=removed, duration_s=time.perf_counter() - t0,
+            counts={"ipv4_elements": len(self._held[4]), "ipv6_elements": len(self._held[6])},
+            readback_scope=self._scope, readback_at=self._read_at, full_readback_at=self._full_at,
+        )
+        log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, path="plan",
+                 readback=self._scope, in_sync=applied.in_sync, duration_s=round(applied.duration_s, 4))
+        return applied
 
-        A shard holds its part when every element read is in `want`, belongs to that shard,
-        and there are as many as `want` has there (`_counts`): no scan of the whole set.
+    def _elements_hold(self, adds: dict[int, set[int]], dels: dict[int, set[int]]) -> bool:
+        """Read back each element a commit touched, one GETSETELEM of a point each (in one datagram).
+
+        The kernel answers a point with the element holding it: a start query gives the start
+        of the interval containing the point (the last element at or below it is a start), an
+        end query the end element of that interval. So an added piece [f, l] is held exactly
+        when a start query of l answers f and an end query of l + 1 answers l + 1; a deleted
+        piece is gone when a start query of f and of l answers nothing, or the start of a piece
+        added in the same commit that covers the point. Elements nobody committed (added
+        behind blockd's back elsewhere) are the drift check's full read-back to find.
         """
         at = datetime.now(timezone.utc)
+        reqs: list[bytes] = []
+        #: per request: (family, the key the answer must carry, None = no answer), in order
+        expect: list[tuple[int, int | None]] = []
+        for v in (4, 6):
+            top = (1 << FAMILY[v][0]) - 1
+            added = sorted(split_key(v, k) for k in adds[v])
+            starts = [f for f, _ in added]
+            for f, l in added:
+                reqs.append(self._get_elem(v, f, l, end=False))
+                expect.append((v, f))
+                if l != top:
+                    reqs.append(self._get_elem(v, f, l + 1, end=True))
+                    expect.append((v, l + 1))
+            for k in dels[v]:
+                f, l = split_key(v, k)
+                for point in (f, l):
+                    j = bisect_right(starts, point) - 1
+                    reqs.append(self._get_elem(v, f, point, end=False))
+                    expect.append((v, added[j][0] if j >= 0 and added[j][1] >= point else None))
         try:
-            for v, i in sorted(touched):
-                bits = FAMILY[v][0]
-                n = 0
-                for first, last in self._dump_shard(v, i):
-                    if shard(v, first) != i or (first << bits | last) not in want[v]:
-                        return False
-                    n += 1
-                if n != self._counts.get((v, i), 0):
-                    return False
+            answers = self._sock.query(reqs)
         except OSError as exc:
             self._held = None
-            raise _error(self.name, exc.errno, f"read back the shards just committed: {exc.strerror}") from exc
+            raise _error(self.name, exc.errno, f"read back the elements just committed: {exc.strerror}") from exc
+        for (v, want_key), (code, replies) in zip(expect, answers):
+            if code not in (0, ENOENT):
+                self._held = None
+                raise _error(self.name, code, f"read back an element just committed: {os.strerror(code)}")
+            got = [key for p in replies for key, _end in nl.element_keys(FAMILY[v][0], p)]
+            if (got[0] if code == 0 and got else None) != want_key:
+                return False
         self._read_at, self._scope = at, "touched"
         return True
+
+    def _get_elem(self, version: int, first: int, point: int, *, end: bool) -> bytes:
+        """GETSETELEM of `point` in the shard set of the piece starting at `first` (a piece's end
+        element, last + 1, may lie in the next shard's range but is in its piece's set)."""
+        klen = FAMILY[version][0] // 8
+        elem = nest(1, nest(1, attr(1, point.to_bytes(klen, "big"))) + (attr_be32(3, 1) if end else b""))
+        return self._msg(GETSETELEM, 0, attr_str(1, self.settings.table)
+                         + attr_str(2, f"v{version}_{shard(version, first):02x}") + nest(3, elem))
 
     def _commit(self, msgs: list[bytes], elements: int) -> None:
         t0 = time.perf_counter()
@@ -286,7 +372,6 @@ class NftEnforcer(nl.KernelEnforcer):
         at = datetime.now(timezone.utc)
         expected = self._expected_rules()
         counts: dict[str, int] = defaultdict(int)
-        per_shard: dict[tuple[int, int], int] = {}
         try:
             for payload in self._sock.dump(self._msg(GETRULE, nl.NLM_F_DUMP, attr_str(1, self.settings.table))):
                 chain = nl.attrs(payload).get(2)
@@ -296,19 +381,16 @@ class NftEnforcer(nl.KernelEnforcer):
             for v in (4, 6):
                 bits = FAMILY[v][0]
                 for i in range(256):
-                    before = len(held[v])
                     held[v].update(first << bits | last for first, last in self._dump_shard(v, i))
-                    if len(held[v]) > before:
-                        per_shard[(v, i)] = len(held[v]) - before
         except OSError as exc:
             if exc.errno != 2:  # ENOENT: no table or no such set -> the layout is gone
                 raise _error(self.name, exc.errno, f"read back table {self.settings.table!r}: {exc.strerror}") from exc
-            self._held, self._layout_ok, self._counts = {4: set(), 6: set()}, False, {}
+            self._held, self._layout_ok = {4: set(), 6: set()}, False
             self._full_at = self._read_at = at
             self._scope = "full"
             return
         self._layout_ok = all(counts.get(c, 0) == n for c, n in expected.items())
-        self._held, self._counts = held, per_shard
+        self._held = held
         self._full_at = self._read_at = at
         self._scope = "full"
         if not self._layout_ok:

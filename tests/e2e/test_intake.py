@@ -61,7 +61,12 @@ def test_a_typo_in_a_new_serial_keeps_the_old_one_everywhere(box: Box) -> None: 
     assert 'blockd_policy_status{issuer="demo-regulator",status="rejected"} 1.0' in metrics
     assert 'blockd_policy_status{issuer="demo-regulator",status="active"} 1.0' in metrics
     assert 'blockd_policy_serial{issuer="demo-regulator"} 1.0' in metrics
-    assert 'blockd_order_enforced{order="demo-regulator/o1"} 1.0' in metrics
+    # per order: counted per issuer and status on /metrics, listed on GET /orders (issue 14)
+    assert 'blockd_orders{issuer="demo-regulator",live="1",status="partially_refused"} 1.0' in metrics
+    code = ("import urllib.request;print(urllib.request.urlopen("
+            "'http://127.0.0.1:9153/orders?order=demo-regulator/o1',timeout=5).read().decode())")
+    doc = json.loads(box.run(sys.executable, "-c", code, check=True).stdout)
+    assert doc["total"] == 1 and doc["orders"][0]["status"] == "partially_refused" and doc["orders"][0]["live"] is True
     assert 'blockd_policy_rejections_total{reason="expand"} 1.0' in metrics
     audit = [json.loads(line) for line in (box.tmp / "audit.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "policy_rejected" and e.get("file") == "p-2.yaml" for e in audit), audit

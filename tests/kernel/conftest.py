@@ -67,7 +67,7 @@ def _missing() -> dict[str, str]:
     return missing
 
 
-_OURS = {"test_nft.py", "test_ipset.py", "test_drift.py", "test_scale.py"}
+_OURS = {"test_nft.py", "test_ipset.py", "test_drift.py", "test_scale.py", "test_delta.py"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

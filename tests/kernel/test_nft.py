@@ -139,13 +139,13 @@ table ip filter { chain forward { type filter hook forward priority 10; policy a
     assert sh("nft", "list", "table", "inet", "other", ns=topo.m) == before[1]
 
 
-def test_applied_digest_is_read_back_from_the_shards_a_commit_touched(topo: Topo, closing: Closing) -> None:
-    """Issue 11: Applied.digest comes from the kernel, never from "every message was ACKed".
+def test_applied_digest_is_read_back_from_the_elements_a_commit_touched(topo: Topo, closing: Closing) -> None:
+    """Issues 11 and 14: Applied.digest comes from the kernel, never from "every message was
+    ACKed", and the read-back after a commit costs what the commit changed.
 
-    Someone else adds 10.60.0.0/24 to shard v4_0a behind blockd's back. A commit that touches
-    v4_0a reads it back, finds the stranger, and reports the real kernel state (not in sync);
-    a commit that touches only other shards reads back only those (scope `touched`) and says
-    when the rest was last read in full; a full read-back then finds it."""
+    Someone else adds 10.60.0.0/24 to shard v4_0a behind blockd's back. A commit reads back
+    only the elements it touched (scope `touched`) and says when the rest was last read in
+    full; the full read-back (the drift check's) finds the stranger."""
     async def scenario() -> None:
         enf = closing(NftEnforcer(netns=topo.m))
         base = background(200, 7)
@@ -153,8 +153,7 @@ def test_applied_digest_is_read_back_from_the_shards_a_commit_touched(topo: Topo
         # a new table is read back whole
         assert first.in_sync and first.readback_scope == "full" and first.readback_at == first.full_readback_at
         sh("nft", "add", "element", "inet", "blockd", "v4_0a", "{ 10.60.0.0/24 }", ns=topo.m)
-        # touches v4_c6 only (198.51.100.0/24): the stranger in v4_0a is not read now
-        other = policy(base + [(parse_cidr("198.51.100.0/24").network, 24)])
+        other = policy(base + [(parse_cidr("198.51.100.0/24").network, 24), (parse_cidr("10.62.0.0/24").network, 24)])
         a = await enf.apply(other)
         assert a.in_sync and a.readback_scope == "touched" and a.full_readback_at == first.full_readback_at
         assert a.readback_at is not None and first.readback_at is not None and a.readback_at > first.readback_at
@@ -162,12 +161,36 @@ def test_applied_digest_is_read_back_from_the_shards_a_commit_touched(topo: Topo
         # the full read-back refreshed the view: the next apply removes the stranger
         fixed = await enf.apply(other)
         assert fixed.in_sync and fixed.removed == 1
-        # a stranger in a shard the next commit touches is found right after that commit
-        sh("nft", "add", "element", "inet", "blockd", "v4_0a", "{ 10.61.0.0/24 }", ns=topo.m)
-        touching = policy(base + [(parse_cidr("198.51.100.0/24").network, 24), (parse_cidr("10.62.0.0/24").network, 24)])
-        b = await enf.apply(touching)
-        assert not b.in_sync and b.desired_digest == touching.digest
-        assert b.digest == (await enf.readback()).digest != touching.digest
-        assert b.readback_scope == "full"  # a difference is followed by a full read-back
+        assert nft_intervals(topo.m) == intervals_of(other)
+
+    asyncio.run(scenario())
+
+
+def test_element_readback_sees_what_the_kernel_holds(topo: Topo, closing: Closing) -> None:
+    """The per-element read-back (one GETSETELEM per touched bound) answers from the kernel:
+    an element missing, cut short or grown, or a deleted one still (partly) there, fails it."""
+    from blockd.enforcers.nft import plan_keys
+
+    def key(cidr: str) -> set[int]:
+        c = parse_cidr(cidr)
+        return plan_keys(4, [(c.first, c.last)])
+
+    async def scenario() -> None:
+        enf = closing(NftEnforcer(netns=topo.m))
+        await enf.apply(policy([(parse_cidr("10.62.0.0/24").network, 24), (parse_cidr("10.64.0.0/16").network, 16)]))
+        none: set[int] = set()
+        cases = [  # (adds, dels, True when the kernel holds that)
+            (key("10.62.0.0/24"), none, True),
+            (key("10.62.0.0/25"), none, False),  # the kernel holds more than that
+            (key("10.62.0.0/23"), none, False),  # ... less
+            (key("10.63.0.0/24"), none, False),  # nothing
+            (none, key("10.63.0.0/24"), True),  # gone
+            (none, key("10.62.0.0/24"), False),  # still there
+            (none, key("10.64.128.0/24"), False),  # inside one that is there
+            (key("10.64.0.0/16"), key("10.64.5.0/24"), True),  # deleted, but covered by one added
+            (key("10.64.0.0/16") | key("10.62.0.0/24"), none, True),
+        ]
+        for adds, dels, held in cases:
+            assert enf._elements_hold({4: adds, 6: set()}, {4: dels, 6: set()}) is held, (adds, dels)
 
     asyncio.run(scenario())

@@ -352,3 +352,33 @@ orders:
     blocks = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)  # type: ignore[arg-type]
     assert blocks["reg/big"] is big1, "the unchanged order is not expanded and guarded again"
     assert blocks["reg/small"].domains == ("b.example",)
+
+class RecordingEnforcer(DryRunEnforcer):
+    """The dry-run enforcer, remembering the change each apply was given."""
+
+    def __init__(self, name: str = "nft") -> None:
+        super().__init__(name)
+        self.changes: list[object] = []
+
+    async def apply(self, desired, change=None):  # type: ignore[no-untyped-def]
+        self.changes.append(change)
+        return await super().apply(desired, change)
+
+
+def test_the_change_is_diffed_once_and_given_to_every_enforcer(settings: Settings, write_policy) -> None:
+    """Issue 14: the reconciler hands each enforcer the plan from the rule set it applied last."""
+    from blockd.model import Change, diff
+
+    a, b = RecordingEnforcer("nft"), RecordingEnforcer("dns")
+    rec = Reconciler(settings, [a, b])
+    write_policy(POLICY.format(serial=1, targets="domains: [one.example], cidrs: [192.0.2.0/24]"), name="p-1.yaml")
+    first = run_pass(rec).compilation.ruleset
+    assert a.changes == b.changes == [None]  # nothing applied before: the full desired state
+    write_policy(POLICY.format(serial=2, targets="domains: [two.example], cidrs: [198.51.100.0/24]"), name="p-2.yaml")
+    second = run_pass(rec).compilation.ruleset
+    change = a.changes[-1]
+    assert isinstance(change, Change) and change is b.changes[-1]
+    assert change.base == first.digest and change.plan == diff(first, second)
+    assert change.plan.add_domains == (("two.example", False),) and change.plan.del_domains == (("one.example", False),)
+    run_pass(rec)  # nothing changed: an empty plan from what is held
+    assert a.changes[-1] == Change(second.digest, diff(second, second)) and a.changes[-1].plan.empty

@@ -129,3 +129,25 @@ def test_watcher_follows_a_replaced_directory(tmp_path: Path, force_poll: bool, 
 
     events = asyncio.run(scenario())
     assert "replaced" in events or (force_poll and how == "rm -rf and mkdir")
+
+
+def test_sd_notify_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
+    """A notify socket whose reader stalls fills up; the daemon's event loop (which answers
+    DNS and handles SIGTERM) must not block in send. Found by bench/scale.py (issue 14)."""
+    import threading
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        n = Notifier({"NOTIFY_SOCKET": str(path)})
+        done = threading.Event()
+
+        def flood() -> None:
+            for i in range(5000):  # far beyond any datagram queue (net.unix.max_dgram_qlen)
+                n.status(f"pass {i}")
+            done.set()
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        assert done.wait(60), "Notifier.send blocked on a full notify socket"
+        assert sock.recv(512).decode() == "STATUS=pass 0"  # what fit was delivered, in order
