@@ -87,6 +87,8 @@ class Reconciler:
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
     clock: MonotonicWallClock | None = None
+    #: enforcer -> the error its last apply failed with (logged once per outage)
+    _apply_errors: dict[str, str] = field(default_factory=dict)
     #: the last context that expanded every accepted policy
     _good_ctx: Context | None = None
 
@@ -275,8 +277,15 @@ class Reconciler:
                 result = await enforcer.apply(desired, change)
             except EnforcerError as e:
                 failed[enforcer.name] = str(e)
-                log.error("apply_failed", enforcer=enforcer.name, errno=e.errno, error=str(e))
+                # Once per outage (the daemon retries with backoff; the metric counts every try).
+                if self._apply_errors.get(enforcer.name) != str(e):
+                    log.error("apply_failed", enforcer=enforcer.name, errno=e.errno, error=str(e))
+                else:
+                    log.debug("apply_failed_again", enforcer=enforcer.name, errno=e.errno)
+                self._apply_errors[enforcer.name] = str(e)
                 continue
+            if self._apply_errors.pop(enforcer.name, None) is not None:
+                log.info("apply_recovered", enforcer=enforcer.name)
             applied[enforcer.name] = result
             log.info("ruleset_applied", enforcer=enforcer.name, added=result.added, removed=result.removed,
                      in_sync=result.in_sync, duration_s=round(result.duration_s, 4))
