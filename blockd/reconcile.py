@@ -184,8 +184,13 @@ class Reconciler:
             # Nothing new is applied before it is recorded (a crash would otherwise forget it):
             # the issuers keep their accepted policies, the new ones wait, the daemon retries.
             self.state_error = f"{e.strerror or e}: {e.filename or ctx.state.directory}"
-            held = {v.digest: v for v in newly_accepted(sel, ctx.state.accepted_serials())}
-            sel = self.select(ctx, now, hold_back=held, why=self.state_error)
+            accepted = ctx.state.accepted_serials()
+            held: dict[str, Verdict] = {}
+            while new := [v for v in newly_accepted(sel, accepted) if v.digest not in held]:
+                # hold back every unrecorded candidate, not only the newest: an older file that
+                # is not recorded either must not come into force in its place
+                held.update({v.digest: v for v in new if v.digest is not None})
+                sel = self.select(ctx, now, hold_back=held, why=self.state_error)
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]

@@ -382,3 +382,15 @@ def test_the_change_is_diffed_once_and_given_to_every_enforcer(settings: Setting
     assert change.plan.add_domains == (("two.example", False),) and change.plan.del_domains == (("one.example", False),)
     run_pass(rec)  # nothing changed: an empty plan from what is held
     assert a.changes[-1] == Change(second.digest, diff(second, second)) and a.changes[-1].plan.empty
+
+
+def test_a_state_that_cannot_be_written_holds_back_every_unrecorded_serial(settings: Settings, write_policy) -> None:
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    write_policy(POLICY.format(serial=1, targets="domains: [a.example]"), name="p-1.yaml")
+    before = run_pass(rec).compilation.ruleset.digest
+    for serial in (2, 3):
+        (settings.state_dir / "policies" / "reg" / f"{serial}.yaml").mkdir()  # neither can be recorded
+        write_policy(POLICY.format(serial=serial, targets=f"domains: [n{serial}.example]"), name=f"p-{serial}.yaml")
+    r = run_pass(rec)
+    assert [p.serial for p in r.policies] == [1] and r.compilation.ruleset.digest == before
+    assert sorted(v.serial for v in r.verdicts if v.kind == "state") == [2, 3]
