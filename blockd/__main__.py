@@ -23,7 +23,8 @@ from blockd.compile import Compilation, Prepared, merge, prepare
 from blockd.errors import BlockdError
 from blockd.fsutil import atomic_write, read_regular
 from blockd.intake import (
-    Context, InputFailure, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
+    Context, InputFailure, catalog_refusal, context_from_copy, load_context, policy_files, read_candidates,
+    state_candidates, unexpandable_accepted,
 )
 from blockd.model import Policy, RuleSet, diff, union_intervals
 from blockd.names import display
@@ -246,15 +247,12 @@ def _evaluate(args: argparse.Namespace) -> Evaluation:
     accepted = ctx.state.accepted_serials()
     baseline = ctx.state.baseline()
     sel = select([*found, *kept], [*bad, *kept_bad], accepted, now, prepared)
-    broken = [v for v in sel.with_status("rejected")
-              if v.kind == "expand" and v.digest in {a.digest for a in accepted.values()}]
-    good = context_from_copy(settings, ctx.store, ctx.state) if broken else None
-    if broken and good is not None and good.key != ctx.key:
+    broken = unexpandable_accepted(sel, accepted)
+    good = context_from_copy(settings, ctx.store, ctx.state) if broken is not None else None
+    if broken is not None and good is not None and good.key != ctx.key:
         # As the daemon does: a catalog that cannot expand an accepted policy is refused, the
         # last good one (the state's copy) is used, and the refusal is reported.
-        failures.append(InputFailure("catalog", broken[0].source, f"the catalog cannot expand the accepted policy "
-                                     f"(serial {broken[0].serial} of {broken[0].issuer!r}): {broken[0].reason}; "
-                                     f"the daemon keeps the last good catalog (state copy)"))
+        failures.append(catalog_refusal(broken, good.origin))
         ctx = good
         found, bad = read_candidates(paths, ctx)
         kept, kept_bad = state_candidates(ctx)

@@ -14,6 +14,7 @@ The I/O half of the pipeline (`selection` and `compile` are the pure half):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -26,7 +27,7 @@ from blockd.fsutil import read_regular
 from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
 from blockd.model import Catalog, Policy
 from blockd.policy import load_signed_policy
-from blockd.selection import Candidate, Unreadable
+from blockd.selection import AcceptedSerial, Candidate, Selection, Unreadable, Verdict
 from blockd.settings import Settings
 from blockd.state import StateStore
 
@@ -138,6 +139,18 @@ def keep_refused_issuers(store: trust.TrustStore, previous: trust.TrustStore,
     owners = {key_id: name for name, issuer in issuers.items() for key_id in issuer.keys}
     mark = hashlib.sha256(f"{store.digest}\0kept:{sorted(kept)}\0{previous.digest}".encode()).hexdigest()
     return replace(store, issuers=MappingProxyType(issuers), owners=MappingProxyType(owners), digest=mark)
+
+
+def unexpandable_accepted(sel: Selection, accepted: Mapping[str, AcceptedSerial]) -> Verdict | None:
+    """An accepted policy that the current catalog cannot expand (the catalog is to blame)."""
+    digests = {a.digest for a in accepted.values()}
+    return next((v for v in sel.with_status("rejected") if v.kind == "expand" and v.digest in digests), None)
+
+
+def catalog_refusal(v: Verdict, origin: str) -> InputFailure:
+    return InputFailure("catalog", v.source, f"the catalog cannot expand the accepted policy (serial {v.serial} "
+                                             f"of {v.issuer!r}): {v.reason}; the last good catalog ({origin}) "
+                                             f"stays in use")
 
 
 def context_from_copy(settings: Settings, store: trust.TrustStore, state: StateStore) -> Context | None:

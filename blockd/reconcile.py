@@ -31,7 +31,8 @@ from blockd.compile import Baseline, Compilation, OrderCache, Prepared, merge, p
 from blockd.enforcers.base import Enforcer
 from blockd.errors import BlockdError, EnforcerError
 from blockd.intake import (
-    Context, InputFailure, ParseCache, Rejected, context_from_copy, load_context, policy_files, read_candidates, state_candidates,
+    Context, InputFailure, ParseCache, Rejected, catalog_refusal, context_from_copy, load_context, policy_files,
+    read_candidates, state_candidates, unexpandable_accepted,
 )
 from blockd.model import Applied, Change, Plan, Policy, RuleSet, diff
 from blockd.selection import Selection, Verdict, newly_accepted, select
@@ -114,9 +115,8 @@ class Reconciler:
         """A catalog that loads cleanly but cannot expand an accepted policy (a service dropped
         or renamed by a signed update, a file removed) is refused like a bad one: the last
         good catalog stays, so what is enforced is not unblocked by a catalog change."""
-        accepted = {a.digest for a in ctx.state.accepted_serials().values()}
-        broken = [v for v in sel.with_status("rejected") if v.kind == "expand" and v.digest in accepted]
-        if not broken:
+        broken = unexpandable_accepted(sel, ctx.state.accepted_serials())
+        if broken is None:
             if ctx.origin == "live" and ctx.files is not None:
                 try:
                     ctx.state.save_context_copy(ctx.files)
@@ -131,10 +131,7 @@ class Reconciler:
         good = good or context_from_copy(self.settings, ctx.store, ctx.state)
         if good is None or good.key == ctx.key:
             return ctx, sel  # nothing better to fall back to: the refusals stand, and are reported
-        v = broken[0]
-        failures.append(InputFailure("catalog", v.source, f"the catalog cannot expand the accepted policy "
-                                     f"(serial {v.serial} of {v.issuer!r}): {v.reason}; the last good catalog "
-                                     f"({good.origin}) stays in use"))
+        failures.append(catalog_refusal(broken, good.origin))
         return good, self.select(good, now)
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
