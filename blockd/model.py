@@ -316,15 +316,65 @@ def diff(current: RuleSet, desired: RuleSet) -> Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleDelta:
+    """Rules (with their provenance) leaving or entering a RuleSet; see `Change`."""
+
+    domains: tuple[DomainRule, ...] = ()
+    v4: tuple[NetRule, ...] = ()
+    v6: tuple[NetRule, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.domains) + len(self.v4) + len(self.v6)
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     """How a new RuleSet differs from the one whose digest is `base`: `apply(desired, change)`.
 
     An enforcer that holds exactly `base` (it applied it, and read it back) commits only
     `plan`; any other enforcer ignores the change and diffs `desired` against what it holds.
+
+    `plan` is in enforced terms (names, union intervals): what the kernel needs. Enforcers
+    whose answer depends on provenance (the sinkhole's EDE text, RPZ zones per authority or
+    order) patch by rules instead: the base rule set's rules minus `removed` plus `added` are
+    exactly `desired`'s rules (`DomainRule`/`NetRule` tuples compared with their orders). A
+    rule whose orders change, or whose orders' `OrderInfo` changes in anything but the serial
+    and issue time (authority, reference, url, action, dns_answer, deadline), is in both.
+    `removed`/`added` are None when not known: such an enforcer then diffs itself.
     """
 
     base: str
     plan: Plan
+    removed: RuleDelta | None = None
+    added: RuleDelta | None = None
+
+
+def answer_view(info: OrderInfo) -> tuple[object, ...]:
+    """What of an order's provenance an answer or a zone can show (not the serial it came in)."""
+    return (info.id, info.issuer, info.authority, info.reference, info.url, info.action, info.dns_answer,
+            info.deadline)
+
+
+def rule_delta(current: RuleSet, desired: RuleSet) -> tuple[RuleDelta, RuleDelta]:
+    """Pure, O(N): the (removed, added) rules from `current` to `desired` (see `Change`).
+
+    The incremental merge produces this without looking at the whole rule set; this is the
+    reference it is tested against, and the fallback."""
+    changed = {k for k, info in desired.orders.items()
+               if k in current.orders and answer_view(current.orders[k]) != answer_view(info)}
+
+    def part(a: tuple, b: tuple) -> tuple[tuple, tuple]:
+        if a == b and not changed:
+            return (), ()
+        old, new = set(a), set(b)
+        if changed:
+            stale = {r for r in old & new if not changed.isdisjoint(r.orders)}
+            return tuple(sorted((old - new) | stale)), tuple(sorted((new - old) | stale))
+        return tuple(sorted(old - new)), tuple(sorted(new - old))
+
+    (rd, ad), (r4, a4), (r6, a6) = (part(current.domains, desired.domains), part(current.v4, desired.v4),
+                                    part(current.v6, desired.v6))
+    return RuleDelta(rd, r4, r6), RuleDelta(ad, a4, a6)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from blockd.intake import (
     Context, InputFailure, ParseCache, Rejected, catalog_refusal, context_from_copy, load_context, policy_files,
     read_candidates, state_candidates, unexpandable_accepted,
 )
-from blockd.model import Applied, Change, Plan, Policy, RuleSet, diff
+from blockd.model import Applied, Change, Plan, Policy, RuleDelta, RuleSet, diff, rule_delta
 from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
 from blockd.state import StateStore
@@ -271,9 +271,9 @@ class Reconciler:
         change = None
         if self.desired is not None:
             if self.desired.digest == desired.digest:
-                change = Change(desired.digest, Plan((), (), (), (), (), ()))
+                change = Change(desired.digest, Plan((), (), (), (), (), ()), RuleDelta(), RuleDelta())
             else:
-                change = Change(self.desired.digest, await asyncio.to_thread(diff, self.desired, desired))
+                change = await asyncio.to_thread(full_change, self.desired, desired)
         for enforcer in self.enforcers:
             try:
                 result = await enforcer.apply(desired, change)
@@ -293,6 +293,11 @@ class Reconciler:
                      in_sync=result.in_sync, duration_s=round(result.duration_s, 4))
         return applied, failed
 
+
+
+def full_change(current: RuleSet, desired: RuleSet) -> Change:
+    removed, added = rule_delta(current, desired)
+    return Change(current.digest, diff(current, desired), removed, added)
 
 
 def latest_acceptance(settings: Settings) -> datetime | None:

@@ -367,7 +367,7 @@ class RecordingEnforcer(DryRunEnforcer):
 
 def test_the_change_is_diffed_once_and_given_to_every_enforcer(settings: Settings, write_policy) -> None:
     """Issue 14: the reconciler hands each enforcer the plan from the rule set it applied last."""
-    from blockd.model import Change, diff
+    from blockd.model import Change, diff, rule_delta
 
     a, b = RecordingEnforcer("nft"), RecordingEnforcer("dns")
     rec = Reconciler(settings, [a, b])
@@ -379,9 +379,12 @@ def test_the_change_is_diffed_once_and_given_to_every_enforcer(settings: Setting
     change = a.changes[-1]
     assert isinstance(change, Change) and change is b.changes[-1]
     assert change.base == first.digest and change.plan == diff(first, second)
+    assert (change.removed, change.added) == rule_delta(first, second)
     assert change.plan.add_domains == (("two.example", False),) and change.plan.del_domains == (("one.example", False),)
     run_pass(rec)  # nothing changed: an empty plan from what is held
-    assert a.changes[-1] == Change(second.digest, diff(second, second)) and a.changes[-1].plan.empty
+    last = a.changes[-1]
+    assert last.base == second.digest and last.plan == diff(second, second) and last.plan.empty
+    assert last.removed is not None and last.added is not None and not len(last.removed) and not len(last.added)
 
 
 def test_a_state_that_cannot_be_written_holds_back_every_unrecorded_serial(settings: Settings, write_policy) -> None:
