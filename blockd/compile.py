@@ -107,13 +107,17 @@ class Prepared:
 OrderCache = dict[tuple[str, Order], tuple[str, Expanded, tuple[Finding, ...]]]
 
 
-def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: OrderCache | None = None) -> Prepared:
+def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tuple[str, Order], tuple[
+        str, Expanded, tuple[Finding, ...]]] | None = None, into: OrderCache | None = None) -> Prepared:
     """Expand and guard every order of `policy`; every expansion problem is reported at once.
 
     `orders` (valid for one catalog and guards) caches each order's expansion by its content:
     a new serial that changes one order of a registry-sized policy expands and guards only that
-    order again.
+    order again. Every order's entry (found or computed) is stored in `into` (by default in
+    `orders`).
     """
+    if into is None and orders is not None:
+        into = orders  # type: ignore[assignment]
     with gc_paused():
         infos: dict[str, OrderInfo] = {}
         blocks: list[tuple[str, Expanded]] = []
@@ -135,8 +139,8 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: OrderCache
                 else:
                     kept, order_findings = _guard(key, order, expanded, guards)
                     hit = ("block", kept, tuple(order_findings))
-                if orders is not None:
-                    orders[(key, order)] = hit
+            if into is not None:
+                into[(key, order)] = hit
             kind, expanded, order_findings = hit
             if kind == "unblock":
                 unblocks.append((key, expanded))

@@ -80,9 +80,9 @@ class Reconciler:
     #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
     #: is not expanded again
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
-    #: each order's expansion by its content (for one context): a new serial that changes one order
-    #: expands only that one
-    _orders: OrderCache = field(default_factory=dict)
+    #: each order's expansion by its content (for one context), per policy digest: a new serial
+    #: that changes one order expands only that one
+    _order_entries: dict[str, OrderCache] = field(default_factory=dict)
     _orders_key: str = ""
     #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
     _parsed: ParseCache = field(default_factory=dict)
@@ -229,18 +229,23 @@ class Reconciler:
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
         if self._orders_key != ctx.key:  # a new catalog or guards: every order is expanded again
-            self._orders, self._orders_key = {}, ctx.key
-        used: OrderCache = {}
+            self._order_entries, self._orders_key = {}, ctx.key
+        used: set[str] = set()
+        reuse: OrderCache | None = None
 
         def prepared(p: Policy) -> Prepared:
+            nonlocal reuse
             key = (p.digest, ctx.key)
             hit = cache.get(key)
             if hit is None or hit.policy.source != p.source:
-                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, self._orders)
-            for o in p.orders:
-                memo = (f"{p.issuer}/{o.id}", o)
-                if memo in self._orders:
-                    used[memo] = self._orders[memo]
+                if reuse is None:  # every order expanded for the policies kept so far, by content
+                    reuse = {}
+                    for entries in self._order_entries.values():
+                        reuse.update(entries)
+                own: OrderCache = {}
+                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own)
+                self._order_entries[p.digest] = own
+            used.add(p.digest)
             return hit
 
         sel = select([*found, *kept], [*bad, *kept_bad], ctx.state.accepted_serials(), now, prepared)
@@ -249,7 +254,8 @@ class Reconciler:
                                     f"directory records it ({why}); retrying") for v in hold_back.values())
             sel = Selection(sel.prepared, tuple(sorted(sel.verdicts + waiting,
                                                        key=lambda v: (v.issuer or "", v.serial or 0, v.source))))
-        self._orders = used  # only the orders of policies looked at in this pass stay cached
+        # only the orders of policies looked at in this pass stay cached
+        self._order_entries = {d: e for d, e in self._order_entries.items() if d in used}
         live = {p.policy.digest for p in sel.prepared} | {v.digest for v in sel.verdicts if v.status == "pending"}
         self._prepared = {k: v for k, v in cache.items() if k[0] in live}
         # Keep the parses of the files that are still there (whatever their status: an old
