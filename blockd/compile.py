@@ -62,6 +62,10 @@ class Compilation:
     orders: Mapping[str, OrderResult]
     warnings: tuple[str, ...] = ()
     policies: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # source -> status
+    #: (issuer, status) -> number of orders, and order key -> deadline (for the orders that have
+    #: one): what bounded metrics need without a pass over every order
+    tally: Mapping[tuple[str, str], int] = field(default_factory=lambda: MappingProxyType({}))
+    deadlines: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def refused(self) -> tuple[Finding, ...]:
@@ -258,7 +262,16 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
         results[key] = OrderResult(key, status, n, bad)
     return Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
-                       MappingProxyType(policy_status))
+                       MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
+                       MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}))
+
+
+def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for key, r in results.items():
+        c = (key.split("/", 1)[0], r.status)
+        out[c] = out.get(c, 0) + 1
+    return out
 
 
 def _info(p: Policy, o: Order) -> OrderInfo:

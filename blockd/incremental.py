@@ -269,11 +269,38 @@ class Merger:
         waiting = self._waiting if statuses == self._statuses else {k: OrderResult(k, v) for k, v in statuses.items()}
         results = dict(waiting)
         results.update(active)
+        # The tally by (issuer, status), recounted for the orders whose result may have changed.
+        maybe = touch | {k for p in (*gone, *came) for k in (*p.infos, *(k for k, _ in p.unblocks))}
+        if waiting is not self._waiting:
+            maybe |= waiting.keys() | self._waiting.keys()
+        tally = dict(self.comp.tally)
+        for k in maybe:
+            before_r, after_r = self.comp.orders.get(k), results.get(k)
+            if before_r == after_r:
+                continue
+            issuer = k.split("/", 1)[0]
+            for r, sign in ((before_r, -1), (after_r, 1)):
+                if r is not None:
+                    c = (issuer, r.status)
+                    n = tally.get(c, 0) + sign
+                    if n:
+                        tally[c] = n
+                    else:
+                        del tally[c]
+        deadlines = dict(self.comp.deadlines)
+        for k in old_info:
+            if k not in new_info:
+                deadlines.pop(k, None)
+        for k, i in new_info.items():
+            if i.deadline is not None:
+                deadlines[k] = i.deadline
+            else:
+                deadlines.pop(k, None)
         policy_status = dict(policy_statuses)
         for prep in prepared:
             policy_status[prep.policy.source] = "active"
         comp = Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
-                           MappingProxyType(policy_status))
+                           MappingProxyType(policy_status), MappingProxyType(tally), MappingProxyType(deadlines))
 
         self._prepared, self.comp = prepared, comp
         self._active, self._waiting, self._statuses, self._refused = active, waiting, dict(statuses), refused

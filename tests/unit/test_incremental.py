@@ -41,6 +41,7 @@ def run(passes: list[list], settings: CompileSettings = SETTINGS) -> Merger:
         assert dict(got.orders) == dict(want.orders), f"pass {i}"
         assert got.findings == want.findings and got.warnings == want.warnings, f"pass {i}"
         assert dict(got.policies) == dict(want.policies), f"pass {i}"
+        assert dict(got.tally) == dict(want.tally) and dict(got.deadlines) == dict(want.deadlines), f"pass {i}"
         if previous is not None and plan is not None:
             assert plan == diff(previous, want.ruleset), f"pass {i}"
             ref_removed, ref_added = rule_delta(previous, want.ruleset)
@@ -106,7 +107,8 @@ def test_random_sequences_equal_the_reference() -> None:
             else:
                 action = "unblock" if issuer == "court" else "block"
                 orders = [order(f"o{k}", targets(), action=action,
-                                extra="    dns_answer: refused\n" if rng.random() < 0.2 else "")
+                                extra=rng.choice(["", "", "    dns_answer: refused\n",
+                                                  "    deadline: 2026-12-0{}T00:00:00Z\n".format(rng.randint(1, 9))]))
                           for k in rng.sample(range(6), rng.randint(1, 4))]
                 current[issuer] = policy(*orders, issuer=issuer, serial=serials[issuer])
             passes.append(list(current.values()))
