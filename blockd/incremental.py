@@ -35,6 +35,7 @@ from blockd.compile import (
     segment, subtract_rules,
 )
 from blockd.expand import Expanded
+from blockd.layered import Layered
 from blockd.model import DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, answer_view, gc_paused
 from blockd.names import parents
 from blockd.ranges import HOST4, HOST6
@@ -53,7 +54,7 @@ class Merger:
         self._cov: dict[int, tuple[NetRule, ...]] = {4: (), 6: ()}
         self._blocks: dict[str, Expanded] = {}
         self._unblocks: dict[str, Expanded] = {}
-        self._infos: dict[str, OrderInfo] = {}
+        self._infos: Layered[str, OrderInfo] = Layered()
         self._counts: dict[str, int] = {}
         self._active: dict[str, OrderResult] = {}  # results of the orders of policies in force
         self._waiting: dict[str, OrderResult] = {}  # of orders of policies not in force
@@ -91,11 +92,13 @@ class Merger:
                statuses: Mapping[str, Status]) -> None:
         self._settings, self._prepared, self.comp = settings, prepared, comp
         self._provenance = Provenance()
-        self._blocks, self._unblocks, self._infos = {}, {}, {}
+        self._blocks, self._unblocks = {}, {}
+        infos: dict[str, OrderInfo] = {}
         for prep in prepared:
-            self._infos.update(prep.infos)
+            infos.update(prep.infos)
             self._blocks.update(prep.blocks)
             self._unblocks.update(prep.unblocks)
+        self._infos = Layered(infos)
         if any(f.guard == "growth" and not f.allowed for f in comp.findings):
             self.comp = None  # an order refused for growth: the next pass merges in full again
             return
@@ -123,12 +126,25 @@ class Merger:
     def _delta(self, prepared: tuple[Prepared, ...], settings: CompileSettings, baseline: int | None,
                statuses: Mapping[str, Status], policy_statuses: Mapping[str, str]
                ) -> tuple[Compilation, Plan, RuleDelta, RuleDelta] | None:
+        """The delta path. It mutates this merger's own state in place (never what an earlier
+        Compilation holds); if anything fails half way, the state is dropped and the caller
+        merges from scratch."""
+        try:
+            return self._delta_in_place(prepared, settings, baseline, statuses, policy_statuses)
+        except BaseException:
+            self.comp = None
+            raise
+
+    def _delta_in_place(self, prepared: tuple[Prepared, ...], settings: CompileSettings, baseline: int | None,
+                        statuses: Mapping[str, Status], policy_statuses: Mapping[str, str]
+                        ) -> tuple[Compilation, Plan, RuleDelta, RuleDelta] | None:
         assert self.comp is not None
+        old_comp = self.comp
         old_ids = {id(p) for p in self._prepared}
         new_ids = {id(p) for p in prepared}
         gone = [p for p in self._prepared if id(p) not in new_ids]
         came = [p for p in prepared if id(p) not in old_ids]
-        old_rs = self.comp.ruleset
+        old_rs = old_comp.ruleset
 
         # Which contributions changed: by expansion object (the per-order cache hands out the
         # same one for an unchanged order) and by answer-relevant provenance.
@@ -146,31 +162,28 @@ class Merger:
 
         size = self._size - sum(_size(e) for e in leave.values()) + sum(_size(e) for e in enter.values())
         if baseline is not None and baseline >= settings.growth_floor and size > int(baseline * settings.growth_factor):
-            return None  # the growth guard decides: the reference merge does it
+            return None  # the growth guard decides: the reference merge does it (nothing mutated yet)
 
-        infos = dict(self._infos)
-        for k in old_info:
-            if k not in new_info:
-                del infos[k]
-        infos.update(new_info)
-        blocks = dict(self._blocks)
+        infos = self._infos.derive(new_info, [k for k in old_info if k not in new_info])
+        blocks = self._blocks
         for k in leave:
             del blocks[k]
         blocks.update(enter)
-        unblocks = dict(self._unblocks)
+        old_names, old_cut = _removals(self._unblocks, settings)
+        old_remove = _net_removals(self._unblocks, settings)
+        unblocks = self._unblocks
         if unblocks_changed:
             for k in old_u:
                 del unblocks[k]
             unblocks.update(new_u)
 
         # Names: coverage first, then what the removals leave of each touched name.
-        exact, subtree = dict(self._exact), dict(self._subtree)
+        exact, subtree = self._exact, self._subtree
         touched: set[tuple[str, bool]] = set()
         for k, e in leave.items():
             _remove_names_of(exact, subtree, k, e, touched)
         for k, e in enter.items():
             _add_names_to(exact, subtree, k, e, touched)
-        old_names, old_cut = _removals(self._unblocks, settings)
         new_names, new_cut = _removals(unblocks, settings) if unblocks_changed else (old_names, old_cut)
         if unblocks_changed:
             for n in old_names ^ new_names:
@@ -197,10 +210,8 @@ class Merger:
 
         # Addresses: re-segment the coverage where a contribution's intervals lie, then cut
         # the removals out of the pieces that changed, and of the pieces under a changed removal.
-        old_remove = _net_removals(self._unblocks, settings)
         new_remove = _net_removals(unblocks, settings) if unblocks_changed else old_remove
         changed_keys = leave.keys() | enter.keys()
-        cov = dict(self._cov)
         rem_n: dict[int, list[NetRule]] = {4: [], 6: []}
         add_n: dict[int, list[NetRule]] = {4: [], 6: []}
         for v in (4, 6):
@@ -208,9 +219,9 @@ class Merger:
             removal_spans = _symmetric(old_remove[v], new_remove[v])
             if not spans and not removal_spans:
                 continue
-            cov[v], windows = _resegment(self._cov[v], ranges.merge(spans + removal_spans), changed_keys,
-                                         {k: [(a, b) for a, b, ver in _intervals(e) if ver == v]
-                                          for k, e in enter.items()}, prov)
+            self._cov[v], windows = _resegment(self._cov[v], ranges.merge(spans + removal_spans), changed_keys,
+                                               {k: [(a, b) for a, b, ver in _intervals(e) if ver == v]
+                                                for k, e in enter.items()}, prov)
             old_final = getattr(old_rs, f"v{v}")
             for lo, hi, pieces in windows:
                 before_set = set(_rules_within(old_final, lo, hi))
@@ -228,12 +239,12 @@ class Merger:
         removed = RuleDelta(tuple(sorted(rem_d)), tuple(sorted(rem_n[4])), tuple(sorted(rem_n[6])))
         added = RuleDelta(tuple(sorted(add_d)), tuple(sorted(add_n[4])), tuple(sorted(add_n[6])))
         try:
-            ruleset, plan = old_rs.patched(removed, added, MappingProxyType(infos))
+            ruleset, plan = old_rs.patched(removed, added, infos)
         except ValueError as e:
             raise _Unfit(str(e)) from None
 
         # Per-order results: only the orders whose rules or refusals changed are recounted.
-        counts = dict(self._counts)
+        counts = self._counts
         for delta, sign in ((removed, -1), (added, 1)):
             for rules in (delta.domains, delta.v4, delta.v6):
                 for r in rules:
@@ -246,7 +257,8 @@ class Merger:
         findings = [f for p in prepared for f in p.findings]
         warnings = _name_warnings(exact, subtree, unblocks, settings)
         refused = _refused(findings)
-        active = dict(self._active)
+        active = self._active
+        was_active = {k for p in gone for k in p.infos if k in active}
         came_keys = {k for p in came for k in p.infos}
         for p in gone:
             for k in p.infos:
@@ -260,24 +272,33 @@ class Merger:
         for p in came:
             for k, _ in p.unblocks:
                 active[k] = OrderResult(k, "unblock")
-            touch.update(k for k, _ in p.blocks if k not in self._active)
+            touch.update(k for k, _ in p.blocks if k not in was_active)
         for k in touch:
             if k in blocks:
                 n, bad = counts.get(k, 0), refused.get(k, 0)
                 status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
                 active[k] = OrderResult(k, status, n, bad)
-        waiting = self._waiting if statuses == self._statuses else {k: OrderResult(k, v) for k, v in statuses.items()}
-        results = dict(waiting)
-        results.update(active)
-        # The tally by (issuer, status), recounted for the orders whose result may have changed.
+        waiting = self._waiting
+        if statuses != self._statuses:
+            waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
+        # The orders whose result may have changed: the results and the tally by (issuer,
+        # status) are updated for these only.
         maybe = touch | {k for p in (*gone, *came) for k in (*p.infos, *(k for k, _ in p.unblocks))}
         if waiting is not self._waiting:
             maybe |= waiting.keys() | self._waiting.keys()
-        tally = dict(self.comp.tally)
+        old_results = old_comp.orders
+        updates: dict[str, OrderResult] = {}
+        deletions: list[str] = []
+        tally = dict(old_comp.tally)
         for k in maybe:
-            before_r, after_r = self.comp.orders.get(k), results.get(k)
+            before_r = old_results.get(k)
+            after_r = active.get(k) or waiting.get(k)
             if before_r == after_r:
                 continue
+            if after_r is None:
+                deletions.append(k)
+            else:
+                updates[k] = after_r
             issuer = k.split("/", 1)[0]
             for r, sign in ((before_r, -1), (after_r, 1)):
                 if r is not None:
@@ -287,26 +308,23 @@ class Merger:
                         tally[c] = n
                     else:
                         del tally[c]
-        deadlines = dict(self.comp.deadlines)
-        for k in old_info:
-            if k not in new_info:
-                deadlines.pop(k, None)
-        for k, i in new_info.items():
-            if i.deadline is not None:
-                deadlines[k] = i.deadline
-            else:
-                deadlines.pop(k, None)
+        results = _layered(old_results).derive(updates, deletions)
+        deadlines = _layered(old_comp.deadlines).derive(
+            {k: i.deadline for k, i in new_info.items() if i.deadline is not None},
+            [k for k in old_info if k not in new_info or new_info[k].deadline is None])
         policy_status = dict(policy_statuses)
         for prep in prepared:
             policy_status[prep.policy.source] = "active"
-        comp = Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
-                           MappingProxyType(policy_status), MappingProxyType(tally), MappingProxyType(deadlines))
+        comp = Compilation(ruleset, tuple(findings), results, tuple(warnings), MappingProxyType(policy_status),
+                           MappingProxyType(tally), deadlines)
 
-        self._prepared, self.comp = prepared, comp
-        self._active, self._waiting, self._statuses, self._refused = active, waiting, dict(statuses), refused
-        self._exact, self._subtree, self._cov = exact, subtree, cov
-        self._blocks, self._unblocks, self._infos, self._counts, self._size = blocks, unblocks, infos, counts, size
+        self._prepared, self.comp, self._infos = prepared, comp, infos
+        self._waiting, self._statuses, self._refused, self._size = waiting, dict(statuses), refused, size
         return comp, plan, removed, added
+
+
+def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]
+    return m if isinstance(m, Layered) else Layered(m)
 
 
 class _Unfit(Exception):

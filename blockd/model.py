@@ -21,6 +21,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Literal, NamedTuple
 
+from blockd.layered import Layered
 from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine, pack
 
 Action = Literal["block", "unblock"]
@@ -262,7 +263,7 @@ class RuleSet:
             p6 = p6.patched([pack(ADDR6, x, y) for x, y in del6], [pack(ADDR6, x, y) for x, y in add6])
         parts = (e, s, p4, p6)
         info = self.orders if orders is None else orders
-        if not isinstance(info, MappingProxyType):
+        if not isinstance(info, (MappingProxyType, Layered)):
             info = MappingProxyType(dict(info))
         return RuleSet(d, a, b, info, combine(*parts), parts), plan
 
