@@ -17,6 +17,7 @@ same digest from what it dumped (`PartDigest.of`).
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -61,6 +62,9 @@ class PartDigest:
     buckets: Mapping[int, tuple[str | int, ...]]  # bucket -> its elements, sorted
     digests: Mapping[int, bytes]
     value: bytes
+    #: the non-empty buckets in order, and the bytes hashed into `value` (34 per bucket)
+    order: tuple[int, ...] = ()
+    joined: bytes = b""
 
     @classmethod
     def of(cls, kind: bytes, elements: Iterable[str | int]) -> PartDigest:
@@ -78,9 +82,10 @@ class PartDigest:
 
     @classmethod
     def _from(cls, kind: bytes, buckets: dict[int, tuple[str | int, ...]], digests: dict[int, bytes]) -> PartDigest:
-        h = hashlib.sha256(kind)
-        h.update(b"".join(b.to_bytes(2, "big") + digests[b] for b in sorted(digests)))
-        return cls(kind, MappingProxyType(buckets), MappingProxyType(digests), h.digest())
+        order = tuple(sorted(digests))
+        joined = b"".join(b.to_bytes(2, "big") + digests[b] for b in order)
+        return cls(kind, MappingProxyType(buckets), MappingProxyType(digests), hashlib.sha256(kind + joined).digest(),
+                   order, joined)
 
     def patched(self, removed: Iterable[str | int], added: Iterable[str | int]) -> PartDigest:
         """This set minus `removed` (each must be held) plus `added` (each must not be, after
@@ -114,7 +119,15 @@ class PartDigest:
             else:
                 buckets.pop(b, None)
                 digests.pop(b, None)
-        return PartDigest._from(self.kind, buckets, digests)
+        if len(digests) != len(self.order) or any(b not in self.digests for b in out if b in digests):
+            return PartDigest._from(self.kind, buckets, digests)  # a bucket came or went: re-join
+        joined = bytearray(self.joined)  # the same buckets: overwrite the changed digests in place
+        for b in out:
+            at = bisect_left(self.order, b) * 34 + 2
+            joined[at:at + 32] = digests[b]
+        data = bytes(joined)
+        return PartDigest(self.kind, MappingProxyType(buckets), MappingProxyType(digests),
+                          hashlib.sha256(self.kind + data).digest(), self.order, data)
 
     def __len__(self) -> int:
         return sum(len(e) for e in self.buckets.values())

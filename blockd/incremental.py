@@ -24,8 +24,6 @@ Mutable state, owned by one reconciler and used from one thread at a time.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from itertools import chain
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -34,9 +32,13 @@ from blockd.compile import (
     Baseline, Compilation, CompileSettings, OrderResult, Prepared, Provenance, Status, _remove_names, merge,
     segment, subtract_rules,
 )
+from blockd.chunked import Chunked
 from blockd.expand import Expanded
 from blockd.layered import Layered
-from blockd.model import DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, answer_view, gc_paused
+from blockd.model import (
+    DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, _first, _last, _name_key, answer_view, gc_paused,
+    seq_bisect,
+)
 from blockd.names import parents
 from blockd.ranges import HOST4, HOST6
 
@@ -51,7 +53,7 @@ class Merger:
         # coverage, before removals
         self._exact: dict[str, str | set[str]] = {}
         self._subtree: dict[str, str | set[str]] = {}
-        self._cov: dict[int, tuple[NetRule, ...]] = {4: (), 6: ()}
+        self._cov: dict[int, Chunked] = {4: Chunked(), 6: Chunked()}
         self._blocks: dict[str, Expanded] = {}
         self._unblocks: dict[str, Expanded] = {}
         self._infos: Layered[str, OrderInfo] = Layered()
@@ -109,7 +111,7 @@ class Merger:
             _add_names_to(self._exact, self._subtree, key, exp, None)
             for first, last, version in _intervals(exp):
                 entries[version].append((first, last, key))
-        self._cov = {v: tuple(segment(entries[v], self._provenance)) for v in (4, 6)}
+        self._cov = {v: Chunked(segment(entries[v], self._provenance)) for v in (4, 6)}
         self._statuses = dict(statuses)
         self._waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
         self._active = {k: comp.orders[k] for p in prepared for k in (*(k for k, _ in p.blocks),
@@ -405,15 +407,15 @@ def _name_warnings(exact: Mapping[str, str | set[str]], subtree: Mapping[str, st
     return _remove_names(probe_exact, probe_sub, removals)
 
 
-def _find_name(domains: tuple[DomainRule, ...], name: str, sub: bool) -> DomainRule | None:
-    i = bisect_left(domains, (name, sub), key=lambda r: (r.name, r.subtree))
+def _find_name(domains: Sequence[DomainRule], name: str, sub: bool) -> DomainRule | None:
+    i = seq_bisect(domains, (name, sub), _name_key)
     if i < len(domains) and domains[i].name == name and domains[i].subtree == sub:
         return domains[i]
     return None
 
 
-def _rules_within(rules: tuple[NetRule, ...], lo: int, hi: int) -> list[NetRule]:
-    i = bisect_left(rules, lo, key=lambda r: r.first)
+def _rules_within(rules: Sequence[NetRule], lo: int, hi: int) -> list[NetRule]:
+    i = seq_bisect(rules, lo, _first)
     out = []
     while i < len(rules) and rules[i].first <= hi:
         out.append(rules[i])
@@ -421,9 +423,9 @@ def _rules_within(rules: tuple[NetRule, ...], lo: int, hi: int) -> list[NetRule]
     return out
 
 
-def _resegment(cov: tuple[NetRule, ...], spans: list[tuple[int, int]], changed: set[str] | frozenset[str],
+def _resegment(cov: Chunked, spans: list[tuple[int, int]], changed: set[str] | frozenset[str],
                entering: Mapping[str, list[tuple[int, int]]], prov: Provenance
-               ) -> tuple[tuple[NetRule, ...], list[tuple[int, int, list[NetRule]]]]:
+               ) -> tuple[Chunked, list[tuple[int, int, list[NetRule]]]]:
     """The coverage with the changed orders' pieces recomputed inside windows around `spans`.
 
     Returns the new coverage and, per window, (lo, hi, its new pieces). Outside the windows
@@ -431,7 +433,7 @@ def _resegment(cov: tuple[NetRule, ...], spans: list[tuple[int, int]], changed: 
     n = len(cov)
     windows: list[list[int]] = []  # [lo, hi, i, j]: old pieces cov[i:j] lie in [lo, hi]
     for a, b in spans:
-        i = bisect_left(cov, a - 1, key=lambda r: r.last)  # first piece ending at or after a - 1
+        i = cov.bisect(a - 1, _last)  # first piece ending at or after a - 1
         j = i
         while j < n and cov[j].first <= b + 1:
             j += 1
@@ -443,8 +445,8 @@ def _resegment(cov: tuple[NetRule, ...], spans: list[tuple[int, int]], changed: 
         else:
             windows.append([lo, hi, i, j])
     out: list[tuple[int, int, list[NetRule]]] = []
-    pieces_out: list[tuple[NetRule, ...] | list[NetRule]] = []
-    prev = 0
+    drop: set[int] = set()
+    inserts: dict[int, list[NetRule]] = {}
     for lo, hi, i, j in windows:
         events: list[tuple[int, int, str]] = []
         for p in cov[i:j]:
@@ -457,20 +459,19 @@ def _resegment(cov: tuple[NetRule, ...], spans: list[tuple[int, int]], changed: 
                     events.append((max(a, lo), min(b, hi), k))
         new = segment(events, prov)
         out.append((lo, hi, new))
-        pieces_out.append(cov[prev:i])
-        pieces_out.append(new)
-        prev = j
-    pieces_out.append(cov[prev:])
-    result = tuple(chain.from_iterable(pieces_out))
+        drop.update(range(i, j))
+        if new:
+            inserts.setdefault(i, []).extend(new)  # windows in a gap share their insertion point
+    result = cov.splice(drop, inserts)
     # A window's edge piece may now equal its unchanged neighbour outside: join them.
     return _join_adjacent(result, out), out
 
 
-def _join_adjacent(cov: tuple[NetRule, ...], windows: list[tuple[int, int, list[NetRule]]]) -> tuple[NetRule, ...]:
+def _join_adjacent(cov: Chunked, windows: list[tuple[int, int, list[NetRule]]]) -> Chunked:
     bad = False
     for lo, hi, _ in windows:
         for edge in (lo, hi + 1):
-            i = bisect_left(cov, edge, key=lambda r: r.first)
+            i = cov.bisect(edge, _first)
             if 0 < i < len(cov) and cov[i - 1].last + 1 == cov[i].first and cov[i - 1].orders == cov[i].orders:
                 bad = True
     if not bad:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -21,6 +21,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Literal, NamedTuple
 
+from blockd.chunked import Chunked
 from blockd.layered import Layered
 from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine, pack
 
@@ -181,9 +182,9 @@ class RuleSet:
     the compiled set exactly when the same names and addresses are held (blockd.digests).
     """
 
-    domains: tuple[DomainRule, ...]
-    v4: tuple[NetRule, ...]
-    v6: tuple[NetRule, ...]
+    domains: Sequence[DomainRule]  # a Chunked (blockd.chunked) from `build` and `patched`
+    v4: Sequence[NetRule]
+    v6: Sequence[NetRule]
     orders: Mapping[str, OrderInfo]
     digest: str
     #: the digests of exact names, subtree names, v4 and v6 (blockd.digests), kept for patching
@@ -198,9 +199,9 @@ class RuleSet:
         v6: Iterable[NetRule] = (),
         orders: Mapping[str, OrderInfo] | None = None,
     ) -> RuleSet:
-        d = tuple(sorted(domains))
-        a = tuple(sorted(v4))
-        b = tuple(sorted(v6))
+        d = Chunked(sorted(domains))
+        a = Chunked(sorted(v4))
+        b = Chunked(sorted(v6))
         parts = _parts(d, a, b)
         return cls(d, a, b, MappingProxyType(dict(orders or {})), combine(*parts), parts)
 
@@ -234,7 +235,8 @@ class RuleSet:
         parts = (e, s, a, b) if names else (EMPTY[NAMES_EXACT], EMPTY[NAMES_SUBTREE], a, b)
         if not addresses:
             parts = (parts[0], parts[1], EMPTY[ADDR4], EMPTY[ADDR6])
-        return RuleSet(self.domains if names else (), self.v4 if addresses else (), self.v6 if addresses else (),
+        return RuleSet(self.domains if names else _NONE, self.v4 if addresses else _NONE,
+                       self.v6 if addresses else _NONE,
                        self.orders if names else MappingProxyType({}), combine(*parts), parts)
 
     def patched(self, removed: RuleDelta, added: RuleDelta,
@@ -268,8 +270,8 @@ class RuleSet:
         return RuleSet(d, a, b, info, combine(*parts), parts), plan
 
 
-def _parts(d: tuple[DomainRule, ...], a: tuple[NetRule, ...],
-           b: tuple[NetRule, ...]) -> tuple[PartDigest, PartDigest, PartDigest, PartDigest]:
+def _parts(d: Sequence[DomainRule], a: Sequence[NetRule],
+           b: Sequence[NetRule]) -> tuple[PartDigest, PartDigest, PartDigest, PartDigest]:
     return (PartDigest.of(NAMES_EXACT, [n for n, sub, _ in d if not sub]),
             PartDigest.of(NAMES_SUBTREE, [n for n, sub, _ in d if sub]),
             PartDigest.of(ADDR4, [(x << 32) | y for x, y in union_intervals(a)]),
@@ -284,31 +286,26 @@ def _first(r: NetRule) -> int:
     return r.first
 
 
-def _splice(old: tuple, removed: tuple, added: tuple, key, *, nets: bool) -> tuple:  # type: ignore[type-arg]
-    """`old` minus `removed` plus `added`, sorted, by slicing (k bisections, one C-level copy)."""
+def _splice(old: Sequence, removed: Sequence, added: Sequence, key, *, nets: bool) -> Sequence:  # type: ignore[type-arg]
+    """`old` minus `removed` plus `added`, sorted: k bisections, and only the chunks touched copied."""
     if not removed and not added:
         return old
+    seq = old if isinstance(old, Chunked) else Chunked(old)
     drop: set[int] = set()
     for r in removed:
-        i = bisect_left(old, key(r), key=key)
-        if i == len(old) or old[i] != r:
+        i = seq.bisect(key(r), key)
+        if i == len(seq) or seq[i] != r:
             raise ValueError(f"patch removes {r!r}, which is not held")
         drop.add(i)
     inserts: dict[int, list] = {}  # type: ignore[type-arg]
     for r in added:
-        inserts.setdefault(bisect_left(old, key(r), key=key), []).append(r)
-    pieces: list[Iterable] = []  # type: ignore[type-arg]
-    prev = 0
-    for p in sorted(drop | inserts.keys()):
-        pieces.append(old[prev:p])
-        if p in inserts:
-            pieces.append(sorted(inserts[p], key=key))
-        prev = p + 1 if p in drop else p
-    pieces.append(old[prev:])
-    new = tuple(chain.from_iterable(pieces))
+        inserts.setdefault(seq.bisect(key(r), key), []).append(r)
+    for items in inserts.values():
+        items.sort(key=key)
+    new = seq.splice(drop, inserts)
     # Check the order (and for intervals, disjointness) where the patch touched it.
     for r in added:
-        i = bisect_left(new, key(r), key=key)
+        i = new.bisect(key(r), key)
         if i == len(new) or new[i] != r:
             raise ValueError(f"patch adds {r!r} twice or out of order")
         for x, y in ((i - 1, i), (i, i + 1)):
@@ -319,8 +316,8 @@ def _splice(old: tuple, removed: tuple, added: tuple, key, *, nets: bool) -> tup
     return new
 
 
-def _union_change(old: tuple[NetRule, ...], new: tuple[NetRule, ...], removed: tuple[NetRule, ...],
-                  added: tuple[NetRule, ...]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+def _union_change(old: Sequence[NetRule], new: Sequence[NetRule], removed: Sequence[NetRule],
+                  added: Sequence[NetRule]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
     """The union intervals that left and entered, from the neighbourhoods of the touched rules."""
     if not removed and not added:
         return (), ()
@@ -333,9 +330,9 @@ def _union_change(old: tuple[NetRule, ...], new: tuple[NetRule, ...], removed: t
     return tuple(sorted(before - after)), tuple(sorted(after - before))
 
 
-def _unions_near(rules: tuple[NetRule, ...], lo: int, hi: int) -> list[tuple[int, int]]:
+def _unions_near(rules: Sequence[NetRule], lo: int, hi: int) -> list[tuple[int, int]]:
     """The union intervals of sorted disjoint `rules` that meet or touch [lo, hi]."""
-    i = bisect_left(rules, lo - 1, key=_last)  # the first rule ending at or after lo - 1
+    i = seq_bisect(rules, lo - 1, _last)  # the first rule ending at or after lo - 1
     j = i
     n = len(rules)
     while j < n and rules[j].first <= hi + 1:
@@ -349,6 +346,14 @@ def _unions_near(rules: tuple[NetRule, ...], lo: int, hi: int) -> list[tuple[int
 
 def _last(r: NetRule) -> int:
     return r.last
+
+
+def seq_bisect(seq: Sequence, value: object, key) -> int:  # type: ignore[type-arg]
+    """`bisect_left(seq, value, key=key)`, fast on a Chunked."""
+    return seq.bisect(value, key) if isinstance(seq, Chunked) else bisect_left(seq, value, key=key)
+
+
+_NONE: Chunked = Chunked()
 
 
 def ranges_merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
