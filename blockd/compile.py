@@ -412,14 +412,36 @@ def segment(entries: list[tuple[int, int, str]], provenance: Provenance) -> list
         key, intervals = next(iter(by_key.items()))
         orders = provenance.of(key)
         return [NetRule(a, b, orders) for a, b in ranges.merge(intervals)]
+    # Most intervals of a registry overlap no other order's: those are pieces as they are;
+    # only clusters of overlapping intervals go through the sweep.
+    flat = sorted((a, b, key) for key, ivs in by_key.items() for a, b in ranges.merge(ivs))
+    out: list[NetRule] = []
+    i, n = 0, len(flat)
+    while i < n:
+        a, end, key = flat[i]
+        j = i + 1
+        while j < n and flat[j][0] <= end:
+            end = max(end, flat[j][1])
+            j += 1
+        if j == i + 1:
+            out.append(NetRule(a, end, provenance.of(key)))
+        else:
+            out.extend(_sweep(flat[i:j], provenance))
+        i = j
+    return out
+
+
+def _sweep(flat: list[tuple[int, int, str]], provenance: Provenance) -> list[NetRule]:
+    """Overlapping (first, last, key) intervals (each key's already merged) -> exact pieces."""
     # Boundaries as single ints (position, start flag, key index) sort several times faster
     # than tuples; all events at one position are applied before a piece is emitted.
-    keys = list(by_key)
+    keys = list(dict.fromkeys(key for _, _, key in flat))
+    index_of = {key: i for i, key in enumerate(keys)}
     events: list[int] = []
-    for index, key in enumerate(keys):
-        for a, b in ranges.merge(by_key[key]):
-            events.append((a << _SHIFT) | _START | index)
-            events.append(((b + 1) << _SHIFT) | index)
+    for a, b, key in flat:
+        index = index_of[key]
+        events.append((a << _SHIFT) | _START | index)
+        events.append(((b + 1) << _SHIFT) | index)
     events.sort()
     out: list[NetRule] = []
     active = provenance.empty
