@@ -66,6 +66,8 @@ class Compilation:
     #: one): what bounded metrics need without a pass over every order
     tally: Mapping[tuple[str, str], int] = field(default_factory=lambda: MappingProxyType({}))
     deadlines: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
+    #: the unblock orders in force (few, whatever the size of the registry)
+    unblocks: tuple[str, ...] = ()
 
     @property
     def refused(self) -> tuple[Finding, ...]:
@@ -263,7 +265,8 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         results[key] = OrderResult(key, status, n, bad)
     return Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
-                       MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}))
+                       MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}),
+                       tuple(sorted({key for key, _ in unblocks})))
 
 
 def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:

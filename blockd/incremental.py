@@ -318,7 +318,7 @@ class Merger:
         for prep in prepared:
             policy_status[prep.policy.source] = "active"
         comp = Compilation(ruleset, tuple(findings), results, tuple(warnings), MappingProxyType(policy_status),
-                           MappingProxyType(tally), deadlines)
+                           MappingProxyType(tally), deadlines, tuple(sorted(unblocks)))
 
         self._prepared, self.comp, self._infos = prepared, comp, infos
         self._waiting, self._statuses, self._refused, self._size = waiting, dict(statuses), refused, size

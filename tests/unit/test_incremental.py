@@ -42,6 +42,7 @@ def run(passes: list[list], settings: CompileSettings = SETTINGS) -> Merger:
         assert got.findings == want.findings and got.warnings == want.warnings, f"pass {i}"
         assert dict(got.policies) == dict(want.policies), f"pass {i}"
         assert dict(got.tally) == dict(want.tally) and dict(got.deadlines) == dict(want.deadlines), f"pass {i}"
+        assert got.unblocks == want.unblocks, f"pass {i}"
         if previous is not None and plan is not None:
             assert plan == diff(previous, want.ruleset), f"pass {i}"
             ref_removed, ref_added = rule_delta(previous, want.ruleset)
