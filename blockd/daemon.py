@@ -609,7 +609,10 @@ class Daemon:
             share = prev[0].desired_digest
         else:
             share = await asyncio.to_thread(self._share_digest, e, desired)
-        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), "full", now, now)
+        # A read-back the backend could answer without a dump (nft: the ruleset generation has
+        # not moved since it was exact) says so: scope "touched", the rest as of the last dump.
+        scope, read_at, full_at = getattr(e, "last_readback", ("full", now, now))
+        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), scope, read_at or now, full_at or now)
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
             del self.errors[e.name]
