@@ -284,7 +284,7 @@ def config(work: Path) -> None:
     (work / "blockd.yaml").write_text(
         f"trust_store: {trust}\npolicy_dir: {work / 'policies'}\ncatalog_dir: {p / 'catalog'}\n"
         f"prefix_table: {p / 'asn/prefix2as.txt'}\nshared_infra_dir: {p / 'shared-infra'}\n"
-        f"state_dir: {work / 'state'}\n"
+        f"state_dir: {work / 'state'}\nmax_policy_bytes: {1 << 30}\n"
         "enforcers:\n  nft: {hooks: [output], verdict: drop}\n  ipset: {}\n  dns: {listen: [\"127.0.0.1:53\"]}\n"
         "daemon:\n  drift_check_s: 86400\n  attest_period_s: 86400\n")
 
