@@ -181,3 +181,24 @@ def test_udp_overflow_drops_j_and_o_first() -> None:
         full = srv.answer(query([dns.edns.GenericOption(CODE, b"")], name=long_name), "127.0.0.1", False)
         assert isinstance(full, bytes) and full[2:] == tcp[2:]  # the same answer but the id
 
+
+
+def test_config_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The settings from blockd.yaml: typed, and a bad one refused with its path and what is valid."""
+    from blockd.errors import ConfigError
+    from blockd.settings import load_settings
+
+    base = "trust_store: t\npolicy_dir: p\ncatalog_dir: c\nstate_dir: s\n"
+    path = tmp_path / "blockd.yaml"
+    path.write_text(base + 'enforcers:\n  dns:\n    sde_option_code: 65001\n    sde_organization: "ISP Example"\n'
+                    '    sde_contact: ["mailto:noc@isp.example", "tel:+84-24-1234-5678"]\n    sde_language: vi\n')
+    d = load_settings(path).enforcers.dns
+    assert d is not None and d.sde_option_code == 65001 and d.sde_language == "vi"
+    assert d.sde_contact == ("mailto:noc@isp.example", "tel:+84-24-1234-5678")
+    path.write_text(base + 'enforcers:\n  dns: {sde_option_code: 65001, sde_contact: ["https://isp.example/x"],'
+                    " sde_sub_error: 5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(path)
+    msg = str(e.value)
+    assert "enforcers.dns: sde_contact[0]: 'https://isp.example/x' has scheme 'https'; valid: tel:, mailto:" in msg
+    assert "sde_sub_error: 5 (Network operator policy) does not apply to ede_code 16 (Censored)" in msg
