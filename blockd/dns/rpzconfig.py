@@ -36,6 +36,7 @@ class ZoneInfo:
     key: str | None  # the authority (layout authority) or order id (layout order)
     text: str  # the legal basis, as the EDE EXTRA-TEXT / kresd message
     zone_file: str | None  # the file blockd writes for this zone, if any
+    shards: int = 1  # zone_file_shards: the zone is also written as this many shard files
 
 
 def legal_text(s: rpz.RpzSettings, key: str | None, rs: RuleSet) -> str:
@@ -63,7 +64,7 @@ def zones_for(s: rpz.RpzSettings, rs: RuleSet, known: Iterable[str] = ()) -> lis
     for origin in sorted(parts, key=lambda o: (o != s.origin, o)):
         key, _ = parts[origin]
         zs = rpz.for_zone(s, origin, key) if s.layout != "one" else s
-        out.append(ZoneInfo(origin, key, legal_text(s, key, rs), zs.zone_file))
+        out.append(ZoneInfo(origin, key, legal_text(s, key, rs), zs.zone_file, zs.zone_file_shards))
     return out
 
 
@@ -166,6 +167,10 @@ def _knot(zones: Sequence[ZoneInfo], ip_triggers: bool = False) -> str:
         if z.zone_file is None:
             lines.append(f"-- {z.origin}: set enforcers.rpz.zone_file in blockd.yaml; kresd reads zone files only")
             continue
-        lines.append(f"policy.add(policy.rpz(policy.DENY_MSG({lua_str(z.text)}, kres.extended_error.CENSORED), "
-                     f"{lua_str(z.zone_file)}, true))")
+        files = [z.zone_file] if z.shards == 1 else [rpz.shard_path(z.zone_file, i) for i in range(z.shards)]
+        if z.shards > 1:
+            lines.append(f"-- {z.origin}: {z.shards} shard files (zone_file_shards): a change re-reads only the "
+                         "shards it touches")
+        lines += [f"policy.add(policy.rpz(policy.DENY_MSG({lua_str(z.text)}, kres.extended_error.CENSORED), "
+                  f"{lua_str(f)}, true))" for f in files]
     return "\n".join(lines) + "\n"
