@@ -11,7 +11,8 @@ whole time; the stall of a change is the longest answer while the resolver takes
 names belong to 1000 orders; each change is a new order of 5 names (10 triggers: name and
 *.name each), as court orders arrive. The resolver's clock starts when blockd's `apply` is done
 (its files are moved into the watched directory then, `publish`); "enforced" is from there until
-the new order's last name answers NXDOMAIN; blockd's apply time is shown apart.
+the new order's last name answers NXDOMAIN; blockd's apply time is shown apart. A last change
+gives every order one more name (every file of every layout changes: the worst case for shards).
 
 Rows:
     knot one-file      the zone as one file (layout one, or the zone of one big authority)
@@ -70,7 +71,7 @@ def names(n: int, seed: int = 42) -> list[str]:
     return sorted(out)
 
 
-def ruleset(base: list[str], groups: int, changes: int) -> RuleSet:
+def ruleset(base: list[str], groups: int, changes: int, wide: bool = False) -> RuleSet:
     """`base` spread over ORDERS orders (round robin) of `groups` authorities; then `changes` new
     orders of authority 0 with NEW names each (a court order arriving, as they do one by one)."""
     orders = {f"o{i}": OrderInfo(f"o{i}", "regulator", 1, f"Authority {i % groups}", f"R-{i}", None, "block",
@@ -80,6 +81,8 @@ def ruleset(base: list[str], groups: int, changes: int) -> RuleSet:
         orders[f"new{c}"] = OrderInfo(f"new{c}", "regulator", 1, "Authority 0", f"N-{c}", None, "block", None,
                                       None, T0)
         rules += [DomainRule(f"added-{c}-{j}.com", True, frozenset({f"new{c}"})) for j in range(NEW)]
+    if wide:  # every base order gains a name: every file of every layout changes
+        rules += [DomainRule(f"wide-{i}.com", True, frozenset({f"o{i}"})) for i in range(ORDERS)]
     return RuleSet.build(rules, orders=orders)
 
 
@@ -124,11 +127,11 @@ class Prober:
         self.reader.join(10)
 
 
-def publish(stage: Path, watch: Path) -> int:
+def publish(stage: Path, watch: Path, watched: frozenset[str] = frozenset()) -> int:
     """Move what blockd wrote into `stage` to the directory kresd watches: each file that differs
     from its copy there is hard-linked to a temporary name and renamed over it (one rename per
     file, as blockd's own atomic write ends), so the resolver's clock starts after blockd's apply.
-    Returns how many files were replaced."""
+    Returns how many of the `watched` (by kresd) were replaced."""
     n = 0
     for f in sorted(stage.iterdir()):
         if f.name.startswith(".") or not f.name.startswith("rpz") and "zone" not in f.name:
@@ -139,7 +142,7 @@ def publish(stage: Path, watch: Path) -> int:
         tmp = watch / f".tmp-{f.name}"
         os.link(f, tmp)
         os.replace(tmp, dst)
-        n += 1
+        n += f.name in watched
     return n
 
 
@@ -164,10 +167,12 @@ def run_row(label: str, kind: str, tmp: Path, up: Upstream, lt: LoopThread, base
         zones = rpzconfig.zones_for(replace(settings, zone_file=settings.zone_file.replace(str(stage), str(watch))),
                                     ruleset(base, groups, 0))
         policies = "log_level('info')\n" + rpzconfig.render("knot", settings, zones, ("127.0.0.1", 53))
+        watched = frozenset(p.name for p in watch.iterdir() if f'"{p}", true))' in policies)
         proc = resolvers.start("kresd", d, resolvers.kresd_conf(("127.0.0.1", port), up.port, policies))
     else:
         conf = resolvers.unbound_conf(d, ("127.0.0.1", port), up.port, primary=("127.0.0.1", srv.addresses[0][1]))
         proc = resolvers.start("unbound", d, conf)
+        watched = frozenset()
     out: dict[str, object] = {"label": label}
     try:
         t = time.monotonic()
@@ -184,15 +189,25 @@ def run_row(label: str, kind: str, tmp: Path, up: Upstream, lt: LoopThread, base
             applied = lt.run(enf.apply(ruleset(base, groups, i + 1)), timeout=3600)
             applies.append(applied.duration_s)
             t = time.monotonic()  # blockd's part is done: the NOTIFY is out, the files are renamed now
-            files.append(publish(stage, watch) if kind == "knot" else 0)
+            files.append(publish(stage, watch, watched) if kind == "knot" else 0)
             enforced.append(resolvers.wait_nxdomain(proc, port, f"added-{i}-{NEW - 1}.com", t0=t, timeout=120, log=d / "log",
                                                     query_timeout=5))
             n = len(prober.samples)
             while len(prober.samples) < n + 500:  # the prober answered 500 more since: the reload is behind it
                 time.sleep(0.05)  # poll interval for the sample count
             stalls.append(max(prober.window(t - 0.01, time.monotonic())))
+        # the wide change: every order gains a name
+        applied = lt.run(enf.apply(ruleset(base, groups, changes, wide=True)), timeout=3600)
+        t = time.monotonic()
+        wide_files = publish(stage, watch, watched) if kind == "knot" else 0
+        wide_enf = resolvers.wait_nxdomain(proc, port, f"wide-{ORDERS - 1}.com", t0=t, timeout=120, log=d / "log",
+                                           query_timeout=5)
+        n = len(prober.samples)
+        while len(prober.samples) < n + 500:
+            time.sleep(0.05)  # poll interval for the sample count
+        wide_stall = max(prober.window(t - 0.01, time.monotonic()))
         prober.stop()
-        out.update(base_p50=statistics.median(base_lat), base_p99=sorted(base_lat)[int(len(base_lat) * 0.99)],
+        out.update(wide=(wide_stall, wide_enf, wide_files),base_p50=statistics.median(base_lat), base_p99=sorted(base_lat)[int(len(base_lat) * 0.99)],
                    base_max=max(base_lat), stalls=stalls, enforced=enforced, applies=applies, files=files,
                    reloads=(d / "log").read_text(errors="replace").count("RPZ reloading"))
     finally:
@@ -231,16 +246,17 @@ def main() -> None:
     print(f"\n{args.count:,} names ({2 * args.count:,} triggers), {ORDERS} orders; {args.changes} changes, each a new order "
           f"of {NEW} names (cumulative); "
           "latency of a cached name, one query after the other")
-    print("| row | idle p50 / p99 ms | stall per change: median / max ms | max vs unbound | enforced p50 s | "
-          "files replaced per change | blockd apply p50 s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | idle p50 / p99 ms | stall per new order: median / max ms | max vs unbound | enforced p50 s | "
+          "files replaced per change | blockd apply p50 s | every order +1 name: stall ms, enforced s, files |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stalls"]
         print(f"| {r['label']} | {r['base_p50'] * 1000:.1f} / {r['base_p99'] * 1000:.1f} | "  # type: ignore[operator]
               f"{statistics.median(st) * 1000:.0f} / {max(st) * 1000:.0f} | "  # type: ignore[arg-type]
               f"{max(st) / max(ref['stalls']):.1f}x | {statistics.median(r['enforced']):.2f} | "  # type: ignore[arg-type]
               f"{statistics.median(r['files']) if r['label'].startswith('knot') else 'IXFR'} "  # type: ignore[union-attr,arg-type]
-              f"({r['reloads']} kresd reloads in all) | {statistics.median(r['applies']):.2f} |")  # type: ignore[arg-type]
+              f"({r['reloads']} kresd reloads in all) | {statistics.median(r['applies']):.2f} | "  # type: ignore[arg-type]
+              "{:.0f}, {:.2f}, {} |".format(r["wide"][0] * 1000, r["wide"][1], r["wide"][2]))  # type: ignore[index]
     shutil.rmtree(tmp, ignore_errors=True)
 
 

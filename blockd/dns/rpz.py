@@ -482,7 +482,7 @@ def shard_of(key: str, k: int) -> int:
 
 def shard_texts(s: RpzSettings, v: ZoneVersion) -> list[str]:
     """The zone cut into `s.zone_file_shards` master files of the same origin. A name goes to the
-    shard of the first of its orders, so the names of one order stay together and a new, changed
+    shard of the first order of its first rule, so the names of one order stay together and a new, changed
     or lifted order rewrites one shard (a name shared with another order may move once). A
     shard's text depends only on its own records (no zone serial or digest in it: its SOA serial
     is a crc32 of its records), so shards a change does not touch stay byte for byte the same."""
@@ -490,23 +490,20 @@ def shard_texts(s: RpzSettings, v: ZoneVersion) -> list[str]:
     rs = v.ruleset
     lines: list[list[str]] = [[] for _ in range(k)]
     used: list[set[str]] = [set() for _ in range(k)]
-    doms = rs.domains
-    j = 0
-    while j < len(doms):
-        name = doms[j][0]
-        group = [doms[j]]
-        while j + len(group) < len(doms) and doms[j + len(group)][0] == name:
-            group.append(doms[j + len(group)])
-        j += len(group)
-        every = frozenset().union(*(orders for _, _, orders in group))
-        i = shard_of(min(every) if every else name, k)
-        used[i].update(every)
-        for n, (_, subtree, orders) in enumerate(group):
-            note = ",".join(sorted(orders))
-            if n == 0:  # as zone_text: an exact and a subtree rule for one name share the apex record
-                lines[i].append(f"{name} CNAME . ; orders={note}\n")
-            if subtree:
-                lines[i].append(f"*.{name} CNAME . ; orders={note}\n")
+    memo: dict[str, int] = {}
+    prev, i = None, 0
+    for name, subtree, orders in rs.domains:
+        note = ",".join(sorted(orders))
+        if name != prev:  # the name's first rule picks its shard; its other rule (if any) follows
+            key = min(orders) if orders else name
+            i = memo.get(key, -1)
+            if i < 0:
+                i = memo[key] = shard_of(key, k)
+            lines[i].append(f"{name} CNAME . ; orders={note}\n")  # as zone_text: one apex record per name
+        prev = name
+        if subtree:
+            lines[i].append(f"*.{name} CNAME . ; orders={note}\n")
+        used[i].update(orders)
     if s.ip_triggers:
         for o in sorted(ip_owners(rs)):
             lines[shard_of(o, k)].append(f"{o} CNAME .\n")

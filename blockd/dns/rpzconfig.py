@@ -13,7 +13,8 @@ default zone first, then by name): every resolver applies the first zone that ma
 * BIND (9.18): one `response-policy` with every zone, a secondary `zone` statement each
   (with TSIG when blockd requires it). No EDE on RPZ hits before 9.19.5.
 * Knot Resolver (5.6): no transfer client; `policy.rpz` loads the zone file blockd writes
-  atomically for each zone and reloads it when it is replaced (needs lua-cqueues).
+  atomically for each zone and reloads it when it is replaced (needs lua-cqueues); with
+  `zone_file_shards` it loads each zone's shard files instead, so a change re-reads one shard.
   `DENY_MSG` gives NXDOMAIN, EDE 16 and the legal basis as a TXT in ADDITIONAL
   (`explanation.invalid.`); kresd's EDE EXTRA-TEXT is its own code ("CR36").
 """
