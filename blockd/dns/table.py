@@ -58,7 +58,7 @@ class Verdict:
     """What to answer for names held by one combination of orders (shared by many names)."""
 
     __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt", "opt_sde",
-                 "opt_sde_small")
+                 "opt_sde_small", "opt_sde_bare")
 
     def __init__(self, mode: str, order: str | None, orders: frozenset[str], own: frozenset[str], text: str,
                  ede_code: int, index: int, sde_text: tuple[str, str | None] | None = None) -> None:
@@ -73,12 +73,13 @@ class Verdict:
         ede = wire.ede_option(ede_code, text)
         self.opt = (wire.opt_rr(ede), wire.opt_rr(ede, do=True))  # by the query's DO bit
         # structured errors (sde.py): the full JSON, and for a UDP answer it would push past the
-        # client's payload size the compact JSON (no j, o) or, with nothing left, no EXTRA-TEXT
-        self.opt_sde = self.opt_sde_small = self.opt
+        # client's payload size the compact JSON (no j, o), then the EDE without EXTRA-TEXT
+        self.opt_sde = self.opt_sde_small = self.opt_sde_bare = self.opt
         if sde_text is not None:
-            full, small = (wire.ede_option(ede_code, t) for t in (sde_text[0], sde_text[1] or ""))
+            full, small, bare = (wire.ede_option(ede_code, t) for t in (sde_text[0], sde_text[1] or "", ""))
             self.opt_sde = (wire.opt_rr(full), wire.opt_rr(full, do=True))
             self.opt_sde_small = (wire.opt_rr(small), wire.opt_rr(small, do=True))
+            self.opt_sde_bare = (wire.opt_rr(bare), wire.opt_rr(bare, do=True))
 
 
 def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
@@ -258,6 +259,8 @@ class Answers:
         if not sde.wants(data, q, self.sde_needle):
             return out + v.opt[q.do]
         full = out + v.opt_sde[q.do]
-        if tcp or len(full) <= (q.edns if q.edns > 512 else 512):
+        limit = q.edns if q.edns > 512 else 512
+        if tcp or len(full) <= limit:
             return full
-        return out + v.opt_sde_small[q.do]  # draft §5.2: j and o go before the answer is truncated
+        small = out + v.opt_sde_small[q.do]  # draft §5.2: j and o go first, then the EXTRA-TEXT,
+        return small if len(small) <= limit else out + v.opt_sde_bare[q.do]  # before TC=1

@@ -177,6 +177,15 @@ def test_udp_overflow_drops_j_and_o_first() -> None:
         assert udp.endswith(ede_bytes(15, compact)) and not dns.message.from_wire(udp).flags & dns.flags.TC
         (o,) = dns.message.from_wire(tcp).options
         assert isinstance(o, dns.edns.EDEOption) and json.loads(o.text or "")["o"] == "ISP Example"
+        # a contact list too long for the compact form to fit: the EDE without EXTRA-TEXT, not TC=1
+        if contact:
+            s2 = SinkholeSettings(listen=(("127.0.0.1", 0),), udp_batch=False, sde_option_code=CODE, ede_code=15,
+                                  sde_contact=tuple(f"mailto:noc-desk-{i}@isp.example" for i in range(8)))
+            srv2 = SinkholeServer(s2)
+            srv2.swap(Table.build(rules, s2.answers()))
+            bare = srv2.answer(data, "127.0.0.1", False)
+            assert isinstance(bare, bytes) and len(bare) <= 512 and bare.endswith(ede_bytes(15, ""))
+            assert not dns.message.from_wire(bare).flags & dns.flags.TC
         # with room (payload 1232), UDP gets the full JSON
         full = srv.answer(query([dns.edns.GenericOption(CODE, b"")], name=long_name), "127.0.0.1", False)
         assert isinstance(full, bytes) and full[2:] == tcp[2:]  # the same answer but the id
