@@ -15,6 +15,7 @@ Precedence (documented in docs/dns.md):
 from __future__ import annotations
 
 import hashlib
+import io
 import marshal
 import os
 import struct
@@ -437,8 +438,9 @@ class Table:
                     blob.append(_spec_bytes(v.own_orders, v.orders, orders))
             return j
 
-        parts: list[object] = []
+        out = io.BytesIO()
         with gc_paused():
+            sections: list[tuple[list[bytes], array]] = []  # type: ignore[type-arg]
             for base, over in ((self.exact, self.over_exact), (self.subtree, self.over_subtree)):
                 keys = [k for k in base if k not in over]
                 idx = array("I", [index_of(base[k], None) for k in keys])
@@ -446,13 +448,21 @@ class Table:
                     if v is not None:
                         keys.append(k)
                         idx.append(index_of(None, v))
-                parts += [keys, idx.tobytes()]
+                sections.append((keys, idx))
             off = array("Q", [0])
             total = 0
             for b in blob:
                 total += len(b)
                 off.append(total)
-            payload = marshal.dumps((TABLE_FORMAT, dict(meta), *parts, b"".join(blob), off.tobytes()))
+            marshal.dump((TABLE_FORMAT, dict(meta), len(sections[0][0]), len(sections[1][0])), out)
+            for keys, idx in sections:
+                # in slices: one marshal call of 1M keys would hold the GIL for a long while
+                for i in range(0, len(keys), _SLICE):
+                    marshal.dump(keys[i:i + _SLICE], out)
+                marshal.dump(idx.tobytes(), out)
+            marshal.dump(b"".join(blob), out)
+            marshal.dump(off.tobytes(), out)
+        payload = out.getbuffer()
         data = TABLE_MAGIC + hashlib.sha256(payload).digest() + payload
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -489,19 +499,24 @@ class Table:
         if hashlib.sha256(payload).digest() != data[head:head + 32]:
             raise TableFileError("corrupt", f"{path}: checksum mismatch ({len(data)} bytes)")
         try:
-            fmt, meta, ekeys, eidx, skeys, sidx, blob, off_b = marshal.loads(payload)
+            src = io.BytesIO(payload)
+            fmt, meta, n_e, n_s = marshal.load(src)
             if fmt != TABLE_FORMAT:
                 raise TableFileError("corrupt", f"{path}: format {fmt!r}, this blockd reads {TABLE_FORMAT}")
+            with gc_paused():
+                ekeys, eidx = _read_keys(src, n_e)
+                skeys, sidx = _read_keys(src, n_s)
+            blob = marshal.load(src)
             e_i, s_i, off = array("I"), array("I"), array("Q")
             e_i.frombytes(eidx)
             s_i.frombytes(sidx)
-            off.frombytes(off_b)
+            off.frombytes(marshal.load(src))
             nspec = len(off) - 1
-            if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0
+            if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0 or not isinstance(blob, bytes)
                     or max(e_i, default=0) >= max(nspec, 1) or max(s_i, default=0) >= max(nspec, 1)
-                    or (off and off[-1] != len(blob)) or not isinstance(meta, dict)):
+                    or off[-1] != len(blob) or not isinstance(meta, dict)):
                 raise TableFileError("corrupt", f"{path}: inconsistent sections")
-        except (ValueError, TypeError, EOFError) as e:
+        except (ValueError, TypeError, EOFError, IndexError) as e:
             raise TableFileError("corrupt", f"{path}: {e}") from None
         with gc_paused():
             exact, subtree = dict(zip(ekeys, e_i)), dict(zip(skeys, s_i))
@@ -526,6 +541,16 @@ def _put(over: dict[bytes, Verdict | None], t: Table, base: dict[bytes, int], ke
     else:
         over[key] = v
     return (v is not None) - before
+
+
+def _read_keys(src: io.BytesIO, n: int) -> tuple[list[bytes], bytes]:
+    keys: list[bytes] = []
+    while len(keys) < n:
+        chunk = marshal.load(src)
+        if not isinstance(chunk, list) or not chunk:
+            raise ValueError("a key section is short")
+        keys += chunk
+    return keys, marshal.load(src)
 
 
 def _copy(d: dict[bytes, int]) -> dict[bytes, int]:
