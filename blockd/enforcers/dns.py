@@ -222,15 +222,21 @@ class SinkholeEnforcer:
             self.last_load_s = time.perf_counter() - t0
         served = self.server.table
         at = datetime.now(timezone.utc)
+        before = self._parts if self._parts is not None and not old.restored else None
         e, s = await asyncio.to_thread(served.name_parts)
         self._parts = (e, s)
         self._read_at = self._full_at = at
         digest = _digest(e, s)
         added = removed = 0
+        if served is not old:
+            if before is not None:  # what changed, bucket by bucket (only the buckets that differ)
+                added, removed = await asyncio.to_thread(_changes, before, (e, s))
+            elif len(old) == 0:
+                added = len(served)
+            else:
+                added, removed = await asyncio.to_thread(_key_changes, old, served)
         log.info("dns_table_swapped", enforcer=self.name, names=len(served), adopted=adopt or None,
                  load_s=round(self.last_load_s, 3), duration_s=round(time.perf_counter() - t0, 4))
-        if served is not old:
-            added, removed = len(served), len(old)  # counted by table size: no O(N) key diff
         return Applied(
             enforcer=self.name, digest=digest, desired_digest=want.digest, added=added, removed=removed,
             duration_s=time.perf_counter() - t0, counts=_counts(e, s), readback_scope="full",
@@ -322,6 +328,29 @@ def _digest(e: PartDigest, s: PartDigest) -> str:
 
 def _counts(e: PartDigest, s: PartDigest) -> dict[str, int]:
     return {"domain_exact": len(e), "domain_subtree": len(s), "ipv4_ranges": 0, "ipv6_ranges": 0}
+
+
+def _changes(old: tuple[PartDigest, PartDigest], new: tuple[PartDigest, PartDigest]) -> tuple[int, int]:
+    """(added, removed) names between two read-backs, from the digest buckets that differ."""
+    added = removed = 0
+    for a, b in zip(old, new):
+        for k in a.digests.keys() | b.digests.keys():
+            if a.digests.get(k) != b.digests.get(k):
+                x, y = set(a.buckets.get(k, ())), set(b.buckets.get(k, ()))
+                added += len(y - x)
+                removed += len(x - y)
+    return added, removed
+
+
+def _key_changes(old: Table, new: Table) -> tuple[int, int]:
+    """(added, removed) entries between two tables, from their keys (a table restored at start)."""
+    added = removed = 0
+    for sub in (False, True):
+        a = {k for k, _ in old.entries(sub)}
+        b = {k for k, _ in new.entries(sub)}
+        added += len(b - a)
+        removed += len(a - b)
+    return added, removed
 
 
 def _read_touched(served: Table, before: Table, want: RuleSet, names: set[str]
