@@ -126,10 +126,25 @@ class TableFileError(Exception):
 class _BuiltSpecs:
     """The (own orders, combined orders) of each verdict index of a built table."""
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "_blob")
 
     def __init__(self, items: list[tuple[frozenset[str], frozenset[str]]]) -> None:
         self.items = items
+        self._blob: tuple[bytes, array] | None = None  # type: ignore[type-arg]
+
+    def blob(self, orders: Mapping[str, OrderInfo]) -> tuple[bytes, array]:  # type: ignore[type-arg]
+        """Every index's spec record, and their offsets: made on the first dump, then reused (an
+        index's orders and what they show do not change while a base lives; a patch shadows
+        the names it touches)."""
+        if self._blob is None:
+            parts = [_spec_bytes(own, comb, orders) for own, comb in self.items]
+            off = array("Q", [0])
+            total = 0
+            for b in parts:
+                total += len(b)
+                off.append(total)
+            self._blob = (b"".join(parts), off)
+        return self._blob
 
     def __len__(self) -> int:
         return len(self.items)
@@ -150,27 +165,35 @@ class _FileSpecs:
     """Verdict specs of a restored table: one marshal record per index in one blob, decoded
     when an index is first needed (a 1M-name table loads without building 1M verdicts)."""
 
-    __slots__ = ("blob", "off")
+    __slots__ = ("blob_bytes", "off")
 
     def __init__(self, blob: bytes, off: array) -> None:  # type: ignore[type-arg]
-        self.blob = blob
+        self.blob_bytes = blob
         self.off = off
 
     def __len__(self) -> int:
         return len(self.off) - 1
 
+    def blob(self, orders: Mapping[str, OrderInfo]) -> tuple[bytes, array]:  # type: ignore[type-arg]
+        return self.blob_bytes, self.off
+
     def get(self, i: int) -> tuple[frozenset[str], frozenset[str], Mapping[str, _Info] | None]:
-        own, comb, infos = marshal.loads(memoryview(self.blob)[self.off[i]:self.off[i + 1]])
+        own, comb, infos = marshal.loads(memoryview(self.blob_bytes)[self.off[i]:self.off[i + 1]])
         return frozenset(own), frozenset(comb), {oid: _Info(*rest) for oid, *rest in infos}
 
     def own(self, i: int) -> frozenset[str]:
-        return frozenset(marshal.loads(memoryview(self.blob)[self.off[i]:self.off[i + 1]])[0])
+        return frozenset(marshal.loads(memoryview(self.blob_bytes)[self.off[i]:self.off[i + 1]])[0])
 
     def raw(self, i: int, orders: Mapping[str, OrderInfo]) -> bytes:
-        return self.blob[self.off[i]:self.off[i + 1]]
+        return self.blob_bytes[self.off[i]:self.off[i + 1]]
 
 
 def _spec_bytes(own: frozenset[str], comb: frozenset[str], orders: Mapping[str, OrderInfo | _Info]) -> bytes:
+    if len(comb) == 1 and own == comb:  # the common case (one order per name), without sorting
+        (oid,) = comb
+        i = orders.get(oid)
+        t = (oid,)
+        return marshal.dumps((t, t, ((oid, i.authority, i.reference, i.url, i.dns_answer),) if i is not None else ()))
     infos = tuple((oid, i.authority, i.reference, i.url, i.dns_answer)
                   for oid in sorted(comb) if (i := orders.get(oid)) is not None)
     return marshal.dumps((tuple(sorted(own)), tuple(sorted(comb)), infos))
@@ -418,50 +441,54 @@ class Table:
     # ---- persistence ------------------------------------------------------------------------
     def dump(self, path: Path, meta: Mapping[str, object]) -> int:
         """Write this table to `path` atomically (temp file, fsync, rename, fsync of the
-        directory); returns the bytes written. Format: MAGIC, SHA-256 of the rest, then one
-        marshal record (format, meta, exact keys, their spec indices as uint32, subtree keys,
-        indices, the spec blob, its offsets as uint64)."""
-        remap: dict[object, int] = {}
-        blob: list[bytes] = []
-        specs, orders, vs, nspec = self.specs, self.orders, self.verdicts, len(self.specs)
+        directory); returns the bytes written. Format: MAGIC, SHA-256 of the rest, then marshal
+        records: (format, meta, counts), the exact keys in slices, their spec indices (uint32),
+        the same for subtree keys, the spec blob and its offsets (uint64).
 
-        def index_of(i: int | None, v: Verdict | None) -> int:
-            k: object = i if v is None else v
-            j = remap.get(k)
-            if j is None:
-                j = remap[k] = len(blob)
-                if v is None:
-                    assert i is not None
-                    blob.append(specs.raw(i, orders) if i < nspec else
-                                _spec_bytes(vs[i].own_orders, vs[i].orders, orders))  # type: ignore[union-attr]
-                else:
-                    blob.append(_spec_bytes(v.own_orders, v.orders, orders))
-            return j
-
+        Spec indices are the base's own (its spec blob is made once per base and reused, a
+        loaded table's is the file's), so a dump after a small change is mostly C-level copies;
+        the overlay's verdicts and those a merge appended get specs after them."""
         out = io.BytesIO()
         with gc_paused():
+            base_blob, base_off = self.specs.blob(self.orders)
+            extra: list[bytes] = []
+            nspec = len(self.specs)
+            appended: dict[int, int] = {}
             sections: list[tuple[list[bytes], array]] = []  # type: ignore[type-arg]
             for base, over in ((self.exact, self.over_exact), (self.subtree, self.over_subtree)):
-                keys = [k for k in base if k not in over]
-                idx = array("I", [index_of(base[k], None) for k in keys])
+                if over:
+                    keys = [k for k in base if k not in over]
+                    idx = array("I", [base[k] for k in keys])
+                else:
+                    keys, idx = list(base), array("I", base.values())
+                if len(self.verdicts) > nspec:  # verdicts a merge appended: specs of their own
+                    for j, i in enumerate(idx):
+                        if i >= nspec:
+                            if i not in appended:
+                                v = self.verdicts[i]
+                                assert v is not None
+                                appended[i] = nspec + len(extra)
+                                extra.append(_spec_bytes(v.own_orders, v.orders, self.orders))
+                            idx[j] = appended[i]
                 for k, v in over.items():
                     if v is not None:
                         keys.append(k)
-                        idx.append(index_of(None, v))
+                        idx.append(nspec + len(extra))
+                        extra.append(_spec_bytes(v.own_orders, v.orders, self.orders))
                 sections.append((keys, idx))
-            off = array("Q", [0])
-            total = 0
-            for b in blob:
-                total += len(b)
+            off = array("Q", base_off)
+            total = off[-1]
+            for x in extra:
+                total += len(x)
                 off.append(total)
-            marshal.dump((TABLE_FORMAT, dict(meta), len(sections[0][0]), len(sections[1][0])), out)
+            _record(out, (TABLE_FORMAT, dict(meta), len(sections[0][0]), len(sections[1][0])))
             for keys, idx in sections:
                 # in slices: one marshal call of 1M keys would hold the GIL for a long while
                 for i in range(0, len(keys), _SLICE):
-                    marshal.dump(keys[i:i + _SLICE], out)
-                marshal.dump(idx.tobytes(), out)
-            marshal.dump(b"".join(blob), out)
-            marshal.dump(off.tobytes(), out)
+                    _record(out, keys[i:i + _SLICE])
+                _record(out, idx.tobytes())
+            _record(out, base_blob + b"".join(extra) if extra else base_blob)
+            _record(out, off.tobytes())
         payload = out.getbuffer()
         data = TABLE_MAGIC + hashlib.sha256(payload).digest() + payload
         tmp = path.with_name(f".{path.name}.tmp")
@@ -499,18 +526,18 @@ class Table:
         if hashlib.sha256(payload).digest() != data[head:head + 32]:
             raise TableFileError("corrupt", f"{path}: checksum mismatch ({len(data)} bytes)")
         try:
-            src = io.BytesIO(payload)
-            fmt, meta, n_e, n_s = marshal.load(src)
+            src = _Records(payload)
+            fmt, meta, n_e, n_s = src.next()
             if fmt != TABLE_FORMAT:
                 raise TableFileError("corrupt", f"{path}: format {fmt!r}, this blockd reads {TABLE_FORMAT}")
             with gc_paused():
                 ekeys, eidx = _read_keys(src, n_e)
                 skeys, sidx = _read_keys(src, n_s)
-            blob = marshal.load(src)
+            blob = src.next()
             e_i, s_i, off = array("I"), array("I"), array("Q")
             e_i.frombytes(eidx)
             s_i.frombytes(sidx)
-            off.frombytes(marshal.load(src))
+            off.frombytes(src.next())
             nspec = len(off) - 1
             if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0 or not isinstance(blob, bytes)
                     or max(e_i, default=0) >= max(nspec, 1) or max(s_i, default=0) >= max(nspec, 1)
@@ -543,14 +570,42 @@ def _put(over: dict[bytes, Verdict | None], t: Table, base: dict[bytes, int], ke
     return (v is not None) - before
 
 
-def _read_keys(src: io.BytesIO, n: int) -> tuple[list[bytes], bytes]:
+_LEN8 = struct.Struct("<Q")
+
+
+def _record(out: io.BytesIO, obj: object) -> None:
+    """One length-prefixed marshal record (marshal.load on a file reads in small pieces: slow)."""
+    data = marshal.dumps(obj)
+    out.write(_LEN8.pack(len(data)))
+    out.write(data)
+
+
+class _Records:
+    """Reads `_record`s back from a buffer, one `marshal.loads` of a slice each."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def next(self) -> object:
+        p = self.pos
+        if p + 8 > len(self.buf):
+            raise EOFError("the file ends early")
+        (n,) = _LEN8.unpack_from(self.buf, p)
+        if p + 8 + n > len(self.buf):
+            raise EOFError("a record runs past the end of the file")
+        self.pos = p + 8 + n
+        return marshal.loads(self.buf[p + 8:p + 8 + n])
+
+
+def _read_keys(src: _Records, n: int) -> tuple[list[bytes], bytes]:
     keys: list[bytes] = []
     while len(keys) < n:
-        chunk = marshal.load(src)
+        chunk = src.next()
         if not isinstance(chunk, list) or not chunk:
             raise ValueError("a key section is short")
         keys += chunk
-    return keys, marshal.load(src)
+    return keys, src.next()  # type: ignore[return-value]
 
 
 def _copy(d: dict[bytes, int]) -> dict[bytes, int]:
