@@ -103,7 +103,8 @@ def passes(log: Path) -> list[dict[str, object]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="100k names instead of 1M")
-    ap.add_argument("--names", type=int)
+    ap.add_argument("--names", type=int, help="blocked names (default 1,000,000)")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy record (--gil, raw) of the daemon over the window")
     args = ap.parse_args()
     n = args.names or (100_000 if args.quick else 1_000_000)
     rnd = random.Random(7)
@@ -141,12 +142,19 @@ def main() -> None:
                                      f"from pass_latency import dnsperf; print(json.dumps(dnsperf({port},"
                                      f"__import__('pathlib').Path({str(qfile)!r}),{window})))"],
                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            spy = None
+            if args.profile:  # what runs (and holds the GIL) in the daemon during the window
+                spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--gil", "-f", "raw",
+                                        "-r", "250", "-d", str(int(window)), "-o", args.profile, "-p",
+                                        str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # the load is under way before the change lands (not a wait for a condition)
             t_drop = time.monotonic()
             drop(pol, "p.yaml", policy(2, base, extra))
             wait(lambda: nxdomain(port, extra[0]), 1800, "the new serial to be answered")
             live_s = time.monotonic() - t_drop
             during = json.loads(perf.communicate(timeout=window + 300)[0])
+            if spy is not None:
+                spy.wait(window + 60)
             pass_s = float(passes(log)[-1]["duration_s"])  # type: ignore[arg-type]
             patched = [e for e in events(log, "dns_table_patched")]
             # A restart: SIGTERM, launch again; the sinkhole answers from its persisted table

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import struct
@@ -352,6 +353,20 @@ class Daemon:
         return snapshot(self.settings.policy_dir), identity(self.settings.policy_dir)
 
     async def _pass(self, reason: str) -> None:
+        """One pass, with the cyclic garbage collector off, and what it built frozen out of the
+        collector's reach after (gc.freeze): at 1M rules a pass makes millions of acyclic objects,
+        and each automatic collection over them held the GIL, and every DNS answer, for 0.2-1 s.
+        Objects dropped later are still freed by reference counting."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            await self._run_pass(reason)
+        finally:
+            gc.freeze()
+            if was_enabled:
+                gc.enable()
+
+    async def _run_pass(self, reason: str) -> None:
         self._seen = self._input_snapshot()  # before reading: a change during the pass is not lost
         t0 = time.perf_counter()
         try:

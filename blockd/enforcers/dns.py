@@ -53,7 +53,7 @@ PATCH_MAX = 200_000
 PERSIST_DELAY_S = 2.0
 TABLE_FILE = "dns-table.bin"
 #: outcomes of loading and saving the persisted table (blockd_dns_table_file_total{result})
-TABLE_FILE_RESULTS = ("loaded", "missing", "corrupt", "stale", "unreadable", "saved", "save_failed")
+TABLE_FILE_RESULTS = ("loaded", "missing", "corrupt", "stale", "unreadable", "empty", "saved", "save_failed")
 
 _name = itemgetter(0)
 
@@ -125,6 +125,8 @@ class SinkholeEnforcer:
                 raise TableFileError("stale", f"{store.path} was written for other accepted policies "
                                      f"(table {str(meta.get('accepted'))[:16]}, state {str(accepted)[:16]}); "
                                      "the first pass builds the table")
+            if len(table) == 0:  # never answer from an empty table before the first pass (fail closed)
+                raise TableFileError("empty", f"{store.path} holds no names; the first pass builds the table")
         except TableFileError as e:
             (log.info if e.reason == "missing" else log.warning)(
                 "dns_table_not_restored", enforcer=self.name, reason=e.reason, error=e.detail)
@@ -262,8 +264,8 @@ class SinkholeEnforcer:
                  duration_s=round(time.perf_counter() - t0, 3))
 
     async def _persist_later(self, table: Table) -> None:
-        if self.store is None:
-            return
+        if self.store is None or len(table) == 0:
+            return  # an empty table is never served at start: the file keeps the last one with names
         accepted = await asyncio.to_thread(self.store.accepted_digest)
         if accepted is None:
             return  # the state cannot be read: nothing to check a saved table against
