@@ -329,6 +329,12 @@ class Table:
             return None if i is None else (self.verdicts[i] or self._verdict(i))
         return v  # type: ignore[return-value]
 
+    def holds(self, key: bytes, subtree: bool) -> bool:
+        """Whether an entry for `key` is served (without making its verdict)."""
+        over, base = (self.over_subtree, self.subtree) if subtree else (self.over_exact, self.exact)
+        v = over.get(key, _MISS)
+        return key in base if v is _MISS else v is not None
+
     def lookup(self, q: bytes, labels: list[int]) -> tuple[Verdict, int] | None:
         """`q` is the lowercased wire qname; returns the winning verdict and the label offset of
         the rule name inside q (0 for the name itself), or None if no rule matches."""
@@ -404,8 +410,8 @@ class Table:
             key = wire.name_to_wire(name)
             ev = None if e_ords is None else verdict(e_ords, e_ords if s_ords is None else e_ords | s_ords)
             sv = None if s_ords is None else verdict(s_ords, s_ords)
-            size += _put(oe, self, self.exact, key, ev, self.exact_verdict)
-            size += _put(os_, self, self.subtree, key, sv, self.subtree_verdict)
+            size += _put(oe, self.exact, key, ev, self.holds(key, False))
+            size += _put(os_, self.subtree, key, sv, self.holds(key, True))
         return Table(self.exact, self.subtree, self.verdicts, self.specs, orders, settings, rs.digest, self.answers,
                      oe, os_, self.epoch, size, self.restored)
 
@@ -594,10 +600,9 @@ TABLE_MAGIC = b"BLOCKD-DNS-TABLE\n"
 TABLE_FORMAT = 1
 
 
-def _put(over: dict[bytes, Verdict | None], t: Table, base: dict[bytes, int], key: bytes, v: Verdict | None,
-         held: Callable[[bytes], Verdict | None]) -> int:
-    """Set `key` to `v` in the overlay `over` (of `t`); returns the change in entries served."""
-    before = held(key) is not None
+def _put(over: dict[bytes, Verdict | None], base: dict[bytes, int], key: bytes, v: Verdict | None,
+         before: bool) -> int:
+    """Set `key` to `v` in the overlay `over`; returns the change in entries served."""
     if v is None and key not in base:
         over.pop(key, None)
     else:

@@ -373,13 +373,13 @@ def _read_touched(served: Table, before: Table, want: RuleSet, names: set[str]
             i += 1
         key = wire.name_to_wire(name)
         comb = own[0] if own[1] is None else (own[1] if own[0] is None else own[0] | own[1])
-        for k, (now, then) in enumerate(((served.exact_verdict(key), before.exact_verdict(key)),
-                                         (served.subtree_verdict(key), before.subtree_verdict(key)))):
+        for k, (now, then) in enumerate(((served.exact_verdict(key), before.holds(key, False)),
+                                         (served.subtree_verdict(key), before.holds(key, True)))):
             if not _holds(now, own[k], comb if k == 0 else own[1]):
                 bad.append(f"{'*.' if k else ''}{name}")
-            if now is None and then is not None:
+            if now is None and then:
                 removed[k].append(name)
-            elif now is not None and then is None:
+            elif now is not None and not then:
                 added[k].append(name)
     return bad, removed, added
 
