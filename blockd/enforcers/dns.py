@@ -101,6 +101,7 @@ class SinkholeEnforcer:
         self._merge_task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._writing = False
+        self._save_error: str | None = None
         #: (table, accepted digest) waiting to be written
         self._persist_due: tuple[Table, str] | None = None
         #: the accepted digest a restored table was checked against (None: not restored)
@@ -292,13 +293,18 @@ class SinkholeEnforcer:
         try:
             size = await asyncio.to_thread(table.dump, self.store.path, meta)
         except OSError as e:
-            log.error("dns_table_save_failed", enforcer=self.name, path=str(self.store.path),
-                      error=e.strerror or str(e), note="a restart builds the table in its first pass instead")
+            error = e.strerror or str(e)
+            # once per outage (the counter counts every failed save; the next change tries again)
+            (log.error if self._save_error != error else log.debug)(
+                "dns_table_save_failed", enforcer=self.name, path=str(self.store.path), error=error,
+                note="a restart builds the table in its first pass instead")
+            self._save_error = error
             self._count("save_failed")
             return
         self._count("saved")
         log.info("dns_table_saved", enforcer=self.name, path=str(self.store.path), names=len(table), bytes=size,
-                 duration_s=round(time.perf_counter() - t0, 3))
+                 duration_s=round(time.perf_counter() - t0, 3), recovered=True if self._save_error else None)
+        self._save_error = None
 
     # ---- read-back --------------------------------------------------------------------------
     async def readback(self) -> RuleSet:

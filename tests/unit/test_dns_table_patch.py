@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -277,3 +278,24 @@ def test_enforcer_ignores_a_stale_table(tmp_path: Path) -> None:
 
     assert run(go()) is False
     assert events == ["stale"]
+
+
+def test_a_table_that_cannot_be_saved_is_counted_and_tried_again(tmp_path: Path) -> None:
+    (tmp_path / "dns-table.bin" / "in-the-way").mkdir(parents=True)  # the rename onto it fails
+    events: list[str] = []
+    rs = RuleSet.build([DomainRule("a.example", False, frozenset("o"))], orders={"o": info("o", None)})
+    rs2 = RuleSet.build([DomainRule("b.example", False, frozenset("o"))], orders={"o": info("o", None)})
+
+    async def go(rules: RuleSet) -> None:
+        enf = SinkholeEnforcer(SinkholeServer(SinkholeSettings(listen=())), store=TableStore(tmp_path),
+                               on_table_file=events.append)
+        assert (await enf.apply(rules)).in_sync  # enforcement does not depend on the save
+        await enf.aclose()
+
+    run(go(rs))
+    assert events == ["save_failed"] and not list(tmp_path.glob(".dns-table.bin.tmp"))
+    shutil.rmtree(tmp_path / "dns-table.bin")
+    run(go(rs2))
+    assert events == ["save_failed", "saved"]
+    t, meta = Table.load(tmp_path / "dns-table.bin", SETTINGS)
+    assert answer(t, "b.example") is not None and answer(t, "a.example") is None
