@@ -471,6 +471,38 @@ class Table:
         parts = (e, s, EMPTY[ADDR4], EMPTY[ADDR6])
         return RuleSet(ordered, (), (), MappingProxyType({}), combine(*parts), parts)
 
+    def serves_exactly(self, rs: RuleSet) -> bool:
+        """Whether this table holds exactly the names of `rs` (each exact and subtree rule, with
+        its own orders) and nothing else: a full read-back by lookups, cheaper than decoding
+        every key (`name_parts`). True means the table's digest is `rs`'s names digest."""
+        to_wire = wire.name_to_wire
+        own = self._own
+        seen = [0, 0]
+        with gc_paused():
+            doms = rs.domains
+            n = len(doms)
+            i = 0
+            while i < n:
+                name, sub, ords = doms[i]
+                j = i + 1
+                while j < n and doms[j][0] == name and doms[j][1] == sub:  # duplicates: merged
+                    ords = ords | doms[j][2]
+                    j += 1
+                i = j
+                key = to_wire(name)
+                over, base = (self.over_subtree, self.subtree) if sub else (self.over_exact, self.exact)
+                v = over.get(key, _MISS)
+                if v is _MISS:
+                    k = base.get(key)
+                    if k is None or own(k) != ords:
+                        return False
+                elif v is None or v.own_orders != ords:  # type: ignore[union-attr]
+                    return False
+                seen[sub] += 1
+        held_e = sum(1 for _ in self.entries(False)) if self.over_exact else len(self.exact)
+        held_s = sum(1 for _ in self.entries(True)) if self.over_subtree else len(self.subtree)
+        return seen == [held_e, held_s]
+
     def name_parts(self) -> tuple[PartDigest, PartDigest]:
         """The digests of the exact and subtree names served (a full read-back, without
         building a RuleSet: no sort of N rules)."""

@@ -226,7 +226,10 @@ class SinkholeEnforcer:
         served = self.server.table
         at = datetime.now(timezone.utc)
         before = self._parts if self._parts is not None and not old.restored else None
-        e, s = await asyncio.to_thread(served.name_parts)
+        if await asyncio.to_thread(served.serves_exactly, want):  # read back by lookups: every name, its orders
+            e, s = want.parts[0], want.parts[1]
+        else:  # what it does hold, decoded from its keys
+            e, s = await asyncio.to_thread(served.name_parts)
         self._parts = (e, s)
         self._read_at = self._full_at = at
         digest = _digest(e, s)

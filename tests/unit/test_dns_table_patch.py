@@ -299,3 +299,19 @@ def test_a_table_that_cannot_be_saved_is_counted_and_tried_again(tmp_path: Path)
     assert events == ["save_failed", "saved"]
     t, meta = Table.load(tmp_path / "dns-table.bin", SETTINGS)
     assert answer(t, "b.example") is not None and answer(t, "a.example") is None
+
+
+def test_serves_exactly_reads_every_name_and_its_orders() -> None:
+    rnd = random.Random(8)
+    names, orders = random_world(rnd)
+    rs = RuleSet.build(unique(random_rules(rnd, names, orders, 50)), orders=orders)
+    new = mutate(rnd, rs, names, orders)
+    t = Table.build(rs, SETTINGS)
+    assert t.serves_exactly(rs) and not t.serves_exactly(new)
+    p = t.patched(new, touched(rs, new))
+    assert p.serves_exactly(new) and not p.serves_exactly(rs) and p.merged().serves_exactly(new)
+    r = rs.domains[0]
+    other = RuleSet.build([r._replace(orders=frozenset({"zz"})), *rs.domains[1:]], orders=orders)
+    assert not t.serves_exactly(other)  # same names, other orders
+    fewer = RuleSet.build(rs.domains[1:], orders=orders)
+    assert not t.serves_exactly(fewer)  # the table holds one name more
