@@ -323,11 +323,11 @@ class SinkholeEnforcer:
             self._merge_task.cancel()
         task = self._persist_task
         if task is not None and not task.done():
+            due, self._persist_due = self._persist_due, None  # the loop stops after what it does now
             if self._writing:  # a write under way finishes (a second one must not race it)
-                self._persist_due = None
                 await asyncio.shield(task)
-            due, self._persist_due = self._persist_due, None
-            task.cancel()
+            else:
+                task.cancel()
             if due is not None:  # the last change is written now, not lost with the process
                 await self._persist(*due)
         await self.server.aclose()
