@@ -35,12 +35,16 @@ ROOT = _HERE.parent
 KEY = minisign.parse_secret_key((ROOT / "policies/keys/demo-regulator.key").read_text())
 
 
-def policy(serial: int, names: list[str]) -> str:
-    body = "\n".join(f"        - {n}" for n in names)
+def policy(serial: int, names: list[str], added: list[str] = ()) -> str:  # type: ignore[assignment]
+    """One order holding `names` (the same id and reference in every serial, so a new serial
+    changes only what it adds), plus an order for `added`, if any: a small change."""
+    def order(oid: str, ref: str, ns: list[str]) -> str:
+        body = "\n".join(f"        - {n}" for n in ns)
+        return (f"  - id: {oid}\n    legal_basis: {{authority: Bench Court, reference: {ref}}}\n"
+                f"    action: block\n    targets:\n      domains:\n{body}\n")
     return (f"issuer: demo-regulator\nserial: {serial}\nissued_at: 2026-01-01T00:00:00Z\n"
             f"not_before: 2026-01-01T00:00:00Z\nnot_after: 2030-01-01T00:00:00Z\norders:\n"
-            f"  - id: bench-{serial}\n    legal_basis: {{authority: Bench Court, reference: B-{serial}}}\n"
-            f"    action: block\n    targets:\n      domains:\n{body}\n")
+            + order("bench", "B-1", names) + (order(f"bench-{serial}", f"B-{serial}", added) if added else ""))
 
 
 def drop(directory: Path, name: str, text: str) -> None:
@@ -51,12 +55,12 @@ def drop(directory: Path, name: str, text: str) -> None:
     os.replace(directory / f".{name}", directory / name)
 
 
-def wait(check, timeout: float, what: str) -> None:  # noqa: ANN001
+def wait(check, timeout: float, what: str, every: float = 0.2) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.2)
+        time.sleep(every)
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -79,20 +83,28 @@ def dnsperf(port: int, qfile: Path, seconds: float) -> dict[str, float]:
     return {"n": len(lat), "lost": lost, "p50": pick(50), "p99": pick(99), "p99.9": pick(99.9), "max": lat[-1] * 1000}
 
 
-def passes(log: Path) -> list[dict[str, object]]:
+def events(log: Path, name: str) -> list[dict[str, object]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("{"):
-            e = json.loads(line)
-            if e.get("event") == "reconcile_pass":
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if e.get("event") == name:
                 out.append(e)
     return out
+
+
+def passes(log: Path) -> list[dict[str, object]]:
+    return events(log, "reconcile_pass")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="100k names instead of 1M")
-    ap.add_argument("--names", type=int)
+    ap.add_argument("--names", type=int, help="blocked names (default 1,000,000)")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy record (--gil, raw) of the daemon over the window")
     args = ap.parse_args()
     n = args.names or (100_000 if args.quick else 1_000_000)
     rnd = random.Random(7)
@@ -130,16 +142,40 @@ def main() -> None:
                                      f"from pass_latency import dnsperf; print(json.dumps(dnsperf({port},"
                                      f"__import__('pathlib').Path({str(qfile)!r}),{window})))"],
                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            spy = None
+            if args.profile:  # what runs (and holds the GIL) in the daemon during the window
+                spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--gil", "-f", "raw",
+                                        "-r", "250", "-d", str(int(window)), "-o", args.profile, "-p",
+                                        str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # the load is under way before the change lands (not a wait for a condition)
+            n_before = len(passes(log))
             t_drop = time.monotonic()
-            drop(pol, "p.yaml", policy(2, base + extra))
+            drop(pol, "p.yaml", policy(2, base, extra))
             wait(lambda: nxdomain(port, extra[0]), 1800, "the new serial to be answered")
             live_s = time.monotonic() - t_drop
             during = json.loads(perf.communicate(timeout=window + 300)[0])
-            pass_s = float(passes(log)[-1]["duration_s"])  # type: ignore[arg-type]
+            if spy is not None:
+                spy.wait(window + 60)
+            changed = [e for e in passes(log)[n_before:] if e.get("changed")]
+            pass_s = float((changed or passes(log)[-1:])[0]["duration_s"])  # type: ignore[arg-type]
+            patched = [e for e in events(log, "dns_table_patched") if e.get("names_touched")]
+            n_before = len(passes(log))
+            # A restart: SIGTERM, launch again; the sinkhole answers from its persisted table
+            # (state_dir/dns-table.bin) before the first pass is done.
+            daemon.terminate()
+            daemon.wait(120)
+            t1 = time.monotonic()
+            with open(log, "ab") as out:
+                daemon = subprocess.Popen([sys.executable, "-m", "blockd", "run", "--config",
+                                           str(tmp / "blockd.yaml")], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            wait(lambda: nxdomain(port, extra[0]), 1800, "the restarted daemon to answer", every=0.02)
+            restart_s = time.monotonic() - t1
+            restored = events(log, "dns_table_restored")
+            wait(lambda: len(passes(log)) > n_before, 1800, "the restarted daemon's first pass")
+            first_pass_s = time.monotonic() - t1
         finally:
             daemon.terminate()
-            daemon.wait(60)
+            daemon.wait(120)
         # Unbound, same names, same load (idle): the reference.
         lz = tmp / "lz.conf"
         lz.write_text("".join(f'local-zone: "{x}." always_nxdomain\n' for x in base))
@@ -154,8 +190,15 @@ def main() -> None:
         finally:
             resolvers.stop(unbound)
     print(f"\nblockd sinkhole latency during a pass, {n:,} names (machine: {os.cpu_count()} cores, {os.uname().release})")
-    print(f"  daemon start to first answer {start_s:.1f} s; new serial (+10 names) live after {live_s:.2f} s "
-          f"(pass {pass_s:.2f} s)")
+    print(f"  daemon start to first answer {start_s:.1f} s (empty state); new serial (+10 names) live after "
+          f"{live_s:.2f} s (pass {pass_s:.2f} s)")
+    if patched:
+        p = patched[-1]
+        print(f"  sinkhole patch: {p['names_touched']} names touched in {float(p['patch_s']) * 1000:.1f} ms "  # type: ignore[arg-type]
+              f"(apply {float(p['duration_s']) * 1000:.1f} ms with the read-back of those names)")  # type: ignore[arg-type]
+    load = f", table loaded in {float(restored[-1]['load_s']):.2f} s" if restored else " (no table restored)"  # type: ignore[arg-type]
+    print(f"  restart (SIGTERM, launch) to first answer {restart_s:.2f} s{load}; its first pass done after "
+          f"{first_pass_s:.1f} s")
     print(f"  {'':18} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'lost':>6}")
     for label, r in (("blockd idle", idle), ("blockd during pass", during), ("unbound idle", ref)):
         print(f"  {label:18} {r.get('p50', float('nan')):8.2f} {r.get('p99', float('nan')):8.2f} "

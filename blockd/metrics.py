@@ -59,6 +59,7 @@ class Metrics:
     clock_ahead: Gauge
     write_failures: Counter
     ready: Gauge
+    dns_table_file: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -112,6 +113,9 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                             "last good one is in use", ["input"], registry=r),
         input_failures=Counter("blockd_input_failures_total", "Inputs refused (each refusal counted once)", ["input"],
                                registry=r),
+        dns_table_file=Counter("blockd_dns_table_file_total", "The sinkhole's persisted table: loads at start "
+                               "(loaded, missing, corrupt, stale, unreadable) and saves (saved, save_failed)",
+                               ["result"], registry=r),
         policy_dir_events=Counter("blockd_policy_dir_events_total", "The policy directory itself was removed or "
                                   "replaced (the watch was re-armed)", ["event"], registry=r),
         state_write_failures=Counter(

@@ -109,24 +109,28 @@ class SinkholeSettings:
 
 class Tally:
     """Counters written by one thread only (the event loop, or one UDP worker): results, and hits
-    per verdict of the table it last answered from. `state` is replaced in one assignment, so a
-    reader in another thread always sees a consistent (verdicts, hits, done) triple."""
+    per verdict of the table epoch it last answered from. `state` is replaced in one assignment,
+    so a reader in another thread always sees a consistent (epoch, hits, done) triple.
+
+    Hits are keyed by the Verdict object (tables make verdicts lazily and patches add new ones,
+    so there is no fixed index); a new epoch (a rebuilt, loaded or merged table) folds them
+    into `done` by order, in proportion to the verdicts hit, not to the table."""
 
     __slots__ = ("results", "state")
 
     def __init__(self) -> None:
         self.results: Counter[str] = Counter({r: 0 for r in RESULTS})
-        self.state: tuple[list[Verdict], list[int], dict[str, int]] = ([], [], {})
+        self.state: tuple[object, dict[Verdict, int], dict[str, int]] = (None, {}, {})
 
-    def rebase(self, verdicts: list[Verdict]) -> tuple[list[Verdict], list[int], dict[str, int]]:
-        """Start counting hits for a new table; the old table's hits move to `done` (by order)."""
-        self.state = st = (verdicts, [0] * len(verdicts), self.by_order())
+    def rebase(self, epoch: object) -> tuple[object, dict[Verdict, int], dict[str, int]]:
+        """Start counting hits for a new table epoch; the old hits move to `done` (by order)."""
+        self.state = st = (epoch, {}, self.by_order())
         return st
 
     def by_order(self) -> dict[str, int]:
-        verdicts, hits, done = self.state
+        _, hits, done = self.state
         out = dict(done)
-        for v, h in zip(verdicts, hits):
+        for v, h in dict(hits).items():  # dict(): one C-level copy, atomic under the GIL
             if h and v.order is not None:
                 out[v.order] = out.get(v.order, 0) + h
         return out
@@ -190,8 +194,13 @@ class SinkholeServer:
     def swap(self, table: Table) -> Table:
         """Serve `table` from the next query on; returns the previous one."""
         old, self.table = self.table, table
-        self.loop_tally.rebase(table.verdicts)  # UDP workers rebase on their next hit
+        if table.epoch is not old.epoch:
+            self.loop_tally.rebase(table.epoch)  # UDP workers rebase on their next hit
         return old
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.addresses)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -301,9 +310,10 @@ class SinkholeServer:
         if hit is not None:  # the hot path: inline, not self._count / self._blocked
             v, off = hit
             st = tally.state
-            if st[0] is not t.verdicts:
-                st = tally.rebase(t.verdicts)
-            st[1][v.index] += 1
+            if st[0] is not t.epoch:
+                st = tally.rebase(t.epoch)
+            h = st[1]
+            h[v] = h.get(v, 0) + 1
             res[v.mode] += 1
             if v.enforce:
                 if v.mode == "drop":
@@ -335,9 +345,10 @@ class SinkholeServer:
     def _count(tally: Tally, t: Table, v: Verdict) -> None:
         """One answer by verdict `v` of table `t`: by mode, and for its orders."""
         st = tally.state
-        if st[0] is not t.verdicts:
-            st = tally.rebase(t.verdicts)
-        st[1][v.index] += 1
+        if st[0] is not t.epoch:
+            st = tally.rebase(t.epoch)
+        h = st[1]
+        h[v] = h.get(v, 0) + 1
         tally.results[v.mode] += 1
 
     def _blocked(self, t: Table, data: bytes, q: wire.Query, off: int, v: Verdict, tcp: bool,

@@ -14,10 +14,25 @@ Precedence (documented in docs/dns.md):
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import heapq
+import io
+import marshal
+import os
 import struct
-from collections.abc import Mapping
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
+from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine
 from blockd.dns import sde, wire
 from blockd.model import DNS_ANSWERS, DomainRule, OrderInfo, RuleSet
 
@@ -57,18 +72,17 @@ class AnswerSettings:
 class Verdict:
     """What to answer for names held by one combination of orders (shared by many names)."""
 
-    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt", "opt_sde",
+    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "text", "opt", "opt_sde",
                  "opt_sde_small", "opt_sde_bare")
 
     def __init__(self, mode: str, order: str | None, orders: frozenset[str], own: frozenset[str], text: str,
-                 ede_code: int, index: int, sde_text: tuple[str, str | None] | None = None) -> None:
+                 ede_code: int, sde_text: tuple[str, str | None] | None = None) -> None:
         self.mode = mode
         self.enforce = mode != "log"
         self.rcode = wire.REFUSED if mode == "refused" else wire.NXDOMAIN if mode == "nxdomain" else wire.NOERROR
         self.order = order
         self.orders = orders
         self.own_orders = own
-        self.index = index
         self.text = text
         ede = wire.ede_option(ede_code, text)
         self.opt = (wire.opt_rr(ede), wire.opt_rr(ede, do=True))  # by the query's DO bit
@@ -82,7 +96,7 @@ class Verdict:
             self.opt_sde_bare = (wire.opt_rr(bare), wire.opt_rr(bare, do=True))
 
 
-def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
+def ede_text(order: str | None, info: OrderInfo | _Info | None, others: int) -> str:
     """The EXTRA-TEXT of a blocked answer (the one place it is built): the order id first, then
     its authority, reference and URL, within `wire.EDE_TEXT_MAX` bytes (cut with a visible mark),
     so a long authority name can never push the order id out."""
@@ -98,19 +112,155 @@ def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
     return wire.cap_text(text)
 
 
+class _Info(NamedTuple):
+    """What of an order a verdict shows (the part of OrderInfo a table file keeps)."""
+
+    authority: str
+    reference: str
+    url: str | None
+    dns_answer: str | None
+
+
+_MISS = object()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection while millions of acyclic objects (keys, specs, rules) are made, and
+    then none of them is ever scanned: they are frozen (gc.freeze) before the collector is back.
+    Otherwise the next collection walks them all with the GIL held: 0.3-1 s at 1M names, a stall
+    of every DNS answer. Frozen objects are still freed by reference counting when dropped."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+_name = itemgetter(0)
+#: slices of a dict copied at a time when the overlay is folded in (the GIL is released between)
+_SLICE = 16384
+
+
+class TableFileError(Exception):
+    """A persisted table that is not served: why (missing, corrupt, stale, unreadable)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _BuiltSpecs:
+    """The (own orders, combined orders) of each verdict index of a built table."""
+
+    __slots__ = ("items", "_blob")
+
+    def __init__(self, items: list[tuple[frozenset[str], frozenset[str]]]) -> None:
+        self.items = items
+        self._blob: tuple[bytes, array] | None = None  # type: ignore[type-arg]
+
+    def blob(self, orders: Mapping[str, OrderInfo]) -> tuple[bytes, array]:  # type: ignore[type-arg]
+        """Every index's spec record, and their offsets: made on the first dump, then reused (an
+        index's orders and what they show do not change while a base lives; a patch shadows
+        the names it touches)."""
+        if self._blob is None:
+            parts = [_spec_bytes(own, comb, orders) for own, comb in self.items]
+            off = array("Q", [0])
+            total = 0
+            for b in parts:
+                total += len(b)
+                off.append(total)
+            self._blob = (b"".join(parts), off)
+        return self._blob
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, i: int) -> tuple[frozenset[str], frozenset[str], Mapping[str, _Info] | None]:
+        own, comb = self.items[i]
+        return own, comb, None
+
+    def own(self, i: int) -> frozenset[str]:
+        return self.items[i][0]
+
+    def raw(self, i: int, orders: Mapping[str, OrderInfo]) -> bytes:
+        own, comb = self.items[i]
+        return _spec_bytes(own, comb, orders)
+
+
+class _FileSpecs:
+    """Verdict specs of a restored table: one marshal record per index in one blob, decoded
+    when an index is first needed (a 1M-name table loads without building 1M verdicts)."""
+
+    __slots__ = ("blob_bytes", "off")
+
+    def __init__(self, blob: bytes, off: array) -> None:  # type: ignore[type-arg]
+        self.blob_bytes = blob
+        self.off = off
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def blob(self, orders: Mapping[str, OrderInfo]) -> tuple[bytes, array]:  # type: ignore[type-arg]
+        return self.blob_bytes, self.off
+
+    def get(self, i: int) -> tuple[frozenset[str], frozenset[str], Mapping[str, _Info] | None]:
+        own, comb, infos = marshal.loads(memoryview(self.blob_bytes)[self.off[i]:self.off[i + 1]])
+        return frozenset(own), frozenset(comb), {oid: _Info(*rest) for oid, *rest in infos}
+
+    def own(self, i: int) -> frozenset[str]:
+        return frozenset(marshal.loads(memoryview(self.blob_bytes)[self.off[i]:self.off[i + 1]])[0])
+
+    def raw(self, i: int, orders: Mapping[str, OrderInfo]) -> bytes:
+        return self.blob_bytes[self.off[i]:self.off[i + 1]]
+
+
+def _spec_bytes(own: frozenset[str], comb: frozenset[str], orders: Mapping[str, OrderInfo | _Info]) -> bytes:
+    if len(comb) == 1 and own == comb:  # the common case (one order per name), without sorting
+        (oid,) = comb
+        i = orders.get(oid)
+        t = (oid,)
+        return marshal.dumps((t, t, ((oid, i.authority, i.reference, i.url, i.dns_answer),) if i is not None else ()))
+    infos = tuple((oid, i.authority, i.reference, i.url, i.dns_answer)
+                  for oid in sorted(comb) if (i := orders.get(oid)) is not None)
+    return marshal.dumps((tuple(sorted(own)), tuple(sorted(comb)), infos))
+
+
 class Table:
-    """Immutable after `build`; the server swaps one reference to change policy atomically."""
+    """The names the sinkhole answers for, immutable once made; the server swaps one reference
+    to change policy atomically (a query sees the old table or the new one, never a mix).
 
-    __slots__ = ("exact", "subtree", "verdicts", "digest", "hits", "answers")
+    `exact` and `subtree` map wire keys to verdict indices; the `Verdict` of an index is made
+    when a query first needs it (`specs`), so building or loading 1M names does not render 1M
+    answers. `patched` makes a new table that shares those (frozen) dicts and carries the names
+    a change touched in two small overlay dicts (key -> Verdict, or None for a name removed);
+    `merged` folds the overlay into new dicts, off the serving path, when it grows large.
+    """
 
-    def __init__(self, exact: dict[bytes, Verdict], subtree: dict[bytes, Verdict], verdicts: list[Verdict],
-                 digest: str, answers: Answers) -> None:
+    __slots__ = ("exact", "subtree", "over_exact", "over_subtree", "verdicts", "specs", "orders", "settings",
+                 "digest", "answers", "epoch", "size", "restored")
+
+    def __init__(self, exact: dict[bytes, int], subtree: dict[bytes, int], verdicts: list[Verdict | None],
+                 specs: _BuiltSpecs | _FileSpecs, orders: Mapping[str, OrderInfo], settings: AnswerSettings,
+                 digest: str, answers: Answers | None = None, over_exact: dict[bytes, Verdict | None] | None = None,
+                 over_subtree: dict[bytes, Verdict | None] | None = None, epoch: object | None = None,
+                 size: int | None = None, restored: bool = False) -> None:
         self.exact = exact
         self.subtree = subtree
+        self.over_exact = over_exact or {}
+        self.over_subtree = over_subtree or {}
         self.verdicts = verdicts
-        self.digest = digest  # of the RuleSet it was built from
-        self.hits = [0] * len(verdicts)  # per-verdict hit counters (the only mutable part)
-        self.answers = answers
+        self.specs = specs
+        self.orders = orders
+        self.settings = settings
+        self.digest = digest  # of the RuleSet (names) it was built from
+        self.answers = answers or Answers(settings)
+        #: tallies count hits per verdict per epoch (a new one on build, load and merge)
+        self.epoch = epoch if epoch is not None else object()
+        self.size = len(exact) + len(subtree) if size is None else size
+        self.restored = restored
 
     @classmethod
     def empty(cls, settings: AnswerSettings | None = None) -> Table:
@@ -118,22 +268,27 @@ class Table:
 
     @classmethod
     def build(cls, rs: RuleSet, settings: AnswerSettings) -> Table:
-        verdicts: list[Verdict] = []
-        cache: dict[tuple[frozenset[str], frozenset[str]], Verdict] = {}
-        orders = rs.orders
+        items: list[tuple[frozenset[str], frozenset[str]]] = []
+        cache: dict[tuple[frozenset[str], frozenset[str]], int] = {}
 
-        def verdict(own: frozenset[str], combined: frozenset[str]) -> Verdict:
-            v = cache.get((own, combined))
+        def verdict(own: frozenset[str], combined: frozenset[str]) -> int:
+            k = (own, combined)
+            v = cache.get(k)
             if v is None:
-                v = _choose(own, combined, orders, settings, len(verdicts))
-                verdicts.append(v)
-                cache[(own, combined)] = v
+                v = cache[k] = len(items)
+                items.append(k)
             return v
 
-        exact: dict[bytes, Verdict] = {}
-        subtree: dict[bytes, Verdict] = {}
+        with gc_paused():
+            exact, subtree = cls._index(rs.domains, verdict)
+        return cls(exact, subtree, [None] * len(items), _BuiltSpecs(items), rs.orders, settings, rs.digest)
+
+    @staticmethod
+    def _index(doms: tuple[DomainRule, ...], verdict: Callable[[frozenset[str], frozenset[str]], int]
+               ) -> tuple[dict[bytes, int], dict[bytes, int]]:
+        exact: dict[bytes, int] = {}
+        subtree: dict[bytes, int] = {}
         to_wire = wire.name_to_wire
-        doms = rs.domains
         n = len(doms)
         i = 0
         while i < n:
@@ -159,18 +314,70 @@ class Table:
                 exact[key] = verdict(ords, ords | s_ords)
                 subtree[key] = verdict(s_ords, s_ords)
             i = j
-        return cls(exact, subtree, verdicts, rs.digest, Answers(settings))
+        return exact, subtree
+
+    # ---- the query path -------------------------------------------------------------------
+    def _verdict(self, i: int) -> Verdict:
+        """The verdict of index `i`, made on first use (idempotent: two threads may both make it)."""
+        own, comb, infos = self.specs.get(i)
+        v = _choose(own, comb, self.orders if infos is None else infos, self.settings)
+        self.verdicts[i] = v
+        return v
+
+    def exact_verdict(self, key: bytes) -> Verdict | None:
+        v = self.over_exact.get(key, _MISS)
+        if v is _MISS:
+            i = self.exact.get(key)
+            return None if i is None else (self.verdicts[i] or self._verdict(i))
+        return v  # type: ignore[return-value]
+
+    def subtree_verdict(self, key: bytes) -> Verdict | None:
+        v = self.over_subtree.get(key, _MISS)
+        if v is _MISS:
+            i = self.subtree.get(key)
+            return None if i is None else (self.verdicts[i] or self._verdict(i))
+        return v  # type: ignore[return-value]
+
+    def holds(self, key: bytes, subtree: bool) -> bool:
+        """Whether an entry for `key` is served (without making its verdict)."""
+        over, base = (self.over_subtree, self.subtree) if subtree else (self.over_exact, self.exact)
+        v = over.get(key, _MISS)
+        return key in base if v is _MISS else v is not None
 
     def lookup(self, q: bytes, labels: list[int]) -> tuple[Verdict, int] | None:
         """`q` is the lowercased wire qname; returns the winning verdict and the label offset of
         the rule name inside q (0 for the name itself), or None if no rule matches."""
+        if self.over_exact or self.over_subtree:
+            return self._lookup_over(q, labels)
         st = self.subtree
-        v = self.exact.get(q) or st.get(q)
+        vs = self.verdicts
+        i = self.exact.get(q)
+        if i is None:
+            i = st.get(q)
+        shadow = None
+        if i is not None:
+            v = vs[i] or self._verdict(i)
+            if v.enforce:
+                return v, 0
+            shadow = (v, 0)
+        for k in labels[1:]:
+            i = st.get(q[k:])
+            if i is not None:
+                v = vs[i] or self._verdict(i)
+                if v.enforce:
+                    return v, k
+                if shadow is None:
+                    shadow = (v, k)
+        return shadow
+
+    def _lookup_over(self, q: bytes, labels: list[int]) -> tuple[Verdict, int] | None:
+        sub = self.subtree_verdict
+        v = self.exact_verdict(q) or sub(q)
         if v is not None and v.enforce:
             return v, 0
         shadow = None if v is None else (v, 0)
         for k in labels[1:]:
-            v = st.get(q[k:])
+            v = sub(q[k:])
             if v is not None:
                 if v.enforce:
                     return v, k
@@ -179,25 +386,319 @@ class Table:
         return shadow
 
     def __len__(self) -> int:
-        return len(self.exact) + len(self.subtree)
+        return self.size
+
+    # ---- change -----------------------------------------------------------------------------
+    def patched(self, rs: RuleSet, names: Iterable[str]) -> Table:
+        """This table with the entries of `names` made again from `rs` (the rule set this table
+        was built from, changed only in the rules of `names`): O(k log N), the base dicts shared."""
+        doms = rs.domains
+        n = len(doms)
+        oe, os_ = dict(self.over_exact), dict(self.over_subtree)
+        size = self.size
+        cache: dict[tuple[frozenset[str], frozenset[str]], Verdict] = {}
+        orders, settings = rs.orders, self.settings
+
+        def verdict(own: frozenset[str], combined: frozenset[str]) -> Verdict:
+            v = cache.get((own, combined))
+            if v is None:
+                v = cache[(own, combined)] = _choose(own, combined, orders, settings)
+            return v
+
+        for name in names:
+            e_ords: frozenset[str] | None = None
+            s_ords: frozenset[str] | None = None
+            i = bisect_left(doms, name, key=_name)
+            while i < n and doms[i][0] == name:
+                r = doms[i]
+                if r[1]:
+                    s_ords = r[2] if s_ords is None else s_ords | r[2]
+                else:
+                    e_ords = r[2] if e_ords is None else e_ords | r[2]
+                i += 1
+            key = wire.name_to_wire(name)
+            ev = None if e_ords is None else verdict(e_ords, e_ords if s_ords is None else e_ords | s_ords)
+            sv = None if s_ords is None else verdict(s_ords, s_ords)
+            size += _put(oe, self.exact, key, ev, self.holds(key, False))
+            size += _put(os_, self.subtree, key, sv, self.holds(key, True))
+        return Table(self.exact, self.subtree, self.verdicts, self.specs, orders, settings, rs.digest, self.answers,
+                     oe, os_, self.epoch, size, self.restored)
+
+    @property
+    def overlay(self) -> int:
+        return len(self.over_exact) + len(self.over_subtree)
+
+    def merged(self) -> Table:
+        """The same table with the overlay folded into new base dicts. Meant for a worker thread:
+        the dicts are copied a slice at a time, so the serving thread waits for the GIL at most
+        one slice (well under a millisecond), never for a whole 1M-entry copy."""
+        if not self.overlay:
+            return self
+        vs = list(self.verdicts)
+        with gc_paused():
+            exact, subtree = _copy(self.exact), _copy(self.subtree)
+        for over, base in ((self.over_exact, exact), (self.over_subtree, subtree)):
+            for key, v in over.items():
+                old = base.pop(key, None)
+                if old is not None and old >= len(self.specs):
+                    vs[old] = None  # a verdict a merge appended for this key alone: free it
+                if v is not None:
+                    base[key] = len(vs)
+                    vs.append(v)
+        return Table(exact, subtree, vs, self.specs, self.orders, self.settings, self.digest, self.answers,
+                     size=self.size, restored=self.restored)
+
+    # ---- read-back --------------------------------------------------------------------------
+    def _own(self, i: int) -> frozenset[str]:
+        v = self.verdicts[i]
+        return v.own_orders if v is not None else self.specs.own(i)
+
+    def entries(self, subtree: bool) -> Iterator[tuple[bytes, frozenset[str]]]:
+        """(wire key, own orders) of every entry served, exact or subtree."""
+        base, over = (self.subtree, self.over_subtree) if subtree else (self.exact, self.over_exact)
+        own = self._own
+        for key, i in base.items():
+            if key not in over:
+                yield key, own(i)
+        for key, v in over.items():
+            if v is not None:
+                yield key, v.own_orders
 
     def to_ruleset(self) -> RuleSet:
-        """The RuleSet this table serves (names from the keys, order ids from the verdicts)."""
+        """The RuleSet this table serves (names from the keys, order ids from the verdicts).
+
+        Sorted in slices merged lazily, and digested from the sorted rules: no single C call
+        over all N rules (a 1M-element sort holds the GIL, and the serving thread, for a second)."""
         name = wire.wire_to_name
-        doms = [DomainRule(name(k), False, v.own_orders) for k, v in self.exact.items()]
-        doms += [DomainRule(name(k), True, v.own_orders) for k, v in self.subtree.items()]
-        return RuleSet.build(doms)
+        with gc_paused():
+            doms = [DomainRule(name(k), False, o) for k, o in self.entries(False)]
+            doms += [DomainRule(name(k), True, o) for k, o in self.entries(True)]
+            runs = [sorted(doms[i:i + _SLICE]) for i in range(0, len(doms), _SLICE)]
+            ordered = tuple(heapq.merge(*runs)) if len(runs) > 1 else tuple(runs[0] if runs else ())
+            e = PartDigest.of(NAMES_EXACT, [r[0] for r in ordered if not r[1]])
+            s = PartDigest.of(NAMES_SUBTREE, [r[0] for r in ordered if r[1]])
+        parts = (e, s, EMPTY[ADDR4], EMPTY[ADDR6])
+        return RuleSet(ordered, (), (), MappingProxyType({}), combine(*parts), parts)
 
-    def order_hits(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for v, h in zip(self.verdicts, self.hits):
-            if h and v.order is not None:
-                out[v.order] = out.get(v.order, 0) + h
-        return out
+    def serves_exactly(self, rs: RuleSet) -> bool:
+        """Whether this table holds exactly the names of `rs` (each exact and subtree rule, with
+        its own orders) and nothing else: a full read-back by lookups, cheaper than decoding
+        every key (`name_parts`). True means the table's digest is `rs`'s names digest."""
+        to_wire = wire.name_to_wire
+        own = self._own
+        seen = [0, 0]
+        with gc_paused():
+            doms = rs.domains
+            n = len(doms)
+            i = 0
+            while i < n:
+                name, sub, ords = doms[i]
+                j = i + 1
+                while j < n and doms[j][0] == name and doms[j][1] == sub:  # duplicates: merged
+                    ords = ords | doms[j][2]
+                    j += 1
+                i = j
+                key = to_wire(name)
+                over, base = (self.over_subtree, self.subtree) if sub else (self.over_exact, self.exact)
+                v = over.get(key, _MISS)
+                if v is _MISS:
+                    k = base.get(key)
+                    if k is None or own(k) != ords:
+                        return False
+                elif v is None or v.own_orders != ords:  # type: ignore[union-attr]
+                    return False
+                seen[sub] += 1
+        held_e = sum(1 for _ in self.entries(False)) if self.over_exact else len(self.exact)
+        held_s = sum(1 for _ in self.entries(True)) if self.over_subtree else len(self.subtree)
+        return seen == [held_e, held_s]
+
+    def name_parts(self) -> tuple[PartDigest, PartDigest]:
+        """The digests of the exact and subtree names served (a full read-back, without
+        building a RuleSet: no sort of N rules)."""
+        name = wire.wire_to_name
+        with gc_paused():
+            return (PartDigest.of(NAMES_EXACT, [name(k) for k, _ in self.entries(False)]),
+                    PartDigest.of(NAMES_SUBTREE, [name(k) for k, _ in self.entries(True)]))
+
+    # ---- persistence ------------------------------------------------------------------------
+    def dump(self, path: Path, meta: Mapping[str, object]) -> int:
+        """Write this table to `path` atomically (temp file, fsync, rename, fsync of the
+        directory); returns the bytes written. Format: MAGIC, SHA-256 of the rest, then marshal
+        records: (format, meta, counts), the exact keys in slices, their spec indices (uint32),
+        the same for subtree keys, the spec blob and its offsets (uint64).
+
+        Spec indices are the base's own (its spec blob is made once per base and reused, a
+        loaded table's is the file's), so a dump after a small change is mostly C-level copies;
+        the overlay's verdicts and those a merge appended get specs after them."""
+        out = io.BytesIO()
+        with gc_paused():
+            base_blob, base_off = self.specs.blob(self.orders)
+            extra: list[bytes] = []
+            nspec = len(self.specs)
+            appended: dict[int, int] = {}
+            sections: list[tuple[list[bytes], array]] = []  # type: ignore[type-arg]
+            for base, over in ((self.exact, self.over_exact), (self.subtree, self.over_subtree)):
+                if over:
+                    keys = [k for k in base if k not in over]
+                    idx = array("I", [base[k] for k in keys])
+                else:
+                    keys, idx = list(base), array("I", base.values())
+                if len(self.verdicts) > nspec:  # verdicts a merge appended: specs of their own
+                    for j, i in enumerate(idx):
+                        if i >= nspec:
+                            if i not in appended:
+                                v = self.verdicts[i]
+                                assert v is not None
+                                appended[i] = nspec + len(extra)
+                                extra.append(_spec_bytes(v.own_orders, v.orders, self.orders))
+                            idx[j] = appended[i]
+                for k, v in over.items():
+                    if v is not None:
+                        keys.append(k)
+                        idx.append(nspec + len(extra))
+                        extra.append(_spec_bytes(v.own_orders, v.orders, self.orders))
+                sections.append((keys, idx))
+            off = array("Q", base_off)
+            total = off[-1]
+            for x in extra:
+                total += len(x)
+                off.append(total)
+            _record(out, (TABLE_FORMAT, dict(meta), len(sections[0][0]), len(sections[1][0])))
+            for keys, idx in sections:
+                # in slices: one marshal call of 1M keys would hold the GIL for a long while
+                for i in range(0, len(keys), _SLICE):
+                    _record(out, keys[i:i + _SLICE])
+                _record(out, idx.tobytes())
+            _record(out, base_blob + b"".join(extra) if extra else base_blob)
+            _record(out, off.tobytes())
+        payload = out.getbuffer()
+        data = TABLE_MAGIC + hashlib.sha256(payload).digest() + payload
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return len(data)
+
+    @classmethod
+    def load(cls, path: Path, settings: AnswerSettings) -> tuple[Table, dict[str, object]]:
+        """The table written by `dump`, and its meta; TableFileError (with the reason) if it is
+        missing, unreadable, not a table file, or does not match its own checksum."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise TableFileError("missing", f"{path} does not exist") from None
+        except OSError as e:
+            raise TableFileError("unreadable", f"{path}: {e.strerror or e}") from None
+        head = len(TABLE_MAGIC)
+        if data[:head] != TABLE_MAGIC:
+            raise TableFileError("corrupt", f"{path}: not a blockd table file (magic {data[:head]!r})")
+        payload = memoryview(data)[head + 32:]
+        if hashlib.sha256(payload).digest() != data[head:head + 32]:
+            raise TableFileError("corrupt", f"{path}: checksum mismatch ({len(data)} bytes)")
+        try:
+            src = _Records(payload)
+            fmt, meta, n_e, n_s = src.next()
+            if fmt != TABLE_FORMAT:
+                raise TableFileError("corrupt", f"{path}: format {fmt!r}, this blockd reads {TABLE_FORMAT}")
+            with gc_paused():
+                ekeys, eidx = _read_keys(src, n_e)
+                skeys, sidx = _read_keys(src, n_s)
+            blob = src.next()
+            e_i, s_i, off = array("I"), array("I"), array("Q")
+            e_i.frombytes(eidx)
+            s_i.frombytes(sidx)
+            off.frombytes(src.next())
+            nspec = len(off) - 1
+            if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0 or not isinstance(blob, bytes)
+                    or max(e_i, default=0) >= max(nspec, 1) or max(s_i, default=0) >= max(nspec, 1)
+                    or off[-1] != len(blob) or not isinstance(meta, dict)):
+                raise TableFileError("corrupt", f"{path}: inconsistent sections")
+        except (ValueError, TypeError, EOFError, IndexError) as e:
+            raise TableFileError("corrupt", f"{path}: {e}") from None
+        with gc_paused():
+            exact, subtree = dict(zip(ekeys, e_i)), dict(zip(skeys, s_i))
+        t = cls(exact, subtree, [None] * nspec, _FileSpecs(blob, off), {}, settings,
+                str(meta.get("digest", "")), restored=True)
+        return t, meta
+
+    def order_hits(self) -> dict[str, int]:  # kept for callers of the old interface: no hits here
+        return {}
 
 
-def _choose(own: frozenset[str], combined: frozenset[str], orders: Mapping[str, OrderInfo],
-            s: AnswerSettings, index: int) -> Verdict:
+TABLE_MAGIC = b"BLOCKD-DNS-TABLE\n"
+TABLE_FORMAT = 1
+
+
+def _put(over: dict[bytes, Verdict | None], base: dict[bytes, int], key: bytes, v: Verdict | None,
+         before: bool) -> int:
+    """Set `key` to `v` in the overlay `over`; returns the change in entries served."""
+    if v is None and key not in base:
+        over.pop(key, None)
+    else:
+        over[key] = v
+    return (v is not None) - before
+
+
+_LEN8 = struct.Struct("<Q")
+
+
+def _record(out: io.BytesIO, obj: object) -> None:
+    """One length-prefixed marshal record (marshal.load on a file reads in small pieces: slow)."""
+    data = marshal.dumps(obj)
+    out.write(_LEN8.pack(len(data)))
+    out.write(data)
+
+
+class _Records:
+    """Reads `_record`s back from a buffer, one `marshal.loads` of a slice each."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def next(self) -> object:
+        p = self.pos
+        if p + 8 > len(self.buf):
+            raise EOFError("the file ends early")
+        (n,) = _LEN8.unpack_from(self.buf, p)
+        if p + 8 + n > len(self.buf):
+            raise EOFError("a record runs past the end of the file")
+        self.pos = p + 8 + n
+        return marshal.loads(self.buf[p + 8:p + 8 + n])
+
+
+def _read_keys(src: _Records, n: int) -> tuple[list[bytes], bytes]:
+    keys: list[bytes] = []
+    while len(keys) < n:
+        chunk = src.next()
+        if not isinstance(chunk, list) or not chunk:
+            raise ValueError("a key section is short")
+        keys += chunk
+    return keys, src.next()  # type: ignore[return-value]
+
+
+def _copy(d: dict[bytes, int]) -> dict[bytes, int]:
+    out: dict[bytes, int] = {}
+    it = iter(d.items())
+    while chunk := list(islice(it, _SLICE)):
+        out.update(chunk)
+    return out
+
+
+def _choose(own: frozenset[str], combined: frozenset[str], orders: Mapping[str, OrderInfo | _Info],
+            s: AnswerSettings) -> Verdict:
     best: tuple[int, str] | None = None
     for oid in combined:
         info = orders.get(oid)
@@ -209,12 +710,15 @@ def _choose(own: frozenset[str], combined: frozenset[str], orders: Mapping[str, 
         mode = s.override_answer or s.default_answer
         order = None
     else:
-        mode, order = next(m for m, r in MODE_RANK.items() if r == best[0]), best[1]
+        mode, order = _MODES[best[0]], best[1]
     text = ede_text(order, orders.get(order) if order else None, max(len(combined) - 1, 0))
     structured = None if s.sde_option_code is None else (
         sde.extra_text(text, s.sde_organization, s.sde_contact, s.sde_sub_error, s.sde_language, s.ede_code),
         sde.compact_text(s.sde_contact, s.sde_sub_error, s.ede_code))
-    return Verdict(mode, order, combined, own, text, s.ede_code, index, structured)
+    return Verdict(mode, order, combined, own, text, s.ede_code, structured)
+
+
+_MODES = tuple(MODE_RANK)
 
 
 _SOA_COUNTS = struct.Struct("!HHHH")

@@ -89,8 +89,8 @@ def test_readback_digest_equals_compiled() -> None:
 
 def test_ede_text_names_authority_and_others() -> None:
     t = Table.build(RS, AnswerSettings())
-    v = t.exact[wire.name_to_wire("multi.example")] if wire.name_to_wire("multi.example") in t.exact else \
-        t.subtree[wire.name_to_wire("multi.example")]
+    v = t.exact_verdict(wire.name_to_wire("multi.example")) or \
+        t.subtree_verdict(wire.name_to_wire("multi.example"))
     assert v.text == "Blocked by order a1; +2 more order(s)"  # a1 has no OrderInfo here
 
 
