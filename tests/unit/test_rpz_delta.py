@@ -123,11 +123,27 @@ def apply_ixfr(held: frozenset[str], rrs: list[tuple[str, str]]) -> tuple[int, f
     return int(rrs[0][1].split()[1]), frozenset(cur)
 
 
+def check_ixfr(srv: RpzServer, history: dict[str, dict[int, frozenset[str]]], every: bool) -> None:
+    """IXFR from the serial before the current one (`every`: from every serial the journal keeps),
+    applied to that version as it was served, gives the version served now."""
+    for z in srv.zones.values():
+        v = z.version
+        assert v is not None
+        origin = z.settings.origin
+        for d in (z.journal.deltas if every else list(z.journal.deltas)[-1:]):
+            if z.journal.path(d.old, v.serial) is None:
+                continue
+            kind, rrs = transfer(srv, origin, d.old)
+            assert kind == "ixfr"
+            serial, owners = apply_ixfr(history[origin][d.old], rrs)
+            assert (serial, owners) == (v.serial, v.owners)
+
+
 LAYOUTS = [("one", False), ("one", True), ("authority", False), ("authority", True), ("order", True)]
 
 
 @pytest.mark.parametrize("layout, ip", LAYOUTS)
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_delta_equals_full_render(layout: str, ip: bool, seed: int) -> None:
     s = rpz.RpzSettings(layout=layout, ip_triggers=ip, journal_versions=8)
     world = World(seed)
@@ -166,19 +182,9 @@ def test_delta_equals_full_render(layout: str, ip: bool, seed: int) -> None:
             if enf.last_path == "delta":
                 assert a.readback_scope == "touched" or a.added + a.removed == 0
             remember()
-            # IXFR from every serial the journal keeps gives the version served now
-            for z in srv.zones.values():
-                v = z.version
-                assert v is not None
-                origin = z.settings.origin
-                for d in z.journal.deltas:
-                    kind, rrs = transfer(srv, origin, d.old)
-                    if z.journal.path(d.old, v.serial) is None:
-                        continue
-                    assert kind == "ixfr"
-                    serial, owners = apply_ixfr(history[origin][d.old], rrs)
-                    assert (serial, owners) == (v.serial, v.owners)
+            check_ixfr(srv, history, every=False)
             cur = new
+        check_ixfr(srv, history, every=True)
         assert paths.count("delta") >= 20, paths  # the full path is the exception (renames, overflow)
         await enf.aclose()
 
