@@ -14,6 +14,7 @@ owner-set differences between consecutive versions for IXFR (RFC 1995).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import struct
@@ -376,6 +377,9 @@ def chunk(rrs: Iterable[bytes]) -> list[tuple[int, bytes]]:
     return out
 
 
+_UIDS = itertools.count(1)
+
+
 class ZoneVersion:
     """One served version of the zone: serial + the owner names it holds. Immutable in content.
 
@@ -395,6 +399,7 @@ class ZoneVersion:
         self.ruleset = ruleset
         self.soa = soa_rr(settings, serial)
         self._axfr: list[tuple[int, bytes]] | None = None
+        self.uid = next(_UIDS)  # unique for the process's life (an id() is reused once freed)
 
     @classmethod
     def next(cls, prev: ZoneVersion, settings: RpzSettings, serial: int, deleted: Iterable[str],

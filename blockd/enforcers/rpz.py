@@ -432,7 +432,7 @@ class RpzEnforcer:
         versions = tuple(z.version for z in self.server.zones.values() if z.version is not None)
         if not versions:
             return RuleSet.empty()
-        if self._served is None or self._served[0] != tuple(id(v) for v in versions):
+        if self._served is None or self._served[0] != tuple(v.uid for v in versions):
             view = self._view
 
             def read() -> RuleSet:
@@ -444,7 +444,7 @@ class RpzEnforcer:
 
             rs = await asyncio.to_thread(read)
             self._full_at = datetime.now(timezone.utc)
-            self._served = (tuple(id(v) for v in versions), rs, self._full_at)
+            self._served = (tuple(v.uid for v in versions), rs, self._full_at)
             if view is not None and view is self._view and rs.digest != view.share_digest:
                 self._base = None  # the zones do not hold what the delta path would start from
         return self._served[1]
