@@ -247,15 +247,14 @@ def ip_owners(rs: RuleSet) -> Iterator[str]:
 
 def ip_trigger(version: int, net: int, plen: int) -> str:
     """`10.1.0.0/16` -> `16.0.0.1.10.rpz-ip`; `2001:db8::/32` -> `32.zz.db8.2001.rpz-ip`."""
-    if version == 4:
-        parts = str(ipaddress.IPv4Address(net)).split(".")
+    if version == 4:  # integer arithmetic: ipaddress costs ~10 us a call, 2M calls at 1M prefixes
+        return f"{plen}.{net & 255}.{(net >> 8) & 255}.{(net >> 16) & 255}.{net >> 24}.rpz-ip"
+    text = ipaddress.IPv6Address(net).compressed
+    if "::" in text:
+        left, right = text.split("::")
+        parts = (left.split(":") if left else []) + ["zz"] + (right.split(":") if right else [])
     else:
-        text = ipaddress.IPv6Address(net).compressed
-        if "::" in text:
-            left, right = text.split("::")
-            parts = (left.split(":") if left else []) + ["zz"] + (right.split(":") if right else [])
-        else:
-            parts = text.split(":")
+        parts = text.split(":")
     return f"{plen}." + ".".join(reversed(parts)) + ".rpz-ip"
 
 
@@ -264,7 +263,8 @@ def parse_ip_trigger(owner: str) -> tuple[int, int, int]:
     labels = owner.split(".")[:-1]
     plen, parts = int(labels[0]), list(reversed(labels[1:]))
     if len(parts) == 4 and "zz" not in parts:
-        version, net = 4, int(ipaddress.IPv4Address(".".join(parts)))
+        a, b, c, d = map(int, parts)
+        version, net = 4, (a << 24) | (b << 16) | (c << 8) | d
     else:
         if "zz" in parts:
             i = parts.index("zz")
