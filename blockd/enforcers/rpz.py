@@ -89,11 +89,6 @@ def _view(s: rpz.RpzSettings, desired: RuleSet, exact: PartDigest | None = None,
     return _View(desired.digest, want, exact, twins, digest)
 
 
-def _shown(rs: RuleSet, name: str) -> bool:
-    """Whether `name` counts in the exact part of what a zone holding `rs` shows."""
-    return rpz.holds(rs, name, False) and not rpz.holds(rs, name, True)
-
-
 class RpzEnforcer:
     def __init__(self, server: RpzServer, name: str = "rpz") -> None:
         self.name = name
@@ -202,13 +197,14 @@ class RpzEnforcer:
         old, want = view.want, desired.share(names=True, addresses=self.server.settings.ip_triggers)
         gone, came, twins = [], [], view.twins
         for name in {n for n, _ in (*plan.add_domains, *plan.del_domains)}:
-            before, after = _shown(old, name), _shown(want, name)
+            e0, s0 = rpz.holds(old, name, False), rpz.holds(old, name, True)
+            e1, s1 = rpz.holds(want, name, False), rpz.holds(want, name, True)
+            before, after = e0 and not s0, e1 and not s1  # counted as an exact name by the zone
             if before and not after:
                 gone.append(name)
             elif after and not before:
                 came.append(name)
-            twins += (rpz.holds(want, name, False) and rpz.holds(want, name, True)) - \
-                (rpz.holds(old, name, False) and rpz.holds(old, name, True))
+            twins += (e1 and s1) - (e0 and s0)
         return _view(self.server.settings, desired, view.exact.patched(gone, came), twins)
 
     def _split(self, desired: RuleSet, rem: RuleDelta, add: RuleDelta,
