@@ -135,7 +135,7 @@ def config(work: Path, port: int, notify: int, metrics: int) -> None:
     (work / "policies").mkdir()
     (work / "blockd.yaml").write_text(
         f"trust_store: {trust}\npolicy_dir: {work / 'policies'}\ncatalog_dir: {p / 'catalog'}\n"
-        f"prefix_table: {p / 'asn/prefix2as.txt'}\nstate_dir: {work / 'state'}\n"
+        f"prefix_table: {p / 'asn/prefix2as.txt'}\nstate_dir: {work / 'state'}\nmax_policy_bytes: {1 << 30}\n"
         "enforcers:\n  rpz:\n"
         f"    zone: {ZONE}\n    listen: [\"127.0.0.1:{port}\"]\n    notify: [\"127.0.0.1:{notify}\"]\n"
         f"    ip_triggers: true\n    state_file: {work / 'rpz.state'}\n    renotify_s: 5\n"
@@ -290,6 +290,8 @@ def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, ob
         res["generate_s"] = time.monotonic() - t
         del text
         res["cold_start_s"] = d.launch()
+        if '"policy_rejected"' in d.log.read_text():
+            raise RuntimeError(f"N={n}: blockd refused a bench policy:\n{d.log.read_text()[-2000:]}")
         res["rss_mib"], res["hwm_mib"] = d.rss_mib()
         probe = next(x for x in names if x.endswith(".com"))
         ub = work / "unbound"
