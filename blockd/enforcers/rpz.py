@@ -150,7 +150,7 @@ class RpzEnforcer:
             try:
                 steps = await asyncio.to_thread(self._steps, desired, change)
             except ValueError as e:  # the delta does not fit what is held: nothing was changed
-                log.info("rpz_delta_does_not_fit", enforcer=self.name, error=str(e))
+                log.debug("rpz_delta_does_not_fit", enforcer=self.name, error=str(e))
                 steps = None
             if steps is not None:
                 applied = await self._commit_delta(desired, change, *steps, t0)
@@ -395,6 +395,9 @@ class RpzEnforcer:
         served = await self.readback()
         self._ip_counts = {4: served.counts()["ipv4_ranges"], 6: served.counts()["ipv6_ranges"]}
         at = self._full_at or datetime.now(timezone.utc)
+        log.info("ruleset_applied", enforcer=self.name, added=added, removed=removed, path="full",
+                 zones=sum(1 for *_, new in changes if new), readback="full",
+                 in_sync=served.digest == view.share_digest, duration_s=round(time.perf_counter() - t0, 4))
         return Applied(enforcer=self.name, digest=served.digest, desired_digest=view.share_digest, added=added,
                        removed=removed, duration_s=time.perf_counter() - t0, counts=served.counts(),
                        readback_at=at, full_readback_at=at)
