@@ -357,10 +357,106 @@ def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, ob
     return res
 
 
-def report(results: list[dict[str, object]], ks: list[int], changes: int, with_ref: bool) -> None:
-    print(f"\n## RPZ primary at registry scale ({os.cpu_count()} cores; {changes} changes per k; seconds)\n")
-    print("| N names + N prefixes | cold start (READY) | daemon RSS after start (peak) MiB | RSS after the changes "
-          "MiB | first AXFR to Unbound | reference: BIND -> Unbound AXFR |")
+def measure_inprocess(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, object]:
+    """The RPZ enforcer and primary alone, in this process: the clock runs from `apply(desired,
+    change)` (the Change made as the daemon's merge makes it, `RuleSet.patched`, before the clock)
+    until Unbound answers NXDOMAIN; the reference is the same as with the daemon."""
+    from blockd.dns.rpz import RpzSettings
+    from blockd.dns.rpzserver import RpzServer
+    from blockd.enforcers.rpz import RpzEnforcer
+    from blockd.model import Change, DomainRule, NetRule, RuleDelta, RuleSet
+
+    work = Path(tempfile.mkdtemp(prefix=f"blockd-rpz-inproc-{n}-"))
+    ports = {k: resolvers.free_port() for k in ("unbound", "bind", "ref_unbound")}
+    res: dict[str, object] = {"n": n}
+    lt = LoopThread()
+    up = Upstream("com")
+    lt.run(up.start())
+    procs: list[subprocess.Popen[bytes]] = []
+    srv = RpzServer(RpzSettings(listen=(("127.0.0.1", 0),), notify=(("127.0.0.1", ports["unbound"]),),
+                                ip_triggers=True, renotify_s=0))
+
+    def ticket_rules(serial: int, k: int) -> tuple[RuleDelta, list[str], list[str]]:
+        _, nm, ip = ticket(serial, k)
+        o = frozenset({f"ticket-{serial}"})
+        addrs = [TICKET_BASE + serial * 2048 + i for i in range(k)]
+        nets = [NetRule(a, a, o) for a in addrs]  # adjacent /32s: patched merges them as compile does
+        return RuleDelta(tuple(sorted(DomainRule(x, False, o) for x in nm)), tuple(nets)), nm, ip
+
+    try:
+        lt.run(srv.start())
+        enf = RpzEnforcer(srv)
+        _, names, ip_owners = registry(n)
+        tk, t_names, t_ip = ticket_rules(1, ks[0])
+        doms = [DomainRule(x, False, frozenset({f"d{i}"})) for i, x in enumerate(names)]
+        nets = [NetRule(0x10000000 + i * 512, 0x10000000 + i * 512 + (255 if i % 5 == 0 else 0), frozenset({f"d{i}"}))
+                for i in range(n)]
+        cur = RuleSet.build([*doms, *tk.domains], [*nets, *tk.v4])
+        del doms, nets
+        t = time.monotonic()
+        lt.run(enf.apply(cur), timeout=DEADLINE_S)
+        res["cold_start_s"] = time.monotonic() - t
+        res["rss_mib"] = res["hwm_mib"] = float(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+        probe = next(x for x in names if x.endswith(".com"))
+        ub = work / "unbound"
+        conf = resolvers.unbound_conf(ub, ("127.0.0.1", ports["unbound"]), up.port, primary=srv.addresses[0])
+        procs.append(resolvers.start("unbound", ub, conf))
+        res["unbound_axfr_s"] = wait_until(lambda: blocked(ports["unbound"], [probe, t_names[0]]), "Unbound AXFR")
+        ref_port = ports["ref_unbound"]
+        if with_ref:
+            bd = work / "bind"
+            bd.mkdir()
+            ref_zone(bd / "rpz.zone", names + ip_owners + t_names + t_ip)
+            procs.append(resolvers.start("named", bd, bind_conf(bd, ports["bind"], bd / "rpz.zone", ref_port)))
+            rd = work / "ref-unbound"
+            conf = resolvers.unbound_conf(rd, ("127.0.0.1", ref_port), up.port, primary=("127.0.0.1", ports["bind"]))
+            procs.append(resolvers.start("unbound", rd, conf))
+            res["ref_axfr_s"] = wait_until(lambda: blocked(ref_port, [probe, t_names[0]]), "reference Unbound AXFR")
+        del names, ip_owners
+        prev, prev_names, prev_ip = tk, t_names, t_ip
+        serial, x0 = 2, dict(srv.stats)
+        got: dict[int, dict[str, list[float]]] = {}
+        ins: dict[int, list[dict[str, float]]] = {}
+        for k in ks:
+            got[k], ins[k] = {"blockd": [], "ref": []}, []
+            for _ in range(changes):
+                new_rules, new_names, new_ip = ticket_rules(serial, k)
+                desired, plan = cur.patched(prev, new_rules)  # what the daemon's merge hands over
+                change = Change(cur.digest, plan, prev, new_rules)
+                probes = [new_names[0], new_names[-1]]
+                t0 = time.monotonic()
+                a = lt.run(enf.apply(desired, change), timeout=DEADLINE_S)
+                got[k]["blockd"].append(time.monotonic() - t0 + wait_until(lambda: blocked(ports["unbound"], probes),
+                                                                            f"N={n} k={k} blockd"))
+                ins[k].append({"apply": a.duration_s, "delta": float(enf.last_path == "delta"), "pass": a.duration_s})
+                if with_ref:
+                    t0 = time.monotonic()
+                    ref_update(ports["bind"], prev_names + prev_ip, new_names + new_ip)
+                    wait_until(lambda: blocked(ref_port, probes), f"N={n} k={k} reference")
+                    got[k]["ref"].append(time.monotonic() - t0)
+                cur, prev, prev_names, prev_ip, serial = desired, new_rules, new_names, new_ip, serial + 1
+            print(f"  N={n:,} k={k}: blockd {[round(x, 3) for x in got[k]['blockd']]} p50 "
+                  f"{pct(got[k]['blockd'], 0.5):.3f} s, reference p50 {pct(got[k]['ref'], 0.5):.3f} s", flush=True)
+        res["transfers"] = {key: srv.stats[key] - x0[key] for key in ("axfr", "ixfr", "ixfr_as_axfr")}
+        res["changes"], res["inside"] = got, ins
+        res["after_rss_mib"] = float(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+        res["first_change_s"] = res["first_pass_s"] = float("nan")
+    finally:
+        for p in procs:
+            resolvers.stop(p, timeout=60)
+        lt.run(srv.aclose())
+        lt.run(up.aclose())
+        lt.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def report(results: list[dict[str, object]], ks: list[int], changes: int, with_ref: bool, inprocess: bool = False) -> None:
+    who = "in-process enforcer + primary" if inprocess else "the daemon"
+    print(f"\n## RPZ primary at registry scale, {who} ({os.cpu_count()} cores; {changes} changes per k; seconds)\n")
+    start = "first full apply" if inprocess else "cold start (READY)"
+    print(f"| N names + N prefixes | {start} | {'process' if inprocess else 'daemon'} RSS after start (peak) MiB | "
+          "RSS after the changes MiB | first AXFR to Unbound | reference: BIND -> Unbound AXFR |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['n']:,} | {r['cold_start_s']:.1f} | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) | "
@@ -368,9 +464,12 @@ def report(results: list[dict[str, object]], ks: list[int], changes: int, with_r
               + (f"{r['ref_axfr_s']:.1f}" if with_ref else "-") + " |")
     print()
     for r in results:
+        if inprocess:
+            break
         print(f"- N={r['n']:,}: the first change after the start (not counted below): {r['first_change_s']:.2f} s "
               f"to Unbound, pass {r['first_pass_s']:.2f} s")
-    print("\n| N | k | blockd: file -> Unbound NXDOMAIN p50 / p99 | reference: UPDATE -> Unbound NXDOMAIN p50 / p99 "
+    clock = "apply -> Unbound NXDOMAIN" if inprocess else "file -> Unbound NXDOMAIN"
+    print(f"\n| N | k | blockd: {clock} p50 / p99 | reference: UPDATE -> Unbound NXDOMAIN p50 / p99 "
           "| blockd / reference (p50) | blockd pass p50 | rpz apply p50 / max | delta path |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -407,6 +506,8 @@ def main() -> None:
     ap.add_argument("--ks", default="1,10,1000")
     ap.add_argument("--no-ref", action="store_true", help="without the BIND -> Unbound reference")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--inprocess", action="store_true",
+                    help="the RPZ enforcer + primary in this process (clock from apply), no daemon")
     args = ap.parse_args()
     for tool in (resolvers.UNBOUND, resolvers.NAMED):
         if not os.path.exists(tool):
@@ -415,10 +516,10 @@ def main() -> None:
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
         print(f"N = {n:,} ...", flush=True)
-        results.append(measure(n, ks, args.changes, not args.no_ref))
+        results.append((measure_inprocess if args.inprocess else measure)(n, ks, args.changes, not args.no_ref))
         if args.json:  # after each N: a long run that dies later keeps what it measured
             args.json.write_text(json.dumps(results, indent=1, default=str))
-    report(results, ks, args.changes, not args.no_ref)
+    report(results, ks, args.changes, not args.no_ref, args.inprocess)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
