@@ -8,8 +8,9 @@ Per N, on 127.0.0.1 (no namespace: nothing but DNS on loopback ports is used):
     blockd      `blockd run`, the rpz enforcer only (layout one, ip_triggers on), NOTIFY to:
     unbound     Unbound 1.17 (Debian), `rpz: primary:` blockd, forwarding all else to a local
                 upstream that answers every .com name (so NXDOMAIN can only come from the RPZ)
-    registry    N decisions, one order each: a name and a prefix (80 % /32, 20 % /24, none
-                adjacent, so each is one IP trigger): 2N triggers in the zone
+    registry    N decisions of a name and a prefix (80 % /32, 20 % /24, none adjacent, so
+                each is one IP trigger), 100 decisions an order (a file of one order per
+                decision would pass the policy reader's 64 MB at 1M): 2N triggers in the zone
     change (k)  a new serial of the tickets issuer's file, whose one order replaces k names and k
                 /32s with k new ones (2k rules removed, 2k added: 4k owners change); clock from the
                 file's rename until Unbound answers NXDOMAIN for the first and the last new name
@@ -67,6 +68,9 @@ TLDS = ["com", "ru", "net", "org", "info", "xyz", "online", "site", "top", "biz"
 TICKET_BASE = 0x64400000  # 100.64.0.0: no registry prefix lives there
 DEADLINE_S = 900.0  # a generous bound on any one wait: a loaded machine is slow, not wrong
 ZONE = "rpz.blockd."
+#: decisions per registry order: one per decision makes 170 bytes each, and a 1M-decision file
+#: would pass the YAML reader's 64 MB limit; 100 per order keeps it at ~42 MB
+PER_ORDER = 100
 
 
 def wait_until(ready: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> float:
@@ -108,10 +112,14 @@ def registry(n: int, seed: int = 1) -> tuple[str, list[str], list[str]]:
         names.add(f"{rng.getrandbits(40):010x}.{TLDS[len(names) % len(TLDS)]}")
     ordered = sorted(names)
     rng.shuffle(ordered)
-    orders, owners = [], []
+    orders: list[tuple[str, list[str], list[str]]] = []
+    owners = []
     for i, name in enumerate(ordered):
         net, plen = 0x10000000 + i * 512, 24 if i % 5 == 0 else 32  # none overlaps or touches another
-        orders.append((f"d{i}", [name], [format_cidr(4, net, plen)]))
+        if i % PER_ORDER == 0:
+            orders.append((f"d{i // PER_ORDER}", [], []))
+        orders[-1][1].append(name)
+        orders[-1][2].append(format_cidr(4, net, plen))
         owners.append(ip_trigger(4, net, plen))
     return policy_text("registry", 1, orders), ordered, owners
 
