@@ -521,6 +521,10 @@ def main() -> None:
         if not os.path.exists(tool):
             sys.exit(f"{tool} is needed (scripts/deps.sh installs it)")
     ks = [int(x) for x in args.ks.split(",")]
+    if args.inprocess:
+        from blockd import logs
+
+        logs.configure(json=False, level="warning")
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
         print(f"N = {n:,} ...", flush=True)
