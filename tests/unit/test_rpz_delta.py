@@ -325,3 +325,38 @@ def test_version_overlay_shares_the_base_and_compacts() -> None:
     assert v2.has("new.example") and not v2.has("n1.example") and v3.has("n1.example")
     assert v3.overlay == 0 and v3.owners == base and v1.owners is base
     assert v2.owners == (base - {"n1.example"}) | {"new.example"} and v2.overlay == 0
+
+
+def test_ixfr_over_udp_when_it_fits_else_the_soa_only() -> None:
+    """RFC 1995 2: a small change goes over UDP whole (and counts as delivered); one that does
+    not fit the client's UDP size gets the SOA only; a client outside the ACL never gets data."""
+    o = frozenset({"o1"})
+    r1 = RuleSet.build([DomainRule("a.example", False, o)])
+    r2 = RuleSet.build([DomainRule("a.example", False, o), DomainRule("b.example", True, o)])
+    big = RuleSet.build([DomainRule(f"n{i:04d}.example", False, o) for i in range(200)])
+
+    def udp(srv: RpzServer, since: int, host: str = "127.0.0.1", payload: int | None = None) -> list[str]:
+        q = dns.message.make_query("rpz.blockd.", "IXFR", use_edns=0 if payload else None, payload=payload or 0)
+        q.authority.append(dns.rrset.from_text("rpz.blockd.", 60, "IN", "SOA", f"l. h. {since} 3600 60 1209600 60"))
+        out, delivered, z = srv._answer_zone(q.to_wire(), host, False)
+        assert len(out) == 1
+        if delivered is not None and z is not None:
+            srv.delivered(z, host, delivered)
+        m = dns.message.from_wire(out[0], one_rr_per_rrset=True)
+        return [rr.name.relativize(dns.name.from_text("rpz.blockd.")).to_text() for rr in m.answer]
+
+    async def main() -> None:
+        srv = RpzServer(rpz.RpzSettings())
+        enf = RpzEnforcer(srv)
+        await enf.apply(r1)
+        await enf.apply(r2, Change(r1.digest, diff(r1, r2), *rule_delta(r1, r2)))
+        assert udp(srv, 1) == ["@", "@", "@", "*.b.example", "b.example", "@"]
+        assert srv.secondaries()["127.0.0.1"].serial == 2 and srv.stats["ixfr"] == 1
+        assert udp(srv, 2) == ["@"]  # up to date
+        assert udp(srv, 1, host="192.0.2.1") == ["@"]  # outside the transfer ACL: the SOA only
+        await enf.apply(big, Change(r2.digest, diff(r2, big), *rule_delta(r2, big)))
+        assert udp(srv, 2) == ["@"]  # 200 names do not fit 512 bytes: retry over TCP
+        # they fit an EDNS 65000-byte answer: SOA, SOA(2), 3 deletions, SOA(3), 200 additions, SOA
+        assert len(udp(srv, 2, payload=65000)) == 1 + 1 + 3 + 1 + 200 + 1
+
+    run(main())
