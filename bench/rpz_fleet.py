@@ -15,8 +15,9 @@ from process start until a name from the zone answers NXDOMAIN; RSS is read righ
     unbound  axfr     `rpz: primary:` blockd, no zone file yet: AXFR, cold
     unbound  file     `rpz: zonefile:` the zone file only, no primary (native)
     unbound  restart  primary + the zone file it saved in the axfr row (serial unchanged)
-    unbound  ixfr     on the restarted Unbound: apply +10 names, NOTIFY -> IXFR, until a new name
-                      answers NXDOMAIN (clock from `apply`; blockd's apply is shown in the row)
+    unbound  ixfr     on the restarted Unbound: apply +10 names (with the Change, as the daemon
+                      does: the delta path), NOTIFY -> IXFR, until a new name answers NXDOMAIN
+                      (clock from `apply`; blockd's apply is shown in the row)
     bind     axfr / file / ixfr   the same with named 9.18 (`type secondary` vs `type primary`)
 
 Resolvers run one at a time (the box has 2 cores). blockd's own cost is shown apart: `apply`
@@ -45,6 +46,7 @@ from blockd.dns.rpzserver import RpzServer  # noqa: E402
 from blockd.dns.testing import LoopThread, Upstream  # noqa: E402
 from blockd.enforcers.rpz import RpzEnforcer  # noqa: E402
 from blockd.model import DomainRule, RuleSet  # noqa: E402
+from blockd.reconcile import full_change  # noqa: E402
 
 TLDS = ("com", "net", "org", "ru", "site", "info", "xyz", "club")
 
@@ -159,15 +161,17 @@ def main() -> None:
                 procs.remove(r)
             return r
 
+        change = full_change(rs, rs2)  # what the daemon's merge hands the enforcers (computed before the clock)
+
         def ixfr(r: Resolver) -> None:
             before = srv.stats["ixfr"] if srv else 0
             t = time.monotonic()
-            a = lt.run(enf.apply(rs2), timeout=3600)
+            a = lt.run(enf.apply(rs2, change), timeout=3600)
             took = r.until_blocked(probe2, t)
             kind = "ixfr" if srv and srv.stats["ixfr"] > before else "full"
             rows.append((r.kind, f"{kind} (+10 names; blockd apply {a.duration_s:.2f} s of it)", took, r.rss()))
             print(f"# {r.kind} {kind} +10 names: {took:.2f} s (apply {a.duration_s:.2f} s)", flush=True)
-            lt.run(enf.apply(rs), timeout=3600)  # back to the base zone for the next rows
+            lt.run(enf.apply(rs, full_change(rs2, rs)), timeout=3600)  # back to the base zone for the next rows
 
         run("unbound", "axfr", ub_dir, primary=primary, port=ports["unbound"])
         run("unbound", "file", tmp / "unbound-file", zone_file=zone_file)

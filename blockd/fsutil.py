@@ -9,18 +9,25 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from blockd.errors import InputError
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """After a crash at any point, `path` holds either its old contents or `data`, never a mix."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+    """After a crash at any point, `path` holds either its old contents or `data`, never a mix.
+
+    `data` may be an iterable of chunks (a zone of 1M names is written without joining it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                for chunk in data:
+                    f.write(chunk)
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())

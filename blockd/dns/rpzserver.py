@@ -252,9 +252,19 @@ class RpzServer:
                 return [self._msg(data, qend, wire.FORMERR, [], m)], None, None
         z.saw(host, serial=since if allowed else None, create=allowed and since is not None)
         if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
-            if not tcp:  # RFC 1995 2: IXFR over UDP may be answered with the SOA only
+            if not tcp:
                 if qtype == dns.rdatatype.AXFR:
                     return [self._msg(data, qend, wire.FORMERR, [], m)], None, None
+                # RFC 1995 2: the incremental answer when it fits one UDP message, else the SOA
+                # only (the client retries over TCP). Unbound takes a small change this way
+                # without opening a TCP connection.
+                if allowed and since is not None and since != v.serial:
+                    bodies = z.journal.ixfr_bodies(z.settings, since, v)
+                    if bodies is not None and len(bodies) == 1:
+                        msg = self._msg(data, qend, wire.NOERROR, bodies, m)
+                        if len(msg) <= (max(512, m.payload) if m.edns >= 0 else 512):
+                            self.stats["ixfr"] += 1
+                            return [msg], v.serial, z
                 return [self._msg(data, qend, wire.NOERROR, [(1, v.soa)], m)], None, None
             if not allowed:
                 self.stats["refused"] += 1
@@ -317,14 +327,18 @@ class RpzServer:
                     writer.write(len(msg).to_bytes(2, "big") + msg)
                     await writer.drain()
                 if delivered is not None and z is not None:  # the whole transfer was handed to the kernel
-                    held = z.secondaries.get(secondary_key(host))
-                    z.saw(host, serial=delivered, transfer=True, create=True)
-                    if held is not None and held.serial is not None:
-                        self._wipe(z, host, held.serial, delivered)
+                    self.delivered(z, host, delivered)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    def delivered(self, z: Zone, host: str, serial: int) -> None:
+        """A transfer bringing `host` to `serial` was handed to the kernel (TCP, or one UDP IXFR)."""
+        held = z.secondaries.get(secondary_key(host))
+        z.saw(host, serial=serial, transfer=True, create=True)
+        if held is not None and held.serial is not None:
+            self._wipe(z, host, held.serial, serial)
 
     # ---- NOTIFY ----------------------------------------------------------------------------
     def notify_all(self, zone: Zone | None = None) -> None:
@@ -480,12 +494,14 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            out = self.server.answer(data, addr[0], False)
+            out, delivered, z = self.server._answer_zone(data, addr[0], False)
         except Exception:
             log.debug("rpz_query_error", exc_info=True)
             return
         if out and self.transport is not None:
             self.transport.sendto(out[0], addr)
+            if delivered is not None and z is not None:
+                self.server.delivered(z, addr[0], delivered)
 
     def error_received(self, exc: Exception) -> None:
         return None
