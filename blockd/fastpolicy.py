@@ -131,6 +131,8 @@ def _split(data: bytes) -> tuple[bytes, int, list[bytes]]:
         raise Unsupported
     chunks = body.split(b"\n" + prefix)
     chunks[0] = chunks[0][len(prefix):]
+    if chunks[-1].endswith(b"\n"):
+        chunks[-1] = chunks[-1][:-1]  # the last item, like the others, without the newline before the next
     return data[:end + 1], indent, chunks
 
 

@@ -41,7 +41,7 @@ _SINGLE = re.compile(r"'((?:[^']|'')*)'")
 # nothing; a plain one starts with no indicator and holds no `#'"`; a `:` continues a scalar
 # only before a character that continues it. Each check below names the case it refuses.
 _QUOTED_BAD = (",", "[", "]", "{", "}", "\x00", "#", " \x01", "\x01 ", "\x01\x01")
-_COLON_BAD = (":,", ":]", ":}", ":[", ":{", ":\n", ":\x01")
+_COLON_BAD = (":,", ":?", ":]", ":}", ":[", ":{", ":\n", ":\x01")  # libyaml ends a scalar there
 #: a quoted scalar (marked \x01) sits between separators (spaces removed)
 _BEFORE = ("[\x01", "{\x01", ",\x01", "\x00\x01")
 _AFTER = ("\x01]", "\x01}", "\x01,", "\x01\x00")
@@ -270,6 +270,8 @@ class Reader:
                 raise Unsupported  # an entry whose value is on the next lines
             i += 1
             rest = s[2:].lstrip(" ")
+            column = ind + len(s) - len(rest)
+            rest = rest.rstrip(" ")
             if not rest or rest[0] == "#" or rest[0] == "-" and (rest[:2] == "- " or rest == "-"):
                 raise Unsupported
             c = rest[0]
@@ -282,7 +284,7 @@ class Reader:
                 key, sep, after = rest.partition(":")
                 if sep and (not after or after[0] == " "):
                     self.i = i
-                    out.append(self.mapping(ind + len(s) - len(rest), rest, depth + 1))
+                    out.append(self.mapping(column, rest, depth + 1))
                     i = self.i
                     continue
             out.append(_scalar(rest))
