@@ -41,9 +41,9 @@ class ParseCache:
     items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
+    racy_ns: int = RACY_NS
 
-    @staticmethod
-    def identity(path: Path) -> Identity | None:
+    def identity(self, path: Path) -> Identity | None:
         """The identity of a policy file and its signature files; None when it cannot be
         trusted to show a change (not a regular file, or changed just now)."""
         try:
@@ -54,7 +54,7 @@ class ParseCache:
         if not stat.S_ISREG(stats[0].st_mode):
             return None
         now = time.time_ns()
-        if any(now - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS for st in stats):
+        if any(now - max(st.st_mtime_ns, st.st_ctime_ns) < self.racy_ns for st in stats):
             return None
         return tuple((str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                      for p, st in zip(paths, stats))
