@@ -21,6 +21,7 @@ anything else, including a duplicate id across items, goes to the full parse.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +53,52 @@ _INT = re.compile(r"[+-]?[0-9]+")
 #: punycode to check, a last label that is not all digits); anything else takes parse_domain
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _CANONICAL_NAME = re.compile(rf"(?:\*\.)?(?!(?:.*\.)?xn--)(?:{_LABEL}\.)*(?![0-9]+\Z){_LABEL}")
+
+
+# The three objects made per order, built by setting their slots directly: the same objects as
+# the generated __init__ makes (no __post_init__, no defaults used), at half its cost (which
+# goes through object.__setattr__ per field). The field lists are checked at import.
+assert [f.name for f in dataclasses.fields(Order)] == ["id", "legal_basis", "action", "targets", "deadline",
+                                                       "allow_collateral", "dns_answer"]
+assert [f.name for f in dataclasses.fields(LegalBasis)] == ["authority", "reference", "url"]
+assert [f.name for f in dataclasses.fields(Targets)] == ["services", "domains", "cidrs", "asns"]
+assert not any(hasattr(c, "__post_init__") for c in (Order, LegalBasis, Targets))
+_new = object.__new__
+_o_id, _o_basis, _o_action, _o_targets, _o_deadline, _o_allow, _o_dns = (
+    getattr(Order, f.name).__set__ for f in dataclasses.fields(Order))
+_b_authority, _b_reference, _b_url = (getattr(LegalBasis, f.name).__set__ for f in dataclasses.fields(LegalBasis))
+_t_services, _t_domains, _t_cidrs, _t_asns = (getattr(Targets, f.name).__set__ for f in dataclasses.fields(Targets))
+
+
+def _make_order(oid: str, basis: LegalBasis, action: str, targets: Targets, deadline: datetime | None,
+                allow: tuple[AllowCollateral, ...], dns_answer: str | None) -> Order:
+    o = _new(Order)
+    _o_id(o, oid)
+    _o_basis(o, basis)
+    _o_action(o, action)
+    _o_targets(o, targets)
+    _o_deadline(o, deadline)
+    _o_allow(o, allow)
+    _o_dns(o, dns_answer)
+    return o  # type: ignore[no-any-return]
+
+
+def _make_basis(authority: str, reference: str, url: str | None) -> LegalBasis:
+    b = _new(LegalBasis)
+    _b_authority(b, authority)
+    _b_reference(b, reference)
+    _b_url(b, url)
+    return b  # type: ignore[no-any-return]
+
+
+def _make_targets(services: tuple[str, ...], domains: tuple[str, ...], cidrs: tuple[object, ...],
+                  asns: tuple[int, ...]) -> Targets:
+    t = _new(Targets)
+    _t_services(t, services)
+    _t_domains(t, domains)
+    _t_cidrs(t, cidrs)
+    _t_asns(t, asns)
+    return t  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -273,7 +320,7 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
             raise Unsupported
         if url in _NULLS:
             url = None
-    basis = LegalBasis(_text(lb["authority"]), _text(lb["reference"]), url)
+    basis = _make_basis(_text(lb["authority"]), _text(lb["reference"]), url)
     action = m["action"]
     if type(action) is not str or action not in _ACTIONS:
         raise Unsupported
@@ -285,17 +332,21 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
     if type(t) is not dict or not t.keys() <= _TARGETS_ALLOWED:
         raise Unsupported
     n = len(m) + len(lb) + len(t)
-    services = _list(t.get("services"))
+    get = t.get
+    v = get("services")
+    services = [] if v is None else _list(v)
     for s in services:
         if type(s) is not str or not _SERVICE.fullmatch(s):
             raise Unsupported
-    domains = _list(t.get("domains"))
+    v = get("domains")
+    domains = [] if v is None else _list(v)
     for d in domains:
         if type(d) is not str:
             raise Unsupported
     names = [d if len(d) <= MAX_NAME and _CANONICAL_NAME.fullmatch(d) else _domain(d) for d in domains]  # type: ignore[arg-type]
     cidrs = []
-    for c in _list(t.get("cidrs")):
+    v = get("cidrs")
+    for c in [] if v is None else _list(v):
         if type(c) is not str:
             raise Unsupported
         try:
@@ -303,7 +354,8 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
         except ValueError:
             raise Unsupported from None
     asns = []
-    for a in _list(t.get("asns")):
+    v = get("asns")
+    for a in [] if v is None else _list(v):
         if type(a) is not str:
             raise Unsupported
         try:
@@ -330,8 +382,8 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
             entries.append(AllowCollateral(rule, guard, reason))
         allow = tuple(entries)
     seen[0] += n
-    return Order(oid, basis, action, Targets(tuple(services), tuple(names), tuple(cidrs), tuple(asns)),  # type: ignore[arg-type]
-                 deadline, allow, dns_answer)
+    return _make_order(oid, basis, action, _make_targets(tuple(services), tuple(names), tuple(cidrs), tuple(asns)),  # type: ignore[arg-type]
+                       deadline, allow, dns_answer)
 
 
 def _domain(text: str) -> str:

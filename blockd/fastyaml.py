@@ -48,11 +48,11 @@ _AFTER = ("\x01]", "\x01}", "\x01,", "\x01\x00")
 #: a plain scalar that starts with an indicator (an anchor, alias, tag, `?` key, `-`, `:`)
 _INDICATOR = re.compile(r"[\[{,\x00][&*!|>%@`?:\-]")
 #: spaces that a plain replacement of ", " and ": " leaves (then the general replacements run)
-_ODD_SPACES = (" ,", ", ", "[ ", " ]", "{ ", " }", " \x00", "\x00 ")
+_ODD_SPACES = re.compile(r" [,\]}\x00]|[\[{\x00,] ")
 _SPACES = [(re.compile(r" *\x00 *"), "\x00"), (re.compile(r" *, *"), ","), (re.compile(r" *\[ *"), "["),
            (re.compile(r" *\] *"), "]"), (re.compile(r" *\{ *"), "{"), (re.compile(r" *\} *"), "}")]
 #: what YAML reads differently from the JSON these would become (trailing commas, empty keys)
-_AMBIGUOUS = (",]", ",}", "[\x00", "{\x00", ",\x00", "[,", "{,", ",,")
+_AMBIGUOUS = re.compile(r",[\]},]|[\[{,]\x00|[\[{],")
 _QUOTE = [("[", '["'), ("{", '{"'), (",", '","'), ("\x00", '":"'), ("]", '"]'), ("}", '"}'),
           ('"[', "["), ('"{', "{"), (']"', "]"), ('}"', "}"), ('[""]', "[]"), ('{""}', "{}")]
 #: between two flows in the JSON array: a string no flow can spell (flows hold no escapes, no NUL)
@@ -103,10 +103,10 @@ def flows(texts: list[str]) -> tuple[list[object], int]:
     if _INDICATOR.search(tight):
         raise Unsupported
     b = batch.replace('"', "").replace(", ", ",")
-    if any(x in b for x in _ODD_SPACES):
+    if _ODD_SPACES.search(b):
         for pattern, sep in _SPACES:
             b = pattern.sub(sep, b)
-    if any(x in b for x in _AMBIGUOUS):
+    if _AMBIGUOUS.search(b):
         raise Unsupported
     keys = b.count("\x00")
     for old, new in _QUOTE:
@@ -132,7 +132,7 @@ class Reader:
     """The content lines of one document (or of one sequence item, see `item`); `nodes` counts
     what was built (an upper bound of the general loader's count)."""
 
-    __slots__ = ("lines", "i", "n", "nodes", "keys", "max_depth", "flows", "slots")
+    __slots__ = ("lines", "i", "n", "nodes", "keys", "max_depth", "flows", "slots", "good")
 
     def __init__(self, text: str, max_depth: int) -> None:
         lines = text.split("\n")
@@ -148,6 +148,7 @@ class Reader:
         self.keys = 0
         self.max_depth = max_depth
         self.flows: list[str] = []
+        self.good: set[str] = set()  # keys seen to be ASCII identifiers
         self.slots: list[tuple[dict[str, object] | list[object], object]] = []
 
     def finish(self) -> None:
@@ -192,7 +193,7 @@ class Reader:
         if depth > self.max_depth:
             raise Unsupported
         out: dict[str, object] = {}
-        lines, n = self.lines, self.n
+        lines, n, good = self.lines, self.n, self.good
         i = self.i
         nodes = 1
         while True:
@@ -212,7 +213,11 @@ class Reader:
                     break  # the enclosing sequence's next entry (the caller checks)
                 i += 1
             key, sep, rest = s.partition(":")
-            if not sep or not key.isidentifier() or not key.isascii() or (rest and rest[0] != " ") or key in out:
+            if key not in good:
+                if not sep or not key.isidentifier() or not key.isascii():
+                    raise Unsupported
+                good.add(key)
+            if (rest and rest[0] != " ") or not sep or key in out:
                 raise Unsupported
             nodes += 2
             self.keys += 1
