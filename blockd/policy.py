@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 from blockd import ranges, strictyaml, trust
 from blockd.errors import ExpiredError, InputError, NotYetValidError, PolicyError, SignatureError
 from blockd.fsutil import read_regular
-from blockd.model import DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets
+from blockd.model import (
+    DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets, gc_paused,
+)
 from blockd.names import display, normalise
 from blockd.schema import Reader, join
 from blockd.strictyaml import YMap
@@ -130,8 +132,9 @@ def parse_signed(data: bytes, source: str, *, signers: tuple[str, ...] = (), max
         digest = hashlib.sha256(data).hexdigest()
     if len(data) <= max_bytes:
         try:
-            return fastpolicy.parse(data, None, source, signers=signers, digest=digest,
-                                    max_depth=strictyaml.MAX_DEPTH, max_nodes=node_limit(max_bytes), items=items)
+            with gc_paused():  # millions of objects and no cycles: collections would only walk them
+                return fastpolicy.parse(data, None, source, signers=signers, digest=digest,
+                                        max_depth=strictyaml.MAX_DEPTH, max_nodes=node_limit(max_bytes), items=items)
         except fastpolicy.Unsupported:
             pass
     return fastpolicy.Parsed(parse_general(data, source, signers=signers, max_bytes=max_bytes, digest=digest))
