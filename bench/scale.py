@@ -19,6 +19,8 @@ Measured, per N, all in this run:
     change (k)      the tickets file landing (rename) -> each new address answered by the kernel
                     (nft GETSETELEM / ipset TEST over netlink), each new name NXDOMAIN from the
                     sinkhole; p50/p99 over --changes changes
+    re-issue        the registry's whole file again under a new serial, one decision changed
+                    (a new name and /32 in 198.18/15): landing -> live (--reissues times)
     references      the same deltas (k deletes + k adds) into a set of the same size, in another
                     namespace: `nft -f` (one interval set) and `ipset restore` (hash:net)
 
@@ -106,9 +108,18 @@ def policy_text(issuer: str, serial: int, orders: list[tuple[str, list[str], lis
 
 
 def registry(n: int, seed: int = 1) -> tuple[str, list[tuple[int, int]]]:
+    text, v4, _ = registry_orders(n, seed)
+    return text, v4
+
+
+REISSUE_BASE = 0xC6120000  # 198.18.0.0/15 (RFC 2544): the registry's re-issued orders live here
+
+
+def registry_orders(n: int, seed: int = 1) -> tuple[str, list[tuple[int, int]], list[tuple[str, list[str], list[str]]]]:
     rng = random.Random(seed)
-    # none in 100.64.0.0/10, where the tickets (and the references' deltas) live
-    v4 = [p for p in v4_prefixes(n + n // 50 + 10, seed) if not 0x64400000 <= p[0] < 0x64800000][:n]
+    # none in 100.64.0.0/10, where the tickets (and the references' deltas) live, nor in 198.18/15
+    v4 = [p for p in v4_prefixes(n + n // 50 + 10, seed)
+          if not 0x64400000 <= p[0] < 0x64800000 and not REISSUE_BASE <= p[0] < REISSUE_BASE + (1 << 17)][:n]
     v6 = v6_prefixes(max(1, n // 10), seed)
     cidrs = list(cidr_text(4, v4)) + list(cidr_text(6, v6))
     rng.shuffle(cidrs)
@@ -118,7 +129,16 @@ def registry(n: int, seed: int = 1) -> tuple[str, list[tuple[int, int]]]:
         orders.append((f"d{i}", [name], [cidrs[i]] if i < len(cidrs) else []))
     for j in range(n, len(cidrs)):
         orders[j % n][2].append(cidrs[j])
-    return policy_text("registry", 1, orders), v4
+    return policy_text("registry", 1, orders), v4, orders
+
+
+def reissue(orders: list[tuple[str, list[str], list[str]]], serial: int) -> tuple[str, str, int]:
+    """The registry's next serial: the whole file again, one decision changed (a new name and a
+    new /32 for the order `d0`, which a court replaced)."""
+    name = f"r{serial}.reissued.example"
+    addr = REISSUE_BASE + serial
+    orders[0] = (orders[0][0], [name], [format_cidr(4, addr, 32)])
+    return policy_text("registry", serial, orders), name, addr
 
 
 def ticket(serial: int, k: int) -> tuple[str, list[str], list[int]]:
@@ -264,7 +284,7 @@ def config(work: Path) -> None:
     (work / "blockd.yaml").write_text(
         f"trust_store: {trust}\npolicy_dir: {work / 'policies'}\ncatalog_dir: {p / 'catalog'}\n"
         f"prefix_table: {p / 'asn/prefix2as.txt'}\nshared_infra_dir: {p / 'shared-infra'}\n"
-        f"state_dir: {work / 'state'}\n"
+        f"state_dir: {work / 'state'}\nmax_policy_bytes: {1 << 30}\n"
         "enforcers:\n  nft: {hooks: [output], verdict: drop}\n  ipset: {}\n  dns: {listen: [\"127.0.0.1:53\"]}\n"
         "daemon:\n  drift_check_s: 86400\n  attest_period_s: 86400\n")
 
@@ -331,7 +351,7 @@ def references(ns: str, base4: list[tuple[int, int]], ks: list[int], changes: in
     return out
 
 
-def measure(n: int, ks: list[int], changes: int) -> dict[str, object]:
+def measure(n: int, ks: list[int], changes: int, reissues: int = 3) -> dict[str, object]:
     ns = f"bks-{os.getpid()}-{n}"
     ref_ns = ns + "r"
     work = Path(tempfile.mkdtemp(prefix=f"blockd-scale-{n}-"))
@@ -343,7 +363,7 @@ def measure(n: int, ks: list[int], changes: int) -> dict[str, object]:
     try:
         config(work)
         t0 = time.monotonic()
-        text, base4 = registry(n)
+        text, base4, reg_orders = registry_orders(n)
         result["policy_mb"] = len(text) / 1e6
         sign_and_drop(work / "policies", "registry.yaml", text, "registry")
         result["generate_s"] = time.monotonic() - t0
@@ -382,6 +402,26 @@ def measure(n: int, ks: list[int], changes: int) -> dict[str, object]:
             per_k[k] = got
         result["changes"] = per_k
         result["inside"] = inside(d.log, ks, changes)
+        # The registry re-issues its whole file with one decision changed.
+        got = {"nft": [], "ipset": [], "dns": []}
+        for serial in range(2, 2 + reissues):
+            text, name, addr = reissue(reg_orders, serial)
+            landed = sign_and_drop(work / "policies", "registry.yaml", text, "registry")
+            del text
+            checks = {"nft": lambda a=addr: probe.nft_holds([a]), "ipset": lambda a=addr: probe.ipset_holds([a]),
+                      "dns": lambda nm=name: probe.blocked(nm)}
+            done = {}
+
+            def all_live() -> bool:
+                for key, check in checks.items():
+                    if key not in done and check():
+                        done[key] = time.monotonic() - landed
+                return len(done) == len(checks)
+
+            wait_until(all_live, f"N={n} registry serial {serial} live")
+            for key, v in done.items():
+                got[key].append(v)
+        result["reissue"] = got
         d.stop()
         result["references"] = references(ref_ns, base4, ks, changes)
     finally:
@@ -410,6 +450,13 @@ def report(results: list[dict[str, object]], ks: list[int], changes: int) -> Non
             cells = [f"{pct(ch[k][e], 0.5):.3f} / {pct(ch[k][e], 0.99):.3f}" for e in ("nft", "ipset", "dns")]
             ref = [f"{statistics.median(refs[t][k]):.3f}" if refs[t][k] else "-" for t in ("nft -f", "ipset restore")]
             print(f"| {r['n']:,} | {k} | " + " | ".join(cells + ref) + " |")
+    print("\nThe registry re-issues its whole file with one decision changed (file landing -> live, p50 / max):\n")
+    print("| N | nft | ipset | sinkhole |")
+    print("|---|---|---|---|")
+    for r in results:
+        re_ = r.get("reissue") or {}
+        cells = [f"{pct(re_[e], 0.5):.2f} / {max(re_[e]):.2f}" if re_.get(e) else "-" for e in ("nft", "ipset", "dns")]
+        print(f"| {r['n']:,} | " + " | ".join(cells) + " |")
     print("\nInside the daemon (its log), per change pass, p50: the whole pass / nft apply by plan / ipset apply by plan\n")
     print("| N | k | pass | nft plan apply | ipset plan apply |")
     print("|---|---|---|---|---|")
@@ -437,6 +484,7 @@ def main() -> None:
     ap.add_argument("--million", action="store_true", help="add N = 1,000,000 (minutes, ~2 GB)")
     ap.add_argument("--changes", type=int, default=10)
     ap.add_argument("--ks", default="1,10,1000")
+    ap.add_argument("--reissues", type=int, default=3, help="registry re-issues (whole file, one order changed)")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -446,7 +494,7 @@ def main() -> None:
     results = []
     for n in sizes:
         print(f"N = {n:,} ...", flush=True)
-        results.append(measure(n, ks, args.changes))
+        results.append(measure(n, ks, args.changes, args.reissues))
     report(results, ks, args.changes)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

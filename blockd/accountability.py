@@ -207,9 +207,8 @@ class Accountability:
                            readback_scope=a.readback_scope, added=a.added, removed=a.removed, in_sync=a.in_sync)
             for name, error in sorted(r.failed.items()):
                 self.event("apply_failed", enforcer=name, error=error)
-            for key, res in sorted(r.compilation.orders.items()):
-                if res.status == "unblock":
-                    self.event("unblocked", order=key)
+            for key in r.compilation.unblocks:
+                self.event("unblocked", order=key)
         self.record(r, enforcers)
         pending = frozenset(p.digest for p in r.pending)
         # A new pending policy changes no rule, but its receipt is stated at once.

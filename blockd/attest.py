@@ -37,7 +37,7 @@ from blockd.audit import Head, canonical, iso
 from blockd.compile import Compilation, order_key
 from blockd.errors import SignatureError
 from blockd.fsutil import atomic_write
-from blockd.model import Applied, Finding, Policy, RuleSet, content_digest
+from blockd.model import Applied, Finding, Policy, RuleSet
 
 log = structlog.get_logger("blockd.attest")
 
@@ -101,9 +101,9 @@ SHARES = ("names", "addresses", "ipv4_addresses", "all")
 def shares(ruleset: RuleSet) -> dict[str, str]:
     """Share name -> digest: what each kind of enforcer must read back to be in sync."""
     return {
-        "names": content_digest(ruleset.domains, (), ()),
-        "addresses": content_digest((), ruleset.v4, ruleset.v6),
-        "ipv4_addresses": content_digest((), ruleset.v4, ()),
+        "names": ruleset.share_digest(v4=False, v6=False),
+        "addresses": ruleset.share_digest(names=False),
+        "ipv4_addresses": ruleset.share_digest(names=False, v6=False),
         "all": ruleset.digest,
     }
 

@@ -62,6 +62,12 @@ class Compilation:
     orders: Mapping[str, OrderResult]
     warnings: tuple[str, ...] = ()
     policies: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # source -> status
+    #: (issuer, status) -> number of orders, and order key -> deadline (for the orders that have
+    #: one): what bounded metrics need without a pass over every order
+    tally: Mapping[tuple[str, str], int] = field(default_factory=lambda: MappingProxyType({}))
+    deadlines: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
+    #: the unblock orders in force (few, whatever the size of the registry)
+    unblocks: tuple[str, ...] = ()
 
     @property
     def refused(self) -> tuple[Finding, ...]:
@@ -107,13 +113,17 @@ class Prepared:
 OrderCache = dict[tuple[str, Order], tuple[str, Expanded, tuple[Finding, ...]]]
 
 
-def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: OrderCache | None = None) -> Prepared:
+def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tuple[str, Order], tuple[
+        str, Expanded, tuple[Finding, ...]]] | None = None, into: OrderCache | None = None) -> Prepared:
     """Expand and guard every order of `policy`; every expansion problem is reported at once.
 
     `orders` (valid for one catalog and guards) caches each order's expansion by its content:
     a new serial that changes one order of a registry-sized policy expands and guards only that
-    order again.
+    order again. Every order's entry (found or computed) is stored in `into` (by default in
+    `orders`).
     """
+    if into is None and orders is not None:
+        into = orders  # type: ignore[assignment]
     with gc_paused():
         infos: dict[str, OrderInfo] = {}
         blocks: list[tuple[str, Expanded]] = []
@@ -135,8 +145,8 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: OrderCache
                 else:
                     kept, order_findings = _guard(key, order, expanded, guards)
                     hit = ("block", kept, tuple(order_findings))
-                if orders is not None:
-                    orders[(key, order)] = hit
+            if into is not None:
+                into[(key, order)] = hit
             kind, expanded, order_findings = hit
             if kind == "unblock":
                 unblocks.append((key, expanded))
@@ -254,7 +264,17 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
         results[key] = OrderResult(key, status, n, bad)
     return Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
-                       MappingProxyType(policy_status))
+                       MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
+                       MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}),
+                       tuple(sorted({key for key, _ in unblocks})))
+
+
+def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for key, r in results.items():
+        c = (key.split("/", 1)[0], r.status)
+        out[c] = out.get(c, 0) + 1
+    return out
 
 
 def _info(p: Policy, o: Order) -> OrderInfo:
@@ -395,14 +415,36 @@ def segment(entries: list[tuple[int, int, str]], provenance: Provenance) -> list
         key, intervals = next(iter(by_key.items()))
         orders = provenance.of(key)
         return [NetRule(a, b, orders) for a, b in ranges.merge(intervals)]
+    # Most intervals of a registry overlap no other order's: those are pieces as they are;
+    # only clusters of overlapping intervals go through the sweep.
+    flat = sorted((a, b, key) for key, ivs in by_key.items() for a, b in ranges.merge(ivs))
+    out: list[NetRule] = []
+    i, n = 0, len(flat)
+    while i < n:
+        a, end, key = flat[i]
+        j = i + 1
+        while j < n and flat[j][0] <= end:
+            end = max(end, flat[j][1])
+            j += 1
+        if j == i + 1:
+            out.append(NetRule(a, end, provenance.of(key)))
+        else:
+            out.extend(_sweep(flat[i:j], provenance))
+        i = j
+    return out
+
+
+def _sweep(flat: list[tuple[int, int, str]], provenance: Provenance) -> list[NetRule]:
+    """Overlapping (first, last, key) intervals (each key's already merged) -> exact pieces."""
     # Boundaries as single ints (position, start flag, key index) sort several times faster
     # than tuples; all events at one position are applied before a piece is emitted.
-    keys = list(by_key)
+    keys = list(dict.fromkeys(key for _, _, key in flat))
+    index_of = {key: i for i, key in enumerate(keys)}
     events: list[int] = []
-    for index, key in enumerate(keys):
-        for a, b in ranges.merge(by_key[key]):
-            events.append((a << _SHIFT) | _START | index)
-            events.append(((b + 1) << _SHIFT) | index)
+    for a, b, key in flat:
+        index = index_of[key]
+        events.append((a << _SHIFT) | _START | index)
+        events.append(((b + 1) << _SHIFT) | index)
     events.sort()
     out: list[NetRule] = []
     active = provenance.empty

@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 
 import structlog
@@ -33,6 +33,7 @@ from blockd.accountability import Accountability
 from blockd.audit import iso
 from blockd.blockpage import BlockPageServer
 from blockd.attest import EnforcerPass
+from blockd.compile import OrderResult
 from blockd.enforcers.base import Enforcer
 from blockd.enforcers.drift import check_and_repair
 from blockd.errors import BlockdError, EnforcerError
@@ -461,8 +462,8 @@ class Daemon:
         m.replace_labels(mt.findings, findings)
         live = set(r.applied) == {e.name for e in self.enforcers}
         now = datetime.now(timezone.utc)
-        series = m.order_series({k: res.status for k, res in r.compilation.orders.items()},
-                                {k: i.deadline for k, i in rs.orders.items() if i.deadline is not None}, live)
+        comp = r.compilation
+        series = m.order_series(_Statuses(comp.orders), comp.deadlines, live, tally=comp.tally)
         m.replace_labels(mt.order_enforced, series.enforced)
         m.replace_labels(mt.order_deadline, series.deadlines)
         m.replace_labels(mt.orders, series.counts)
@@ -608,7 +609,10 @@ class Daemon:
             share = prev[0].desired_digest
         else:
             share = await asyncio.to_thread(self._share_digest, e, desired)
-        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), "full", now, now)
+        # A read-back the backend could answer without a dump (nft: the ruleset generation has
+        # not moved since it was exact) says so: scope "touched", the rest as of the last dump.
+        scope, read_at, full_at = getattr(e, "last_readback", ("full", now, now))
+        a = Applied(e.name, held.digest, share, 0, 0, took_s, held.counts(), scope, read_at or now, full_at or now)
         self.held[e.name] = (a, prev[1] if prev is not None else now)
         if self.errors.get(e.name, "").startswith(_READBACK_FAILED):
             del self.errors[e.name]
@@ -692,6 +696,22 @@ class Daemon:
     def _observe_sync(self) -> None:
         for name, e in self.enforcer_passes().items():
             self.metrics.in_sync.labels(name).set(1 if e.in_sync else 0)
+
+
+class _Statuses(Mapping[str, str]):
+    """Order key -> status, read through from the results (no copy of a million entries)."""
+
+    def __init__(self, results: Mapping[str, OrderResult]) -> None:
+        self._results = results
+
+    def __getitem__(self, key: str) -> str:
+        return self._results[key].status
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
 
 
 def claim_kernel_objects(settings: Settings) -> list[socket.socket]:

@@ -155,16 +155,27 @@ class OrderSeries:
 
 
 def order_series(statuses: Mapping[str, str], deadlines: Mapping[str, datetime | None], live: bool,
-                 limit: int = ORDER_SERIES_MAX) -> OrderSeries:
+                 limit: int = ORDER_SERIES_MAX, tally: Mapping[tuple[str, str], int] | None = None) -> OrderSeries:
     """Pure: order key ("issuer/id") -> status, and its deadline -> the bounded series.
 
     An order is live when its status is enforced (or partially refused) and every enforcer
     applied the rule set. Orders with a deadline get their own series, the most urgent first:
-    those not live, then by deadline; the rest are only counted.
+    those not live, then by deadline; the rest are only counted. `tally` ((issuer, status) ->
+    orders, `Compilation.tally`) spares the pass over every order: only the orders with a
+    deadline are looked at then.
     """
     counts: dict[tuple[str, str, str], float] = {}
     urgent: list[tuple[bool, float, str]] = []
-    for key, status in statuses.items():
+    if tally is not None:
+        for (issuer, status), n in tally.items():
+            ok = status in ("enforced", "partially_refused") and live
+            counts[(issuer, status, "1" if ok else "0")] = n
+        for key, deadline in deadlines.items():
+            status = statuses.get(key)
+            if deadline is not None and status is not None:
+                ok = status in ("enforced", "partially_refused") and live
+                urgent.append((ok, deadline.timestamp(), key))
+    for key, status in statuses.items() if tally is None else ():
         ok = status in ("enforced", "partially_refused") and live
         issuer = key.split("/", 1)[0]
         c = (issuer, status, "1" if ok else "0")

@@ -12,16 +12,17 @@ turns them into prefixes for ipset and RPZ.
 from __future__ import annotations
 
 import gc
-import hashlib
-import sys
-from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
 from datetime import datetime
 from types import MappingProxyType
 from typing import Literal, NamedTuple
+
+from blockd.chunked import Chunked
+from blockd.layered import Layered
+from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine, pack
 
 Action = Literal["block", "unblock"]
 #: How the DNS sinkhole answers a blocked name (per order, or the global default).
@@ -171,19 +172,23 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """What should be (or, from `readback`, what is) enforced. Build it with `RuleSet.build`.
+    """What should be (or, from `readback`, what is) enforced. Build it with `RuleSet.build`,
+    change it with `patched` (in proportion to the change), share it out with `share`.
 
     `domains` is sorted by name then kind; `v4` and `v6` are sorted, disjoint intervals.
     `digest` covers only what is enforced (names and the union of the address intervals),
     not provenance, so an enforcer's read-back, which has no order ids, digests equal to
-    the compiled set exactly when the same names and addresses are held.
+    the compiled set exactly when the same names and addresses are held (blockd.digests).
     """
 
-    domains: tuple[DomainRule, ...]
-    v4: tuple[NetRule, ...]
-    v6: tuple[NetRule, ...]
+    domains: Sequence[DomainRule]  # a Chunked (blockd.chunked) from `build` and `patched`
+    v4: Sequence[NetRule]
+    v6: Sequence[NetRule]
     orders: Mapping[str, OrderInfo]
     digest: str
+    #: the digests of exact names, subtree names, v4 and v6 (blockd.digests), kept for patching
+    parts: tuple[PartDigest, PartDigest, PartDigest, PartDigest] = field(compare=False, repr=False,
+                                                                         default=None)  # type: ignore[assignment]
 
     @classmethod
     def build(
@@ -193,10 +198,11 @@ class RuleSet:
         v6: Iterable[NetRule] = (),
         orders: Mapping[str, OrderInfo] | None = None,
     ) -> RuleSet:
-        d = tuple(sorted(domains))
-        a = tuple(sorted(v4))
-        b = tuple(sorted(v6))
-        return cls(d, a, b, MappingProxyType(dict(orders or {})), content_digest(d, a, b))
+        d = Chunked(sorted(domains))
+        a = Chunked(sorted(v4))
+        b = Chunked(sorted(v6))
+        parts = _parts(d, a, b)
+        return cls(d, a, b, MappingProxyType(dict(orders or {})), combine(*parts), parts)
 
     @classmethod
     def empty(cls) -> RuleSet:
@@ -206,13 +212,158 @@ class RuleSet:
         return len(self.domains) + len(self.v4) + len(self.v6)
 
     def counts(self) -> dict[str, int]:
-        exact = sum(1 for r in self.domains if not r.subtree)
+        exact = len(self.parts[0])
         return {
             "domain_exact": exact,
             "domain_subtree": len(self.domains) - exact,
             "ipv4_ranges": len(self.v4),
             "ipv6_ranges": len(self.v6),
         }
+
+    def share_digest(self, names: bool = True, v4: bool = True, v6: bool = True) -> str:
+        """The digest of `share(...)`, in constant time."""
+        e, s, a, b = self.parts
+        return combine(e if names else EMPTY[NAMES_EXACT], s if names else EMPTY[NAMES_SUBTREE],
+                       a if v4 else EMPTY[ADDR4], b if v6 else EMPTY[ADDR6])
+
+    def share(self, names: bool = True, addresses: bool = True) -> RuleSet:
+        """The part of this rule set one enforcer holds (names, addresses), in constant time."""
+        if (names or not self.domains) and (addresses or not (self.v4 or self.v6)):
+            return self
+        e, s, a, b = self.parts
+        parts = (e, s, a, b) if names else (EMPTY[NAMES_EXACT], EMPTY[NAMES_SUBTREE], a, b)
+        if not addresses:
+            parts = (parts[0], parts[1], EMPTY[ADDR4], EMPTY[ADDR6])
+        return RuleSet(self.domains if names else _NONE, self.v4 if addresses else _NONE,
+                       self.v6 if addresses else _NONE,
+                       self.orders if names else MappingProxyType({}), combine(*parts), parts)
+
+    def patched(self, removed: RuleDelta, added: RuleDelta,
+                orders: Mapping[str, OrderInfo] | None = None) -> tuple[RuleSet, Plan]:
+        """This rule set minus `removed` plus `added` (see `Change`), and the Plan between the
+        two, in O(k log N) Python work plus a C-level copy of each changed tuple.
+
+        Raises ValueError when the delta does not fit (a removed rule not held, an added one
+        overlapping what stays): the caller then builds from scratch."""
+        d = _splice(self.domains, removed.domains, added.domains, _name_key, nets=False)
+        a = _splice(self.v4, removed.v4, added.v4, _first, nets=True)
+        b = _splice(self.v6, removed.v6, added.v6, _first, nets=True)
+        rem = {(r.name, r.subtree) for r in removed.domains}
+        add = {(r.name, r.subtree) for r in added.domains}
+        add_d, del_d = tuple(sorted(add - rem)), tuple(sorted(rem - add))
+        del4, add4 = _union_change(self.v4, a, removed.v4, added.v4)
+        del6, add6 = _union_change(self.v6, b, removed.v6, added.v6)
+        plan = Plan(add_d, del_d, add4, del4, add6, del6)
+        e, s, p4, p6 = self.parts
+        if add_d or del_d:
+            e = e.patched([n for n, sub in del_d if not sub], [n for n, sub in add_d if not sub])
+            s = s.patched([n for n, sub in del_d if sub], [n for n, sub in add_d if sub])
+        if add4 or del4:
+            p4 = p4.patched([pack(ADDR4, x, y) for x, y in del4], [pack(ADDR4, x, y) for x, y in add4])
+        if add6 or del6:
+            p6 = p6.patched([pack(ADDR6, x, y) for x, y in del6], [pack(ADDR6, x, y) for x, y in add6])
+        parts = (e, s, p4, p6)
+        info = self.orders if orders is None else orders
+        if not isinstance(info, (MappingProxyType, Layered)):
+            info = MappingProxyType(dict(info))
+        return RuleSet(d, a, b, info, combine(*parts), parts), plan
+
+
+def _parts(d: Sequence[DomainRule], a: Sequence[NetRule],
+           b: Sequence[NetRule]) -> tuple[PartDigest, PartDigest, PartDigest, PartDigest]:
+    return (PartDigest.of(NAMES_EXACT, [n for n, sub, _ in d if not sub]),
+            PartDigest.of(NAMES_SUBTREE, [n for n, sub, _ in d if sub]),
+            PartDigest.of(ADDR4, [(x << 32) | y for x, y in union_intervals(a)]),
+            PartDigest.of(ADDR6, [(x << 128) | y for x, y in union_intervals(b)]))
+
+
+def _name_key(r: DomainRule) -> tuple[str, bool]:
+    return (r.name, r.subtree)
+
+
+def _first(r: NetRule) -> int:
+    return r.first
+
+
+def _splice(old: Sequence, removed: Sequence, added: Sequence, key, *, nets: bool) -> Sequence:  # type: ignore[type-arg]
+    """`old` minus `removed` plus `added`, sorted: k bisections, and only the chunks touched copied."""
+    if not removed and not added:
+        return old
+    seq = old if isinstance(old, Chunked) else Chunked(old)
+    drop: set[int] = set()
+    for r in removed:
+        i = seq.bisect(key(r), key)
+        if i == len(seq) or seq[i] != r:
+            raise ValueError(f"patch removes {r!r}, which is not held")
+        drop.add(i)
+    inserts: dict[int, list] = {}  # type: ignore[type-arg]
+    for r in added:
+        inserts.setdefault(seq.bisect(key(r), key), []).append(r)
+    for items in inserts.values():
+        items.sort(key=key)
+    new = seq.splice(drop, inserts)
+    # Check the order (and for intervals, disjointness) where the patch touched it.
+    for r in added:
+        i = new.bisect(key(r), key)
+        if i == len(new) or new[i] != r:
+            raise ValueError(f"patch adds {r!r} twice or out of order")
+        for x, y in ((i - 1, i), (i, i + 1)):
+            if 0 <= x and y < len(new):
+                bad = new[x].last >= new[y].first if nets else key(new[x]) >= key(new[y])
+                if bad:
+                    raise ValueError(f"patch leaves {new[x]!r} and {new[y]!r} overlapping or out of order")
+    return new
+
+
+def _union_change(old: Sequence[NetRule], new: Sequence[NetRule], removed: Sequence[NetRule],
+                  added: Sequence[NetRule]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """The union intervals that left and entered, from the neighbourhoods of the touched rules."""
+    if not removed and not added:
+        return (), ()
+    spans = ranges_merge([(r.first, r.last) for r in (*removed, *added)])
+    before: set[tuple[int, int]] = set()
+    after: set[tuple[int, int]] = set()
+    for lo, hi in spans:
+        before.update(_unions_near(old, lo, hi))
+        after.update(_unions_near(new, lo, hi))
+    return tuple(sorted(before - after)), tuple(sorted(after - before))
+
+
+def _unions_near(rules: Sequence[NetRule], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The union intervals of sorted disjoint `rules` that meet or touch [lo, hi]."""
+    i = seq_bisect(rules, lo - 1, _last)  # the first rule ending at or after lo - 1
+    j = i
+    n = len(rules)
+    while j < n and rules[j].first <= hi + 1:
+        j += 1
+    while i > 0 and i < n and rules[i - 1].last + 1 == rules[i].first:
+        i -= 1
+    while 0 < j < n and rules[j - 1].last + 1 == rules[j].first:
+        j += 1
+    return union_intervals(rules[i:j])
+
+
+def _last(r: NetRule) -> int:
+    return r.last
+
+
+def seq_bisect(seq: Sequence, value: object, key) -> int:  # type: ignore[type-arg]
+    """`bisect_left(seq, value, key=key)`, fast on a Chunked."""
+    return seq.bisect(value, key) if isinstance(seq, Chunked) else bisect_left(seq, value, key=key)
+
+
+_NONE: Chunked = Chunked()
+
+
+def ranges_merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(intervals):
+        if out and first <= out[-1][1] + 1:
+            if last > out[-1][1]:
+                out[-1] = (out[-1][0], last)
+        else:
+            out.append((first, last))
+    return out
 
 
 @contextmanager
@@ -246,20 +397,10 @@ def union_intervals(rules: Iterable[NetRule]) -> list[tuple[int, int]]:
 def content_digest(
     domains: tuple[DomainRule, ...], v4: tuple[NetRule, ...], v6: tuple[NetRule, ...]
 ) -> str:
-    """SHA-256 over the canonical form of what is enforced; see `RuleSet`.
+    """The digest of the rule set holding these sorted rules (blockd.digests), from scratch.
 
-    Layout: a version tag; sorted exact names, then sorted subtree names, newline-separated;
-    then the union intervals of each family as big-endian (first, last) pairs.
-    """
-    h = hashlib.sha256(b"blockd-ruleset-v1\n")
-    h.update(b"D\n" + "\n".join([n for n, sub, _ in domains if not sub]).encode())
-    h.update(b"\nS\n" + "\n".join([n for n, sub, _ in domains if sub]).encode())
-    pairs = array("I", chain.from_iterable(union_intervals(v4)))
-    if sys.byteorder == "little":
-        pairs.byteswap()
-    h.update(b"\n4\n" + pairs.tobytes())
-    h.update(b"\n6\n" + b"".join(a.to_bytes(16, "big") + b.to_bytes(16, "big") for a, b in union_intervals(v6)))
-    return h.hexdigest()
+    A RuleSet carries its digest and its shares' (`RuleSet.share_digest`) already."""
+    return combine(*_parts(domains, v4, v6))
 
 
 @dataclass(frozen=True, slots=True)

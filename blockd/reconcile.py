@@ -6,7 +6,8 @@
     select    pure: per issuer the newest serial valid now that expands cleanly is in force; every
               file gets one status (active, pending, superseded, expired, rejected) and a reason;
               a policy that cannot expand is rejected alone and its issuer keeps the last good one
-    merge     pure: the prepared policies in force -> one RuleSet with exact provenance
+    merge     pure: the prepared policies in force -> one RuleSet with exact provenance, carried
+              forward by delta (blockd.incremental): the change is known without a diff
     record    newly accepted policies (exactly the bytes verified) go to the state directory in one
               atomic commit before anything is applied, so a crash after this restores them
     apply     each enforcer diffs and commits atomically; one failing keeps its old state and
@@ -27,9 +28,10 @@ from datetime import datetime
 import structlog
 
 from blockd.clock import MonotonicWallClock
-from blockd.compile import Baseline, Compilation, OrderCache, Prepared, merge, prepare
+from blockd.compile import Baseline, Compilation, OrderCache, Prepared, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import BlockdError, EnforcerError
+from blockd.incremental import Merger
 from blockd.intake import (
     Context, InputFailure, ParseCache, Rejected, catalog_refusal, context_from_copy, load_context, policy_files,
     read_candidates, state_candidates, unexpandable_accepted,
@@ -40,6 +42,7 @@ from blockd.settings import Settings
 from blockd.state import StateStore
 
 log = structlog.get_logger("blockd.reconcile")
+BASELINE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +80,19 @@ class Reconciler:
     #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
     #: is not expanded again
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
-    #: each order's expansion by its content (for one context): a new serial that changes one order
-    #: expands only that one
-    _orders: OrderCache = field(default_factory=dict)
+    #: each order's expansion by its content (for one context), per policy digest: a new serial
+    #: that changes one order expands only that one
+    _order_entries: dict[str, OrderCache] = field(default_factory=dict)
     _orders_key: str = ""
     #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
     _parsed: ParseCache = field(default_factory=ParseCache)
     #: the last merge and its inputs: a pass whose inputs did not change reuses the rule set
     _merged: tuple[object, Compilation] | None = None
+    #: the merge, carried forward by delta (blockd.incremental)
+    _merger: Merger = field(default_factory=Merger)
+    #: (the rule set it starts from, the change) when the last merge produced it
+    _change: tuple[RuleSet, Change] | None = None
+    _baseline_saved: float = float("-inf")
     #: why the last pass could not record newly accepted policies (None: it could)
     state_error: str | None = None
     clock: MonotonicWallClock | None = None
@@ -144,8 +152,8 @@ class Reconciler:
         changed = self.desired is None or desired.digest != self.desired.digest
         applied, failed = await self.apply_all(desired)
         self.desired = desired
-        if not failed:
-            self._save_baseline(desired)
+        if not failed and changed:
+            await self._save_baseline(desired)
         rejected = [Rejected(v.source, v.error, v.kind, v.digest) for v in sel.with_status("rejected")
                     if v.error is not None]
         # Report each (file, reason) once, not on every pass while the file lies there.
@@ -200,7 +208,12 @@ class Reconciler:
         if self._merged is not None and self._merged[0] == key:
             return sel, self._merged[1], failures  # the same inputs: the same rule set, not merged again
         baseline = ctx.state.baseline() if self.desired is None else self.desired
-        comp = merge(sel.prepared, ctx.compile, baseline, statuses, policy_statuses)
+        before = self._merger.comp.ruleset if self._merger.comp is not None else None
+        comp, plan, removed, added = self._merger.update(sel.prepared, ctx.compile, baseline, statuses,
+                                                         policy_statuses)
+        # The merge by delta knows the change already: no O(N) diff of the rule sets.
+        self._change = (before, Change(before.digest, plan, removed, added)) \
+            if before is not None and plan is not None else None
         self._merged = (key, comp)
         return sel, comp, failures
 
@@ -216,18 +229,23 @@ class Reconciler:
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
         if self._orders_key != ctx.key:  # a new catalog or guards: every order is expanded again
-            self._orders, self._orders_key = {}, ctx.key
-        used: OrderCache = {}
+            self._order_entries, self._orders_key = {}, ctx.key
+        used: set[str] = set()
+        reuse: OrderCache | None = None
 
         def prepared(p: Policy) -> Prepared:
+            nonlocal reuse
             key = (p.digest, ctx.key)
             hit = cache.get(key)
             if hit is None or hit.policy.source != p.source:
-                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, self._orders)
-            for o in p.orders:
-                memo = (f"{p.issuer}/{o.id}", o)
-                if memo in self._orders:
-                    used[memo] = self._orders[memo]
+                if reuse is None:  # every order expanded for the policies kept so far, by content
+                    reuse = {}
+                    for entries in self._order_entries.values():
+                        reuse.update(entries)
+                own: OrderCache = {}
+                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own)
+                self._order_entries[p.digest] = own
+            used.add(p.digest)
             return hit
 
         sel = select([*found, *kept], [*bad, *kept_bad], ctx.state.accepted_serials(), now, prepared)
@@ -236,7 +254,8 @@ class Reconciler:
                                     f"directory records it ({why}); retrying") for v in hold_back.values())
             sel = Selection(sel.prepared, tuple(sorted(sel.verdicts + waiting,
                                                        key=lambda v: (v.issuer or "", v.serial or 0, v.source))))
-        self._orders = used  # only the orders of policies looked at in this pass stay cached
+        # only the orders of policies looked at in this pass stay cached
+        self._order_entries = {d: e for d, e in self._order_entries.items() if d in used}
         live = {p.policy.digest for p in sel.prepared} | {v.digest for v in sel.verdicts if v.status == "pending"}
         self._prepared = {k: v for k, v in cache.items() if k[0] in live}
         # Keep the parses of the files that are still there (whatever their status: an old
@@ -255,13 +274,17 @@ class Reconciler:
                 log.info("policy_accepted", issuer=p.issuer, serial=p.serial, digest=p.digest[:16],
                          orders=len(p.orders))
 
-    def _save_baseline(self, desired: RuleSet) -> None:
-        if self.ctx is None:
+    async def _save_baseline(self, desired: RuleSet) -> None:
+        """Persist the growth guard's baseline, at most once a minute (it lists every order:
+        O(N) to write, so not on every small change; a restart guards against one a minute old)."""
+        if self.ctx is None or time.monotonic() - self._baseline_saved < BASELINE_EVERY_S:
             return
+        state = self.ctx.state
         try:
-            self.ctx.state.save_baseline(Baseline.of(desired))
+            await asyncio.to_thread(lambda: state.save_baseline(Baseline.of(desired)))
+            self._baseline_saved = time.monotonic()
         except OSError as e:
-            log.error("baseline_write_failed", path=str(self.ctx.state.directory), error=e.strerror)
+            log.error("baseline_write_failed", path=str(state.directory), error=e.strerror)
 
     async def apply_all(self, desired: RuleSet) -> tuple[dict[str, Applied], dict[str, str]]:
         """Apply `desired` everywhere, with the change from the last rule set (diffed once, here,
@@ -272,6 +295,8 @@ class Reconciler:
         if self.desired is not None:
             if self.desired.digest == desired.digest:
                 change = Change(desired.digest, Plan((), (), (), (), (), ()), RuleDelta(), RuleDelta())
+            elif self._change is not None and self._change[0] is self.desired:
+                change = self._change[1]
             else:
                 change = await asyncio.to_thread(full_change, self.desired, desired)
         for enforcer in self.enforcers:

@@ -140,3 +140,35 @@ def test_after_a_failed_commit_the_next_change_is_applied_in_full(netns: str, ki
         assert enf.last_path == "full" and applied.in_sync and native(kind, netns) == intervals_of(b)
 
     asyncio.run(scenario())
+
+
+def test_an_unchanged_nft_generation_spares_the_full_dump_and_any_change_ends_that(
+        netns: str, closing: Callable[[Any], Any]) -> None:
+    """Issue 13 (idle CPU): a drift read-back at the ruleset generation blockd last left exact
+    needs no dump of 1M elements; a change behind blockd's back, in any table, moves the
+    generation, and the next read-back dumps and sees it."""
+    async def scenario() -> None:
+        enf = closing(NftEnforcer(netns=netns))
+        a, b = base_and_next(2_000, 3)
+        assert (await enf.apply(a)).in_sync
+        first = await enf.readback()
+        assert first.digest == a.share_digest(names=False)
+        spared = enf.readbacks_spared
+        again = await enf.readback()
+        assert enf.readbacks_spared == spared + 1 and again.digest == first.digest
+        assert enf.last_readback[0] == "touched"
+        # blockd's own commit keeps the chain: the read-back after it is spared too
+        assert (await enf.apply(b, Change(a.digest, diff(a, b)))).in_sync
+        assert (await enf.readback()).digest == b.share_digest(names=False)
+        assert enf.readbacks_spared == spared + 2
+        # someone else's transaction in another table moves the generation: a real dump, equal
+        sh("ip", "netns", "exec", netns, "nft", "add", "table", "inet", "someone_else")
+        assert (await enf.readback()).digest == b.share_digest(names=False)
+        assert enf.readbacks_spared == spared + 2 and enf.last_readback[0] == "full"
+        # an element added behind blockd's back in its own set is found by the dump that follows
+        sh("ip", "netns", "exec", netns, "nft", "add", "element", "inet", "blockd", "v4_c6", "{ 198.51.100.7 }")
+        drifted = await enf.readback()
+        assert drifted.digest != b.share_digest(names=False) and enf.last_readback[0] == "full"
+        assert enf.readbacks_spared == spared + 2
+
+    asyncio.run(scenario())

@@ -52,3 +52,15 @@ def test_orders_page_filters_and_pages(query: str, total: int, first: str | None
 def test_orders_page_says_what_is_wrong_with_a_bad_limit() -> None:
     with pytest.raises(ValueError, match="offset and limit must be integers; got None, 'ten'"):
         m.orders_page(lambda: iter(ROWS), "limit=ten")
+
+
+def test_the_tally_gives_the_series_the_full_pass_gives() -> None:
+    from datetime import datetime, timezone
+
+    from blockd.compile import tally_of
+    from blockd.compile import OrderResult
+    statuses = {f"reg/o{i}": ("enforced", "refused", "pending")[i % 3] for i in range(50)} | {"tix/t": "enforced"}
+    deadlines = {"reg/o4": datetime(2026, 12, 1, tzinfo=timezone.utc), "tix/t": datetime(2026, 12, 2, tzinfo=timezone.utc)}
+    tally = tally_of({k: OrderResult(k, v) for k, v in statuses.items()})  # type: ignore[arg-type]
+    for live in (True, False):
+        assert m.order_series(statuses, deadlines, live, limit=1, tally=tally) == m.order_series(statuses, deadlines, live, limit=1)

@@ -380,6 +380,7 @@ def test_the_change_is_diffed_once_and_given_to_every_enforcer(settings: Setting
     assert isinstance(change, Change) and change is b.changes[-1]
     assert change.base == first.digest and change.plan == diff(first, second)
     assert (change.removed, change.added) == rule_delta(first, second)
+    assert rec._merger.path == "delta"  # the change came from the merge by delta, not from a diff
     assert change.plan.add_domains == (("two.example", False),) and change.plan.del_domains == (("one.example", False),)
     run_pass(rec)  # nothing changed: an empty plan from what is held
     last = a.changes[-1]

@@ -1,0 +1,79 @@
+"""An immutable mapping that a small change derives from in proportion to the change.
+
+`RuleSet.orders` and `Compilation.orders` hold an entry per order: a million for a registry.
+Each pass hands out new immutable ones; copying a million-entry dict per one-order change
+would cost what the whole set costs. `Layered` shares a frozen base dict and keeps the
+change on top; when the top grows past a fraction of the base, `derive` flattens into a new
+base, so a sequence of k-entry changes costs O(k) amortised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+_MISSING = object()
+
+
+class Layered(Mapping[K, V], Generic[K, V]):
+    __slots__ = ("_base", "_top", "_gone", "_len")
+
+    def __init__(self, base: Mapping[K, V] | None = None) -> None:
+        self._base: dict[K, V] = dict(base or {})
+        self._top: dict[K, V] = {}
+        self._gone: frozenset[K] = frozenset()
+        self._len = len(self._base)
+
+    def derive(self, updates: Mapping[K, V], deletions: Iterable[K] = ()) -> Layered[K, V]:
+        """A new mapping: this one with `updates` set and `deletions` removed (never mutates)."""
+        top = dict(self._top)
+        gone = set(self._gone)
+        n = self._len
+        for k in set(deletions):
+            if k in self:
+                n -= 1
+                top.pop(k, None)
+                if k in self._base:
+                    gone.add(k)
+        for k, v in updates.items():
+            if k not in top and (k in gone or k not in self._base):
+                n += 1
+            top[k] = v
+            gone.discard(k)
+        out: Layered[K, V] = Layered.__new__(Layered)
+        if len(top) + len(gone) > max(64, len(self._base) // 8):  # flatten: O(N), every N/8 changes
+            base = {k: v for k, v in self._base.items() if k not in gone}
+            base.update(top)
+            out._base, out._top, out._gone = base, {}, frozenset()
+        else:
+            out._base, out._top, out._gone = self._base, top, frozenset(gone)
+        out._len = n
+        return out
+
+    def __getitem__(self, key: K) -> V:
+        v = self._top.get(key, _MISSING)
+        if v is not _MISSING:
+            return v  # type: ignore[return-value]
+        if key in self._gone:
+            raise KeyError(key)
+        return self._base[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._top or (key not in self._gone and key in self._base)
+
+    def __iter__(self) -> Iterator[K]:
+        if not self._top and not self._gone:
+            yield from self._base
+            return
+        for k in self._base:
+            if k not in self._gone and k not in self._top:
+                yield k
+        yield from self._top
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"Layered({len(self)} entries)"

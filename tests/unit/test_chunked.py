@@ -1,0 +1,37 @@
+"""blockd.chunked: a spliced sequence equals the list it stands for; the original is untouched."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blockd import chunked
+from blockd.chunked import Chunked
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 3000])
+def test_splice_bisect_and_slices_match_a_list(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunked, "CHUNK", 16)
+    rng = random.Random(size)
+    ref = sorted(rng.sample(range(10 * size + 10), size))
+    seq = Chunked(ref)
+    versions = [(seq, list(ref))]
+    for _ in range(60):
+        drop = set(rng.sample(range(len(ref)), min(len(ref), rng.randint(0, 4)))) if ref else set()
+        kept = [x for i, x in enumerate(ref) if i not in drop]
+        fresh = sorted(set(rng.sample(range(10 * size + 10), 5)) - set(ref))
+        inserts: dict[int, list[int]] = {}
+        for x in fresh:
+            inserts.setdefault(seq.bisect(x, lambda v: v), []).append(x)
+        seq = seq.splice(drop, inserts)
+        ref = sorted(kept + fresh)
+        versions.append((seq, list(ref)))
+    for s, want in versions:
+        assert list(s) == want and len(s) == len(want) and s == tuple(want) and tuple(want) == s
+        for probe in (0, 7, 10 * size + 11, *(want[:3])):
+            assert s.bisect(probe, lambda v: v) == sum(1 for x in want if x < probe)
+        if want:
+            assert s[0] == want[0] and s[-1] == want[-1] and s[len(want) // 2] == want[len(want) // 2]
+            assert s[1:len(want) - 1] == tuple(want[1:len(want) - 1]) and s[3:3] == ()
+    assert Chunked([1, 2]) != Chunked([1, 3]) and Chunked([1, 2]) != (1,)
