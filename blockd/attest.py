@@ -175,6 +175,7 @@ def build_statement(
     for r in policies:
         p = r.policy
         per_policy.append([])
+        source = _name(p.source)
         for o in p.orders:
             key = order_key(p, o)
             t = timings[tte.version_key(p, o)]
@@ -187,7 +188,7 @@ def build_statement(
                 status = result.status if result else "pending"
             held = status in ("enforced", "partially_refused", "unblock")
             per_policy[-1].append({
-                "policy": _name(p.source), "key": key, "id": o.id, "serial": p.serial, "action": o.action,
+                "policy": source, "key": key, "id": o.id, "serial": p.serial, "action": o.action,
                 "legal_basis": {"authority": o.legal_basis.authority, "reference": o.legal_basis.reference,
                                 "url": o.legal_basis.url},
                 "status": "unblocked" if status == "unblock" else status,

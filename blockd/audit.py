@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from functools import lru_cache
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -95,6 +96,13 @@ def iso(t: datetime) -> str:
     """An aware datetime as `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (UTC)."""
     if t.tzinfo is None:
         raise ValueError(f"naive datetime {t.isoformat()!r}; pass an aware one (e.g. tzinfo=timezone.utc)")
+    return _iso(t)
+
+
+@lru_cache(maxsize=4096)
+def _iso(t: datetime) -> str:
+    # A statement of a registry repeats a few times (issued, received, enforced) a million
+    # times: formatted once each.
     u = t.astimezone(timezone.utc)
     return u.strftime("%Y-%m-%dT%H:%M:%S") + (f".{u.microsecond:06d}Z" if u.microsecond else "Z")
 

@@ -310,7 +310,7 @@ class Daemon:
             self._wake.clear()
             reloading, self._reloading = self._reloading, False
             if reason == "retry" and not reloading and not self._needs_pass():
-                self._retry_writes()  # only a write is owed: no need to recompile and re-apply
+                await self._retry_writes()  # only a write is owed: no need to recompile and re-apply
                 continue
             if reason == "change" and not reloading and self._inputs_unchanged():
                 log.debug("pass_skipped", reason="the policy directory is as the last pass read it")
@@ -356,12 +356,21 @@ class Daemon:
         # Digests over the whole rule set take seconds at 1M: off the event loop, once each.
         await asyncio.to_thread(self._warm_shares, result.compilation.ruleset)
         if self.accountability is not None:
+            acc = self.accountability
             for f in result.new_input_failures:
-                self.accountability.event("input_refused", input=f.input, where=f.where, error=f.message)
+                acc.event("input_refused", input=f.input, where=f.where, error=f.message)
+
+            def account() -> None:
+                acc.after_pass(result, self.enforcer_passes())
+                if acc.behind:
+                    acc.retry(result, self.enforcer_passes())
+
             try:
-                self.accountability.after_pass(result, self.enforcer_passes())
-                if self.accountability.behind:
-                    self.accountability.retry(result, self.enforcer_passes())
+                # A statement lists every order (seconds for a registry): in a worker thread, so
+                # the event loop keeps answering and pinging the watchdog; under the apply lock,
+                # like every other statement, so they never interleave.
+                async with self._apply_lock:
+                    await asyncio.to_thread(account)
             except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
                 log.exception("accountability_failed", error=str(e))
         self._schedule_retry(bool(result.failed) or result.state_error is not None
@@ -372,14 +381,16 @@ class Daemon:
         state = self.last is not None and self.last.state_error is not None  # new policies wait for it
         return self._pass_failed or state or any(not err.startswith(_READBACK_FAILED) for err in self.errors.values())
 
-    def _retry_writes(self) -> None:
-        if self.accountability is None:
+    async def _retry_writes(self) -> None:
+        acc = self.accountability
+        if acc is None:
             return
         try:
-            self.accountability.retry(self.last, self.enforcer_passes())
+            async with self._apply_lock:
+                await asyncio.to_thread(acc.retry, self.last, self.enforcer_passes())
         except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
             log.exception("accountability_failed", error=str(e))
-        self._schedule_retry(self.accountability.behind)
+        self._schedule_retry(acc.behind)
 
     def _schedule_retry(self, failing: bool) -> None:
         """Back off (1 s doubling to `retry_max_s`) while an apply or a write fails."""
@@ -533,15 +544,17 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - a periodic check must never stop the daemon
                 log.exception("drift_check_crashed", error=str(e))
 
-    async def _read_all(self, desired: RuleSet) -> dict[str, tuple[RuleSet, float, datetime] | EnforcerError]:
-        """Every enforcer's full read-back (or its error), not yet recorded as what it holds."""
+    async def _read_all(self, desired: RuleSet, *, full: bool = False
+                        ) -> dict[str, tuple[RuleSet, float, datetime] | EnforcerError]:
+        """Every enforcer's read-back (or its error), not yet recorded as what it holds. With
+        `full`, a dump even where the backend could prove nothing changed (statements)."""
         out: dict[str, tuple[RuleSet, float, datetime] | EnforcerError] = {}
         for e in self.enforcers:
             if e.name in self.errors and not self.errors[e.name].startswith(_READBACK_FAILED):
                 continue  # its apply fails: the pass loop retries it with backoff
             t0 = time.perf_counter()
             try:
-                held = await e.readback()
+                held = await _read(e, full)
             except EnforcerError as exc:
                 out[e.name] = exc
                 continue
@@ -590,8 +603,9 @@ class Daemon:
             # The regulator hears of it now, not at the next periodic statement.
             try:
                 passes = self.enforcer_passes()
-                self.accountability.record(self.last, passes)
-                self.accountability.attest(self.last, passes, reason="drift_repair", drift_repairs=repairs)
+                acc, last = self.accountability, self.last
+                await asyncio.to_thread(lambda: (acc.record(last, passes),
+                                                 acc.attest(last, passes, reason="drift_repair", drift_repairs=repairs)))
             except Exception as exc:  # noqa: BLE001 - accountability must never stop enforcement
                 log.exception("accountability_failed", error=str(exc))
         return clean
@@ -599,7 +613,7 @@ class Daemon:
     async def _read_back(self, e: Enforcer, desired: RuleSet) -> tuple[Applied, RuleSet]:
         """A full read-back of `e`, recorded as what it holds now (EnforcerError if it fails)."""
         t0 = time.perf_counter()
-        held = await e.readback()
+        held = await _read(e, True)
         return await self._record_readback(e, desired, held, time.perf_counter() - t0, datetime.now(timezone.utc))
 
     async def _record_readback(self, e: Enforcer, desired: RuleSet, held: RuleSet, took_s: float,
@@ -654,7 +668,7 @@ class Daemon:
             desired = self.reconciler.desired
             # The read-back runs beside changes (see _drift_loop); it is redone under the lock
             # in the rare case a pass applied a newer rule set meanwhile.
-            reads = await self._read_all(desired) if desired is not None else {}
+            reads = await self._read_all(desired, full=True) if desired is not None else {}
             async with self._apply_lock:
                 try:
                     if desired is not None and self.reconciler.desired is desired:
@@ -663,8 +677,8 @@ class Daemon:
                         await self._refresh_readback()
                     self._observe_sync()
                     passes = self.enforcer_passes()
-                    self.accountability.record(self.last, passes)
-                    self.accountability.attest(self.last, passes, reason=reason)
+                    acc, last = self.accountability, self.last
+                    await asyncio.to_thread(lambda: (acc.record(last, passes), acc.attest(last, passes, reason=reason)))
                 except Exception as e:  # noqa: BLE001 - as above: log, keep running, retry next period
                     log.exception("attestation_failed", error=str(e))
             if self.accountability.behind:
@@ -696,6 +710,12 @@ class Daemon:
     def _observe_sync(self) -> None:
         for name, e in self.enforcer_passes().items():
             self.metrics.in_sync.labels(name).set(1 if e.in_sync else 0)
+
+
+async def _read(e: Enforcer, full: bool) -> RuleSet:
+    """`e.readback()`; with `full`, the backend's full dump where it has a cheaper proof."""
+    readback_full = getattr(e, "readback_full", None)
+    return await (readback_full() if full and readback_full is not None else e.readback())
 
 
 class _Statuses(Mapping[str, str]):

@@ -77,7 +77,7 @@ class PartDigest:
         else:
             for e in elements:
                 groups.setdefault(crc32(e.encode()) & _MASK, []).append(e)  # type: ignore[union-attr]
-        buckets = {b: tuple(sorted(g)) for b, g in groups.items()}  # type: ignore[type-var]
+        buckets = {b: tuple(sorted(g)) for b, g in groups.items()}
         return cls._from(kind, buckets, {b: _bucket_digest(kind, els) for b, els in buckets.items()})
 
     @classmethod
@@ -114,7 +114,7 @@ class PartDigest:
         digests = dict(self.digests)
         for b, els in out.items():
             if els:
-                buckets[b] = tuple(sorted(els))  # type: ignore[type-var]
+                buckets[b] = tuple(sorted(els))
                 digests[b] = _bucket_digest(self.kind, buckets[b])
             else:
                 buckets.pop(b, None)

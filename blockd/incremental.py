@@ -24,7 +24,7 @@ Mutable state, owned by one reconciler and used from one thread at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 from blockd import ranges
@@ -248,14 +248,13 @@ class Merger:
         # Per-order results: only the orders whose rules or refusals changed are recounted.
         counts = self._counts
         for delta, sign in ((removed, -1), (added, 1)):
-            for rules in (delta.domains, delta.v4, delta.v6):
-                for r in rules:
-                    for k in r.orders:
-                        n = counts.get(k, 0) + sign
-                        if n:
-                            counts[k] = n
-                        else:
-                            counts.pop(k, None)
+            for orders in _orders_of(delta):
+                for k in orders:
+                    left = counts.get(k, 0) + sign
+                    if left:
+                        counts[k] = left
+                    else:
+                        counts.pop(k, None)
         findings = [f for p in prepared for f in p.findings]
         warnings = _name_warnings(exact, subtree, unblocks, settings)
         refused = _refused(findings)
@@ -268,18 +267,17 @@ class Merger:
                     active.pop(k, None)
         touch = set(leave) | set(enter) | refused.keys() | self._refused.keys()
         for delta in (removed, added):
-            for rules in (delta.domains, delta.v4, delta.v6):
-                for r in rules:
-                    touch.update(r.orders)
+            for orders in _orders_of(delta):
+                touch.update(orders)
         for p in came:
             for k, _ in p.unblocks:
                 active[k] = OrderResult(k, "unblock")
             touch.update(k for k, _ in p.blocks if k not in was_active)
         for k in touch:
             if k in blocks:
-                n, bad = counts.get(k, 0), refused.get(k, 0)
-                status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
-                active[k] = OrderResult(k, status, n, bad)
+                rules_n, bad = counts.get(k, 0), refused.get(k, 0)
+                status: Status = "enforced" if not bad else ("partially_refused" if rules_n else "refused")
+                active[k] = OrderResult(k, status, rules_n, bad)
         waiting = self._waiting
         if statuses != self._statuses:
             waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
@@ -302,12 +300,12 @@ class Merger:
             else:
                 updates[k] = after_r
             issuer = k.split("/", 1)[0]
-            for r, sign in ((before_r, -1), (after_r, 1)):
-                if r is not None:
-                    c = (issuer, r.status)
-                    n = tally.get(c, 0) + sign
-                    if n:
-                        tally[c] = n
+            for res, sign in ((before_r, -1), (after_r, 1)):
+                if res is not None:
+                    c = (issuer, res.status)
+                    total = tally.get(c, 0) + sign
+                    if total:
+                        tally[c] = total
                     else:
                         del tally[c]
         results = _layered(old_results).derive(updates, deletions)
@@ -327,6 +325,13 @@ class Merger:
 
 def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]
     return m if isinstance(m, Layered) else Layered(m)
+
+
+def _orders_of(delta: RuleDelta) -> Iterator[frozenset[str]]:
+    for r in delta.domains:
+        yield r.orders
+    for n in (*delta.v4, *delta.v6):
+        yield n.orders
 
 
 class _Unfit(Exception):

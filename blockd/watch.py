@@ -103,6 +103,9 @@ async def watch(directory: Path, on_change: Callable[[], None], *, poll_s: float
             except TimeoutError:
                 timed_out = True  # the safety net: compare the directory's identity
             else:
+                # Python 3.11's wait_for returns the result when the event fires as the task is
+                # cancelled, losing the cancellation: the daemon's TaskGroup then waits forever
+                _raise_if_cancelling()
                 await asyncio.sleep(settle_s)  # coalesce a burst (write + rename + signature files)
             wake.clear()
             current = identity(directory)
@@ -123,6 +126,12 @@ async def watch(directory: Path, on_change: Callable[[], None], *, poll_s: float
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def _raise_if_cancelling() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 _PARENT_MASK = _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO

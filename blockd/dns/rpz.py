@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class TsigKey:
     algorithm: str = "hmac-sha256"
 
 
+MAX_SHARDS = 256
 #: how rules are cut into zones: all in `zone`; one zone per authority; one zone per order
 LAYOUTS = ("one", "authority", "order")
 
@@ -84,8 +86,17 @@ class RpzSettings:
     #: once they have taken the transfer (PowerDNS Recursor `allow-notify-for`); host:port
     wipe_cache: tuple[tuple[str, int], ...] = ()
     max_wipe_names: int = 1000  # a bigger change wipes "." (the whole cache) instead
+    #: also write each zone as this many shard files (`shard_path`), names spread by a stable
+    #: hash, replacing only the shards a change touches: for resolvers that re-read a whole file
+    #: on every change and stall meanwhile (Knot Resolver; docs/dns.md). 1 = no shard files
+    zone_file_shards: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.zone_file_shards <= MAX_SHARDS:
+            raise ValueError(f"zone_file_shards: {self.zone_file_shards!r}; valid: 1 to {MAX_SHARDS}")
+        if self.zone_file_shards > 1 and not self.zone_file:
+            raise ValueError(f"zone_file_shards: {self.zone_file_shards} needs zone_file (the shards are written "
+                             "beside it)")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: bad value {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
         if self.layout != "one" and self.zone_file and "{zone}" not in self.zone_file:
@@ -457,3 +468,91 @@ def zone_text(s: RpzSettings, v: ZoneVersion) -> Iterator[str]:
     yield "".join(lines)
     if s.ip_triggers:
         yield "".join(f"{o} CNAME .\n" for o in sorted(ip_owners(rs)))
+
+
+# ---- shard files (zone_file_shards) ---------------------------------------------------------
+def shard_path(zone_file: str, i: int) -> str:
+    return f"{zone_file}.shard-{i}"
+
+
+def shard_of(key: str, k: int) -> int:
+    """The shard of a key: a hash that is the same in every process and release (crc32)."""
+    return zlib.crc32(key.encode("utf-8", "backslashreplace")) % k
+
+
+def shard_texts(s: RpzSettings, v: ZoneVersion) -> list[str]:
+    """The zone cut into `s.zone_file_shards` master files of the same origin. A name goes to the
+    shard of the first order of its first rule, so the names of one order stay together and a new, changed
+    or lifted order rewrites one shard (a name shared with another order may move once). A
+    shard's text depends only on its own records (no zone serial or digest in it: its SOA serial
+    is a crc32 of its records), so shards a change does not touch stay byte for byte the same."""
+    k = s.zone_file_shards
+    rs = v.ruleset
+    lines: list[list[str]] = [[] for _ in range(k)]
+    used: list[set[str]] = [set() for _ in range(k)]
+    memo: dict[str, int] = {}
+    prev, i = None, 0
+    for name, subtree, orders in rs.domains:
+        note = ",".join(sorted(orders))
+        if name != prev:  # the name's first rule picks its shard; its other rule (if any) follows
+            key = min(orders) if orders else name
+            i = memo.get(key, -1)
+            if i < 0:
+                i = memo[key] = shard_of(key, k)
+            lines[i].append(f"{name} CNAME . ; orders={note}\n")  # as zone_text: one apex record per name
+        prev = name
+        if subtree:
+            lines[i].append(f"*.{name} CNAME . ; orders={note}\n")
+        used[i].update(orders)
+    if s.ip_triggers:
+        for o in sorted(ip_owners(rs)):
+            lines[shard_of(o, k)].append(f"{o} CNAME .\n")
+    out = []
+    for i in range(k):
+        notes = "".join("; order " + " ".join(f"{oid}: {info.authority} {info.reference} {info.url or ''}".split())
+                        + "\n" for oid, info in sorted(rs.orders.items()) if oid in used[i])
+        body = "".join(lines[i])
+        serial = zlib.crc32((notes + body).encode("ascii", "backslashreplace")) or 1
+        out.append(f"; RPZ zone {s.origin} shard {i} of {k}, written by blockd (zone_file_shards); "
+                   "a change replaces only the shards it touches\n" + notes
+                   + f"$ORIGIN {s.origin}\n$TTL {s.ttl}\n"
+                   + f"@ SOA {s.mname} {s.rname} {serial} {s.refresh} {s.retry} {s.expire} {s.minimum}\n"
+                   + f"@ NS {s.mname}\n" + body)
+    return out
+
+
+def write_shards(s: RpzSettings, v: ZoneVersion) -> int:
+    """Replace the shard files whose text changed (or that are missing): all new texts are written
+    and fsynced to temporary files first, then renamed into place, so a full disk leaves every
+    shard as it was. Returns how many were replaced."""
+    assert s.zone_file
+    todo: list[tuple[str, str]] = []
+    for i, text in enumerate(shard_texts(s, v)):
+        path = shard_path(s.zone_file, i)
+        try:
+            with open(path, "rb") as f:
+                if f.read() == text.encode("ascii", "backslashreplace"):
+                    continue
+        except FileNotFoundError:
+            pass
+        todo.append((path, text))
+    temps: list[tuple[str, str]] = []
+    try:
+        for path, text in todo:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+            temps.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="ascii", errors="backslashreplace") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+    except BaseException:
+        for tmp, _ in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for tmp, path in temps:
+        os.replace(tmp, path)
+    return len(temps)

@@ -13,7 +13,8 @@ default zone first, then by name): every resolver applies the first zone that ma
 * BIND (9.18): one `response-policy` with every zone, a secondary `zone` statement each
   (with TSIG when blockd requires it). No EDE on RPZ hits before 9.19.5.
 * Knot Resolver (5.6): no transfer client; `policy.rpz` loads the zone file blockd writes
-  atomically for each zone and reloads it when it is replaced (needs lua-cqueues).
+  atomically for each zone and reloads it when it is replaced (needs lua-cqueues); with
+  `zone_file_shards` it loads each zone's shard files instead, so a change re-reads one shard.
   `DENY_MSG` gives NXDOMAIN, EDE 16 and the legal basis as a TXT in ADDITIONAL
   (`explanation.invalid.`); kresd's EDE EXTRA-TEXT is its own code ("CR36").
 """
@@ -36,6 +37,7 @@ class ZoneInfo:
     key: str | None  # the authority (layout authority) or order id (layout order)
     text: str  # the legal basis, as the EDE EXTRA-TEXT / kresd message
     zone_file: str | None  # the file blockd writes for this zone, if any
+    shards: int = 1  # zone_file_shards: the zone is also written as this many shard files
 
 
 def legal_text(s: rpz.RpzSettings, key: str | None, rs: RuleSet) -> str:
@@ -63,7 +65,7 @@ def zones_for(s: rpz.RpzSettings, rs: RuleSet, known: Iterable[str] = ()) -> lis
     for origin in sorted(parts, key=lambda o: (o != s.origin, o)):
         key, _ = parts[origin]
         zs = rpz.for_zone(s, origin, key) if s.layout != "one" else s
-        out.append(ZoneInfo(origin, key, legal_text(s, key, rs), zs.zone_file))
+        out.append(ZoneInfo(origin, key, legal_text(s, key, rs), zs.zone_file, zs.zone_file_shards))
     return out
 
 
@@ -166,6 +168,10 @@ def _knot(zones: Sequence[ZoneInfo], ip_triggers: bool = False) -> str:
         if z.zone_file is None:
             lines.append(f"-- {z.origin}: set enforcers.rpz.zone_file in blockd.yaml; kresd reads zone files only")
             continue
-        lines.append(f"policy.add(policy.rpz(policy.DENY_MSG({lua_str(z.text)}, kres.extended_error.CENSORED), "
-                     f"{lua_str(z.zone_file)}, true))")
+        files = [z.zone_file] if z.shards == 1 else [rpz.shard_path(z.zone_file, i) for i in range(z.shards)]
+        if z.shards > 1:
+            lines.append(f"-- {z.origin}: {z.shards} shard files (zone_file_shards): a change re-reads only the "
+                         "shards it touches")
+        lines += [f"policy.add(policy.rpz(policy.DENY_MSG({lua_str(z.text)}, kres.extended_error.CENSORED), "
+                  f"{lua_str(f)}, true))" for f in files]
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from blockd.dns import udpbatch, wire
+from blockd.dns import sde, udpbatch, wire
 from blockd.dns.acl import LOOPBACK, Acl
 from blockd.dns.forward import Forwarder, ForwardSettings, cache_key, now_s
 from blockd.dns.table import AnswerSettings, Table, Verdict
@@ -75,6 +75,8 @@ class SinkholeSettings:
     sde_organization: str = ""
     sde_contact: tuple[str, ...] = ()
     sde_sub_error: int | None = None
+    sde_option_code: int | None = None  # the SDE option's code (draft: "TBD"); unset, plain text for all
+    sde_language: str = "en"  # RFC 5646 tag of the JSON's j and o
 
     def __post_init__(self) -> None:
         bad = [f"{name}: {value!r} is below the minimum {lo}"
@@ -85,6 +87,8 @@ class SinkholeSettings:
                                        ("tcp_idle_s", self.tcp_idle_s, 0.1),
                                        ("tcp_message_s", self.tcp_message_s, 0.1))
                if value < lo]
+        bad += sde.problems(self.ede_code, self.sde_option_code, self.sde_organization, self.sde_contact,
+                            self.sde_sub_error, self.sde_language)
         if bad:
             raise ValueError("; ".join(bad))
 
@@ -94,6 +98,7 @@ class SinkholeSettings:
             sinkhole_v4=self.sinkhole_v4, sinkhole_v6=self.sinkhole_v6, answer_ttl=self.answer_ttl,
             negative_ttl=self.negative_ttl,
             sde_organization=self.sde_organization, sde_contact=self.sde_contact, sde_sub_error=self.sde_sub_error,
+            sde_option_code=self.sde_option_code, sde_language=self.sde_language,
         )
 
     def forwarding(self) -> ForwardSettings:
@@ -303,7 +308,7 @@ class SinkholeServer:
             if v.enforce:
                 if v.mode == "drop":
                     return None
-                out = t.answers.render(data, q, off, v)
+                out = t.answers.render(data, q, off, v, tcp)
                 if not tcp and len(out) > (q.edns if q.edns > 512 else 512):
                     res["truncated"] += 1
                     return wire.truncated(data, q)
@@ -340,7 +345,7 @@ class SinkholeServer:
         """The blocked answer for verdict `v` (already counted), rule name at label offset `off`."""
         if v.mode == "drop":
             return None
-        out = t.answers.render(data, q, off, v)
+        out = t.answers.render(data, q, off, v, tcp)
         if not tcp and len(out) > (q.edns if q.edns > 512 else 512):
             tally.results["truncated"] += 1
             return wire.truncated(data, q)

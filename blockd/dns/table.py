@@ -43,6 +43,8 @@ class AnswerSettings:
     sde_organization: str = ""
     sde_contact: tuple[str, ...] = ()
     sde_sub_error: int | None = None
+    sde_option_code: int | None = None  # the SDE option's code (unassigned by IANA): unset, no client signals
+    sde_language: str = "en"
 
     def __post_init__(self) -> None:
         for field, value in (("default_answer", self.default_answer), ("override_answer", self.override_answer)):
@@ -55,10 +57,11 @@ class AnswerSettings:
 class Verdict:
     """What to answer for names held by one combination of orders (shared by many names)."""
 
-    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt", "opt_sde")
+    __slots__ = ("mode", "enforce", "rcode", "order", "orders", "own_orders", "index", "text", "opt", "opt_sde",
+                 "opt_sde_small", "opt_sde_bare")
 
     def __init__(self, mode: str, order: str | None, orders: frozenset[str], own: frozenset[str], text: str,
-                 ede_code: int, index: int, sde_text: str | None = None) -> None:
+                 ede_code: int, index: int, sde_text: tuple[str, str | None] | None = None) -> None:
         self.mode = mode
         self.enforce = mode != "log"
         self.rcode = wire.REFUSED if mode == "refused" else wire.NXDOMAIN if mode == "nxdomain" else wire.NOERROR
@@ -69,8 +72,14 @@ class Verdict:
         self.text = text
         ede = wire.ede_option(ede_code, text)
         self.opt = (wire.opt_rr(ede), wire.opt_rr(ede, do=True))  # by the query's DO bit
-        sde_ede = wire.ede_option(ede_code, sde_text) if sde_text is not None else None
-        self.opt_sde = (wire.opt_rr(sde_ede), wire.opt_rr(sde_ede, do=True)) if sde_ede else self.opt
+        # structured errors (sde.py): the full JSON, and for a UDP answer it would push past the
+        # client's payload size the compact JSON (no j, o), then the EDE without EXTRA-TEXT
+        self.opt_sde = self.opt_sde_small = self.opt_sde_bare = self.opt
+        if sde_text is not None:
+            full, small, bare = (wire.ede_option(ede_code, t) for t in (sde_text[0], sde_text[1] or "", ""))
+            self.opt_sde = (wire.opt_rr(full), wire.opt_rr(full, do=True))
+            self.opt_sde_small = (wire.opt_rr(small), wire.opt_rr(small, do=True))
+            self.opt_sde_bare = (wire.opt_rr(bare), wire.opt_rr(bare, do=True))
 
 
 def ede_text(order: str | None, info: OrderInfo | None, others: int) -> str:
@@ -202,7 +211,9 @@ def _choose(own: frozenset[str], combined: frozenset[str], orders: Mapping[str, 
     else:
         mode, order = next(m for m, r in MODE_RANK.items() if r == best[0]), best[1]
     text = ede_text(order, orders.get(order) if order else None, max(len(combined) - 1, 0))
-    structured = sde.extra_text(text, s.sde_organization, s.sde_contact, s.sde_sub_error)
+    structured = None if s.sde_option_code is None else (
+        sde.extra_text(text, s.sde_organization, s.sde_contact, s.sde_sub_error, s.sde_language, s.ede_code),
+        sde.compact_text(s.sde_contact, s.sde_sub_error, s.ede_code))
     return Verdict(mode, order, combined, own, text, s.ede_code, index, structured)
 
 
@@ -212,9 +223,10 @@ _SOA_COUNTS = struct.Struct("!HHHH")
 class Answers:
     """Pre-rendered pieces of blocked answers; `render` only concatenates bytes."""
 
-    __slots__ = ("soa_tail", "a_rr", "aaaa_rr")
+    __slots__ = ("soa_tail", "a_rr", "aaaa_rr", "sde_needle")
 
     def __init__(self, s: AnswerSettings) -> None:
+        self.sde_needle = sde.option_needle(s.sde_option_code)
         rdata = wire.soa_rdata(s.soa_mname, s.soa_rname, 1, 3600, 600, 86400, s.negative_ttl)
         # owner (a pointer to the matched rule name inside the question) is prepended per query
         self.soa_tail = struct.pack("!HHIH", wire.T_SOA, 1, s.negative_ttl, len(rdata)) + rdata
@@ -230,7 +242,7 @@ class Answers:
                 raise ValueError(f"sinkhole_v6: {s.sinkhole_v6!r} is not an IPv6 address")
             self.aaaa_rr = wire.rr(b"\xc0\x0c", wire.T_AAAA, s.answer_ttl, rd)
 
-    def render(self, data: bytes, q: wire.Query, off: int, v: Verdict) -> bytes:
+    def render(self, data: bytes, q: wire.Query, off: int, v: Verdict, tcp: bool = False) -> bytes:
         """The blocked answer to `data` (whose parse is `q`), rule name at label offset `off`."""
         mode = v.mode
         ans = b""
@@ -243,5 +255,12 @@ class Answers:
         if q.edns < 0:
             return (wire.header(data, v.rcode, 1, 1 if ans else 0, 1 if ns else 0, 0)
                     + data[12 : q.qend + 4] + ans + ns)
-        return (wire.header(data, v.rcode, 1, 1 if ans else 0, 1 if ns else 0, 1)
-                + data[12 : q.qend + 4] + ans + ns + (v.opt_sde if sde.wants(data, q) else v.opt)[q.do])
+        out = wire.header(data, v.rcode, 1, 1 if ans else 0, 1 if ns else 0, 1) + data[12 : q.qend + 4] + ans + ns
+        if not sde.wants(data, q, self.sde_needle):
+            return out + v.opt[q.do]
+        full = out + v.opt_sde[q.do]
+        limit = q.edns if q.edns > 512 else 512
+        if tcp or len(full) <= limit:
+            return full
+        small = out + v.opt_sde_small[q.do]  # draft §5.2: j and o go first, then the EXTRA-TEXT,
+        return small if len(small) <= limit else out + v.opt_sde_bare[q.do]  # before TC=1

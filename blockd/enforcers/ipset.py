@@ -343,7 +343,7 @@ class IpsetEnforcer(nl.KernelEnforcer):
         self._maxelem = {v: s.maxelem(len(want[v])) for v in (4, 6)}
         self._record(len(msgs), len(want[4]) + len(want[6]), sum(map(len, msgs)), t0)
 
-    def _readback(self) -> RuleSet:
+    def _readback(self, full: bool = True) -> RuleSet:  # ipset has no generation: always a dump
         self._read_kernel()
         return self._held_ruleset()
 

@@ -226,8 +226,17 @@ class KernelEnforcer:
         return applied
 
     async def readback(self) -> RuleSet:
+        """What the kernel holds; a backend may answer without dumping everything when the
+        kernel proves nothing changed (nft: the ruleset generation; `last_readback` says so)."""
+        return await self._readback_locked(False)
+
+    async def readback_full(self) -> RuleSet:
+        """A full dump, whatever the kernel says changed (for the periodic statement)."""
+        return await self._readback_locked(True)
+
+    async def _readback_locked(self, full: bool) -> RuleSet:
         async with self._lock:
-            held = await asyncio.to_thread(self._readback)
+            held = await asyncio.to_thread(self._readback, full) if full else await asyncio.to_thread(self._readback)
             if held.digest != self._base_share:  # someone changed the sets: no plan fits them
                 self._base = None
             return held

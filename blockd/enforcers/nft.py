@@ -373,9 +373,9 @@ class NftEnforcer(nl.KernelEnforcer):
         log.debug("nft_commit", enforcer=self.name, messages=len(msgs), elements=elements, bytes=size,
                   duration_s=round(self.last_commit.duration_s, 4))
 
-    def _readback(self) -> RuleSet:
+    def _readback(self, full: bool = False) -> RuleSet:
         gen = self._generation()
-        if gen is not None and gen == self._clean_gen and self._clean_share is not None \
+        if not full and gen is not None and gen == self._clean_gen and self._clean_share is not None \
                 and self._clean_share[0] == gen:
             # Nothing in nftables changed since `_held` was exact: no 1M-element dump. The
             # statement says so: scope "touched" (nothing was), the rest as of the last dump.

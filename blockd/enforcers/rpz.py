@@ -90,6 +90,8 @@ class RpzEnforcer:
                 for zs, version, _, new in changes:
                     if new and zs.zone_file:
                         await asyncio.to_thread(rpz.atomic_write, zs.zone_file, rpz.zone_text(zs, version))
+                    if zs.zone_file and zs.zone_file_shards > 1:  # also when restored: a missing shard is written
+                        await asyncio.to_thread(rpz.write_shards, zs, version)
             except OSError as e:
                 raise EnforcerError(self.name, f"cannot write {e.filename!r}: {e.strerror}", errno=e.errno) from e
             self._zones = zones

@@ -275,28 +275,33 @@ def test_upstream_failover_and_servfail() -> None:
 
 
 def test_structured_dns_error_only_for_clients_that_ask() -> None:
-    """draft-ietf-dnsop-structured-dns-error: an EDE option with INFO-CODE 0 in the query gets the JSON;
-    other EDNS clients keep the plain text."""
+    """draft-ietf-dnsop-structured-dns-error-22 §5.1/§5.4: a query with the SDE option (here code
+    65001, the operator's sde_option_code) gets the JSON in the EDE EXTRA-TEXT; other EDNS clients,
+    including ones sending the old INFO-CODE 0 signal of -03..-19, keep the plain text; dig too."""
     import json
 
-    s = SinkholeSettings(**{**_fields(BASE), "sde_organization": "ISP Example",
-                            "sde_contact": ("mailto:noc@isp.example", "https://isp.example/blocking")})
+    s = SinkholeSettings(**{**_fields(BASE), "sde_option_code": 65001, "sde_organization": "ISP Example",
+                            "sde_contact": ("mailto:noc@isp.example", "tel:+84-24-1234-5678")})
     e = Env(s)
+    just = "Blocked by order nx of Example Court (2024/nx), see https://example.org/legal"
     try:
-        plain = e.udp("blocked.example.org", use_edns=0)
-        (o,) = [x for x in plain.options if isinstance(x, dns.edns.EDEOption)]
-        assert o.code == 16 and o.text == "Blocked by order nx of Example Court (2024/nx), see https://example.org/legal"
-        for signal in (dns.edns.EDEOption(dns.edns.EDECode.OTHER), dns.edns.GenericOption(15, b"")):
-            r = e.udp("www.tree.example.org", use_edns=0, options=[signal])
+        for signal in (None, dns.edns.EDEOption(dns.edns.EDECode.OTHER), dns.edns.GenericOption(15, b"")):
+            plain = e.udp("blocked.example.org", use_edns=0, options=[signal] if signal else [])
+            (o,) = [x for x in plain.options if isinstance(x, dns.edns.EDEOption)]
+            assert o.code == 16 and o.text == just
+        for r in (e.udp("www.tree.example.org", use_edns=0, options=[dns.edns.GenericOption(65001, b"")]),
+                  e.tcp("www.tree.example.org", use_edns=0, options=[dns.edns.GenericOption(65001, b"")])):
             assert r.rcode() == dns.rcode.NXDOMAIN
             (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
             assert o.code == 16
-            assert json.loads(o.text or "") == {
-                "j": "Blocked by order nx of Example Court (2024/nx), see https://example.org/legal",
-                "o": "ISP Example", "c": ["mailto:noc@isp.example", "https://isp.example/blocking"], "l": "en"}
-        r = e.tcp("sink.example.org", use_edns=0, options=[dns.edns.EDEOption(dns.edns.EDECode.OTHER)])
+            assert o.text == ('{"c":["mailto:noc@isp.example","tel:+84-24-1234-5678"],"j":"' + just
+                              + '","o":"ISP Example","l":"en"}')
+        r = e.tcp("sink.example.org", use_edns=0, options=[dns.edns.GenericOption(65001, b"")])
         (o,) = [x for x in r.options if isinstance(x, dns.edns.EDEOption)]
         assert json.loads(o.text or "")["j"].startswith("Blocked by order sh of Example Court")
         assert [rd.address for rr in r.answer for rd in rr] == ["192.0.2.80"]
+        if DIG:  # dig's +ednsopt sends the SDE option as a client of the draft would
+            out = e.dig("+ednsopt=65001", "blocked.example.org", "A")
+            assert '"j":"Blocked by order nx of Example Court' in out and '"l":"en"' in out, out
     finally:
         e.close()
