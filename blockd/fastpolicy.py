@@ -25,6 +25,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import cast
 
 from blockd import fastyaml, ranges, trust
 from blockd.fastyaml import Unsupported
@@ -80,7 +81,7 @@ def _make_order(oid: str, basis: LegalBasis, action: str, targets: Targets, dead
     _o_deadline(o, deadline)
     _o_allow(o, allow)
     _o_dns(o, dns_answer)
-    return o  # type: ignore[no-any-return]
+    return o
 
 
 def _make_basis(authority: str, reference: str, url: str | None) -> LegalBasis:
@@ -88,7 +89,7 @@ def _make_basis(authority: str, reference: str, url: str | None) -> LegalBasis:
     _b_authority(b, authority)
     _b_reference(b, reference)
     _b_url(b, url)
-    return b  # type: ignore[no-any-return]
+    return b
 
 
 def _make_targets(services: tuple[str, ...], domains: tuple[str, ...], cidrs: tuple[object, ...],
@@ -98,7 +99,7 @@ def _make_targets(services: tuple[str, ...], domains: tuple[str, ...], cidrs: tu
     _t_domains(t, domains)
     _t_cidrs(t, cidrs)
     _t_asns(t, asns)
-    return t  # type: ignore[no-any-return]
+    return t
 
 
 @dataclass
@@ -154,7 +155,7 @@ def parse(data: bytes, text: str | None, source: str, *, signers: tuple[str, ...
     orders = [order(m, seen, times) for m in raw]
     if seen[0] != keys or len({o.id for o in orders}) != len(orders):
         raise Unsupported  # a duplicate key in a flow, or a duplicate order id
-    policy = Policy(**header, orders=tuple(orders), digest=digest, source=source, signers=signers)
+    policy = _policy(header, orders, digest, source, signers)
     cached = _remember(data, orders, items) if items is not None and next(reversed(doc)) == "orders" else None
     return Parsed(policy, cached)
 
@@ -231,13 +232,13 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
                 if counted[0] != item_keys:
                     raise Unsupported
                 hits[i] = cache[chunk] = (o, nodes, chunk)
-    orders = [h[0] for h in hits]  # type: ignore[index]
-    if sum(h[1] for h in hits) + head_nodes + 1 > max_nodes:  # type: ignore[index]
+    found = cast(list[tuple[Order, int, bytes]], hits)  # every miss was filled in above
+    orders = [h[0] for h in found]
+    if sum(h[1] for h in found) + head_nodes + 1 > max_nodes:
         raise Unsupported
     if len({o.id for o in orders}) != len(orders):
         raise Unsupported
-    policy = Policy(**header, orders=tuple(orders), digest=digest, source=source, signers=signers)
-    return Parsed(policy, (indent, [h[2] for h in hits]))  # type: ignore[index]
+    return Parsed(_policy(header, orders, digest, source, signers), (indent, [h[2] for h in found]))
 
 
 def _nodes(o: Order) -> int:
@@ -246,7 +247,15 @@ def _nodes(o: Order) -> int:
     return 40 + len(t.services) + len(t.domains) + len(t.cidrs) + len(t.asns) + 7 * len(o.allow_collateral)
 
 
-def _header(doc: dict[str, object], seen: list[int]) -> dict[str, object]:
+Header = tuple[str, int, datetime, datetime, datetime]
+
+
+def _policy(h: Header, orders: list[Order], digest: str, source: str, signers: tuple[str, ...]) -> Policy:
+    return Policy(issuer=h[0], serial=h[1], issued_at=h[2], not_before=h[3], not_after=h[4], orders=tuple(orders),
+                  digest=digest, source=source, signers=signers)
+
+
+def _header(doc: dict[str, object], seen: list[int]) -> Header:
     keys = doc.keys()
     if not (keys <= _TOP_ALLOWED and keys >= _TOP_REQUIRED):
         raise Unsupported
@@ -264,8 +273,7 @@ def _header(doc: dict[str, object], seen: list[int]) -> dict[str, object]:
     issued_at, not_before, not_after = (_time(doc[k], times) for k in ("issued_at", "not_before", "not_after"))
     if not not_before < not_after:
         raise Unsupported
-    return {"issuer": issuer, "serial": number, "issued_at": issued_at, "not_before": not_before,
-            "not_after": not_after}
+    return issuer, number, issued_at, not_before, not_after
 
 
 def _time(value: object, memo: dict[str, datetime]) -> datetime:
@@ -343,7 +351,7 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
     for d in domains:
         if type(d) is not str:
             raise Unsupported
-    names = [d if len(d) <= MAX_NAME and _CANONICAL_NAME.fullmatch(d) else _domain(d) for d in domains]  # type: ignore[arg-type]
+    names = [d if len(d) <= MAX_NAME and _CANONICAL_NAME.fullmatch(d) else _domain(d) for d in cast(list[str], domains)]
     cidrs = []
     v = get("cidrs")
     for c in [] if v is None else _list(v):

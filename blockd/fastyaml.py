@@ -155,7 +155,7 @@ class Reader:
         """Fill in the flow collections, read in one batch."""
         values, keys = flows(self.flows)
         for (container, key), value in zip(self.slots, values):
-            container[key] = value  # type: ignore[index]
+            container[key] = value  # type: ignore[index,call-overload]
         self.keys += keys
         if values:  # an upper bound: every collection, key and scalar (commas bound the items)
             b = "\n".join(self.flows)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockd import ranges, strictyaml, trust
+from blockd.fastyaml import Unsupported
 from blockd.errors import ExpiredError, InputError, NotYetValidError, PolicyError, SignatureError
 from blockd.fsutil import read_regular
 from blockd.model import (
@@ -135,7 +136,7 @@ def parse_signed(data: bytes, source: str, *, signers: tuple[str, ...] = (), max
             with gc_paused():  # millions of objects and no cycles: collections would only walk them
                 return fastpolicy.parse(data, None, source, signers=signers, digest=digest,
                                         max_depth=strictyaml.MAX_DEPTH, max_nodes=node_limit(max_bytes), items=items)
-        except fastpolicy.Unsupported:
+        except Unsupported:
             pass
     return fastpolicy.Parsed(parse_general(data, source, signers=signers, max_bytes=max_bytes, digest=digest))
 
