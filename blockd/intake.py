@@ -7,7 +7,9 @@ The I/O half of the pipeline (`selection` and `compile` are the pure half):
                                        or the state's copy) stays in use, and the refusal is
                                        returned as an InputFailure for the log, metrics, audit
     read_candidates(paths, ctx)        per file: read (regular, size-checked) -> verify -> parse;
-                                       never raises: a bad file becomes an Unreadable
+                                       never raises: a bad file becomes an Unreadable; with a
+                                       ParseCache, an unchanged file is not read again and a
+                                       new one parses only its changed orders (parsecache)
     state_candidates(ctx)              the state's copies of the accepted policies, verified again
 """
 
@@ -25,7 +27,8 @@ from blockd.compile import CompileSettings
 from blockd.errors import BlockdError, CatalogError, InputError, PolicyError
 from blockd.fsutil import read_regular
 from blockd.guards import Guards, default_psl, parse_shared_infra, read_shared_infra
-from blockd.model import Catalog, Policy
+from blockd.model import Catalog
+from blockd.parsecache import ParseCache
 from blockd.policy import load_signed_policy
 from blockd.selection import AcceptedSerial, Candidate, Selection, Unreadable, Verdict
 from blockd.settings import Settings
@@ -195,9 +198,6 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) + sorted(
         p for p in directory.glob("*.yml") if not p.name.startswith(".")
     )
-
-
-ParseCache = dict[tuple[str, str, tuple[str, ...]], Policy]
 
 
 def read_candidates(paths: list[Path], ctx: Context, parsed: ParseCache | None = None

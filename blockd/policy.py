@@ -12,14 +12,22 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockd import ranges, strictyaml, trust
+from blockd.fastyaml import Unsupported
 from blockd.errors import ExpiredError, InputError, NotYetValidError, PolicyError, SignatureError
 from blockd.fsutil import read_regular
-from blockd.model import DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets
+from blockd.model import (
+    DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets, gc_paused,
+)
 from blockd.names import display, normalise
 from blockd.schema import Reader, join
 from blockd.strictyaml import YMap
+
+if TYPE_CHECKING:
+    from blockd.fastpolicy import Items, Parsed
+    from blockd.parsecache import ParseCache
 
 ORDER_ID = r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}"
 SERVICE_NAME = r"[a-z0-9][a-z0-9-]{0,63}"
@@ -67,33 +75,77 @@ def load_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POL
 
 
 def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = MAX_POLICY_BYTES,
-                       parsed: dict[tuple[str, str, tuple[str, ...]], Policy] | None = None
-                       ) -> tuple[Policy, SignedFile]:
+                       parsed: ParseCache | None = None) -> tuple[Policy, SignedFile]:
     """Verify, then parse: the Policy and the exact bytes it was parsed from.
 
-    `parsed` caches the parse by (sha256, file, signers): bytes that were parsed before are
-    verified again (always) but not parsed again, so a pass over a large unchanged policy
-    costs a hash and a signature check.
+    With `parsed` (the daemon's cache across passes): a file whose identity and signature files
+    are unchanged since they were verified, under the same trust store, is not read again
+    (`ParseCache.unchanged`); bytes parsed before are not parsed again; a new file whose items
+    are mostly those of a file parsed before parses only the items that changed.
     """
+    identity = None
+    if parsed is not None:
+        hit = parsed.unchanged(path, store, max_bytes)
+        if hit is not None:
+            return hit
+        identity = parsed.identity(path)
     signed = read_signed(path, store, role="policy", max_bytes=max_bytes)
-    key = (signed.digest, str(path), signed.verified.signers)
-    policy = parsed.get(key) if parsed is not None else None
+    digest = signed.digest
+    key = (digest, str(path), signed.verified.signers)
+    policy = parsed.policies.get(key) if parsed is not None else None
     if policy is None:
-        policy = parse_policy(signed.data, str(path), signers=signed.verified.signers)
+        result = parse_signed(signed.data, str(path), signers=signed.verified.signers, max_bytes=max_bytes,
+                              digest=digest, items=parsed.items if parsed is not None else None)
+        policy = result.policy
         if parsed is not None:
-            parsed[key] = policy
+            parsed.policies[key] = policy
+            if result.items is not None:
+                parsed.files[key] = result.items
     if policy.issuer != signed.verified.issuer:
         raise SignatureError(
             f"file says issuer {policy.issuer!r} but is signed by keys of issuer {signed.verified.issuer!r}",
             where=str(path),
         )
+    if parsed is not None and identity is not None:
+        parsed.verified(path, store, max_bytes, identity, (policy, signed))
     return policy, signed
 
 
-def parse_policy(data: bytes, source: str, *, signers: tuple[str, ...] = ()) -> Policy:
+def node_limit(max_bytes: int) -> int:
+    """YAML nodes a policy may have: 8M, or one per 8 bytes of a larger `max_policy_bytes`
+    (a registry of a million orders has about 21M nodes in 171 MB)."""
+    return max(strictyaml.MAX_NODES, max_bytes // 8)
+
+
+def parse_policy(data: bytes, source: str, *, signers: tuple[str, ...] = (),
+                 max_bytes: int = MAX_POLICY_BYTES) -> Policy:
     """Pure: bytes -> Policy, reporting every schema problem at once (PolicyError)."""
+    return parse_signed(data, source, signers=signers, max_bytes=max_bytes).policy
+
+
+def parse_signed(data: bytes, source: str, *, signers: tuple[str, ...] = (), max_bytes: int = MAX_POLICY_BYTES,
+                 digest: str | None = None, items: Items | None = None) -> Parsed:
+    """The fast path when it can decide (`fastpolicy`: the same Policy), else the general one,
+    which gives every error with its line. `items` reuses the orders of unchanged items."""
+    from blockd import fastpolicy  # it builds on this module's helpers
+
+    if digest is None:
+        digest = hashlib.sha256(data).hexdigest()
+    if len(data) <= max_bytes:
+        try:
+            with gc_paused():  # millions of objects and no cycles: collections would only walk them
+                return fastpolicy.parse(data, None, source, signers=signers, digest=digest,
+                                        max_depth=strictyaml.MAX_DEPTH, max_nodes=node_limit(max_bytes), items=items)
+        except Unsupported:
+            pass
+    return fastpolicy.Parsed(parse_general(data, source, signers=signers, max_bytes=max_bytes, digest=digest))
+
+
+def parse_general(data: bytes, source: str, *, signers: tuple[str, ...] = (), max_bytes: int = MAX_POLICY_BYTES,
+                  digest: str | None = None) -> Policy:
+    """The general path: strictyaml (libyaml events) and the schema Reader, every problem at once."""
     try:
-        doc = strictyaml.load(data, source, max_bytes=MAX_POLICY_BYTES)
+        doc = strictyaml.load(data, source, max_bytes=max_bytes, max_nodes=node_limit(max_bytes))
     except InputError as e:
         raise PolicyError(e.message, where=e.where) from None
     r = Reader(source)
@@ -132,7 +184,7 @@ def parse_policy(data: bytes, source: str, *, signers: tuple[str, ...] = ()) -> 
     assert issuer and serial and issued_at and not_before and not_after
     return Policy(
         issuer=issuer, serial=serial, issued_at=issued_at, not_before=not_before, not_after=not_after,
-        orders=tuple(orders), digest=hashlib.sha256(data).hexdigest(), source=source, signers=signers,
+        orders=tuple(orders), digest=digest or hashlib.sha256(data).hexdigest(), source=source, signers=signers,
     )
 
 
@@ -250,3 +302,4 @@ def _span(delta: object) -> str:
     hours, rest = divmod(rest, 3600)
     minutes = rest // 60
     return f"{days}d {hours}h {minutes}m" if days else f"{hours}h {minutes}m"
+

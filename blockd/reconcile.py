@@ -85,7 +85,7 @@ class Reconciler:
     _order_entries: dict[str, OrderCache] = field(default_factory=dict)
     _orders_key: str = ""
     #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
-    _parsed: ParseCache = field(default_factory=dict)
+    _parsed: ParseCache = field(default_factory=ParseCache)
     #: the last merge and its inputs: a pass whose inputs did not change reuses the rule set
     _merged: tuple[object, Compilation] | None = None
     #: the merge, carried forward by delta (blockd.incremental)
@@ -262,7 +262,7 @@ class Reconciler:
         # serial left in the directory is read on every pass).
         present = {(v.digest, v.source) for v in sel.verdicts}
         present |= {(c.policy.digest, c.policy.source) for c in (*found, *kept)}
-        self._parsed = {k: p for k, p in self._parsed.items() if (k[0], k[1]) in present}
+        self._parsed.retain(present)
         return sel
 
     def _record(self, ctx: Context, sel: Selection, now: datetime) -> None:

@@ -1,0 +1,90 @@
+"""What the daemon keeps between passes about policy files, so that a pass costs what changed.
+
+    unchanged(path)   a file whose identity and signature files are as they were when it was
+                      verified, under the same trust store: the Policy and bytes of then,
+                      without reading or verifying again
+    policies          parses by (sha256, file, signers): bytes parsed before are not parsed again
+    items             orders by the exact bytes of their item (fastpolicy.Items): a new serial
+                      parses only the items that changed
+
+The identity of a file is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), of the policy
+and of every signature file beside it (their set is part of it). Every write changes ctime
+(the kernel sets it; no utime call can set it back), a rename over the file changes the inode,
+a new or removed signature changes the set; a different trust store changes its digest. A
+file changed within the last RACY_NS (one timestamp tick could hide a second write) is read
+again every pass until it is older (git's "racy" rule).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blockd import fastpolicy, trust
+from blockd.model import Policy
+from blockd.policy import SignedFile
+
+#: a file changed more recently than this is not trusted to be unchanged by its identity
+RACY_NS = 2_000_000_000
+Identity = tuple[tuple[str, int, int, int, int, int], ...]
+Key = tuple[str, str, tuple[str, ...]]
+
+
+@dataclass
+class ParseCache:
+    policies: dict[Key, Policy] = field(default_factory=dict)
+    #: per parse whose orders are in `items`: (indent, item keys), to keep them bounded
+    files: dict[Key, tuple[int, list[bytes]]] = field(default_factory=dict)
+    items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
+    #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
+    _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
+    racy_ns: int = RACY_NS
+
+    def identity(self, path: Path) -> Identity | None:
+        """The identity of a policy file and its signature files; None when it cannot be
+        trusted to show a change (not a regular file, or changed just now)."""
+        try:
+            paths = [path, *trust.signature_paths(path)]
+            stats = [os.stat(p) for p in paths]
+        except OSError:
+            return None
+        if not stat.S_ISREG(stats[0].st_mode):
+            return None
+        now = time.time_ns()
+        if any(now - max(st.st_mtime_ns, st.st_ctime_ns) < self.racy_ns for st in stats):
+            return None
+        return tuple((str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                     for p, st in zip(paths, stats))
+
+    def unchanged(self, path: Path, store: trust.TrustStore, max_bytes: int) -> tuple[Policy, SignedFile] | None:
+        entry = self._verified.get(str(path))
+        if entry is None or entry[1] != (store.digest, max_bytes):
+            return None
+        if self.identity(path) != entry[0]:
+            return None
+        return entry[2], entry[3]
+
+    def verified(self, path: Path, store: trust.TrustStore, max_bytes: int, before: Identity,
+                 result: tuple[Policy, SignedFile]) -> None:
+        """Record a file verified and parsed, under the identity taken before it was read, if
+        it still has it (a file replaced while being read is read again next pass)."""
+        if self.identity(path) == before:
+            self._verified[str(path)] = (before, (store.digest, max_bytes), *result)
+        else:
+            self._verified.pop(str(path), None)
+
+    def forget_identities(self) -> None:
+        """Read and verify every file again on the next pass."""
+        self._verified.clear()
+
+    def retain(self, present: set[tuple[str, str]]) -> None:
+        """Keep only what belongs to files still present: (sha256, path) pairs."""
+        self.policies = {k: p for k, p in self.policies.items() if (k[0], k[1]) in present}
+        self.files = {k: v for k, v in self.files.items() if k in self.policies}
+        self._verified = {path: e for path, e in self._verified.items() if (e[2].digest, path) in present}
+        live = sum(len(keys) for _, keys in self.files.values())
+        if len(self.items) > 2 * live + 1024:  # amortised: at most twice the items in use
+            self.items.keep(list(self.files.values()))

@@ -1,0 +1,127 @@
+"""The verify skip: an unchanged file is not read again; every kind of change is read and verified again."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from blockd import trust
+from blockd.errors import SignatureError
+from blockd.parsecache import ParseCache
+from blockd.policy import MAX_POLICY_BYTES, load_signed_policy
+from tests.conftest import Keys, make_trust
+
+POLICY = """\
+issuer: reg
+serial: {serial}
+issued_at: 2026-11-01T00:00:00Z
+not_before: 2026-11-01T00:00:00Z
+not_after: 2030-01-01T00:00:00Z
+orders:
+  - id: o1
+    legal_basis: {{authority: Court, reference: R-{serial}}}
+    action: block
+    targets: {{domains: [t{serial}.example]}}
+"""
+
+
+def write(path: Path, keys: Keys, serial: int, *, sign: bool = True) -> None:
+    path.write_text(POLICY.format(serial=serial))
+    if sign:
+        keys.sign(path, keys.regulator[0])
+
+
+def rewrite_in_place(path: Path, text: str) -> None:
+    """Same inode, same size, mtime set back: only ctime tells (the kernel sets it on every change)."""
+    st = os.stat(path)
+    assert len(text.encode()) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(text.encode())
+    while os.stat(path).st_ctime_ns == st.st_ctime_ns:  # one timestamp tick may not have passed yet
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_ino == st.st_ino
+
+
+def rename_over(path: Path, keys: Keys) -> None:
+    tmp = path.with_name(".new.yaml")
+    write(tmp, keys, 2)
+    os.replace(tmp.with_name(tmp.name + ".minisig"), path.with_name(path.name + ".minisig"))
+    os.replace(tmp, path)
+
+
+def add_signature(path: Path, keys: Keys) -> None:
+    keys.sign(path, keys.regulator[1], name="second")
+
+
+CHANGES: list[tuple[str, Callable[[Path, Keys], None], str]] = [
+    ("in-place rewrite, mtime restored", lambda p, k: rewrite_in_place(p, POLICY.format(serial=9)), "refused"),
+    ("renamed over", rename_over, "serial 2"),
+    ("a new signature beside it", add_signature, "two signers"),
+    ("the signature removed", lambda p, k: p.with_name(p.name + ".minisig").unlink(), "refused"),
+]
+
+
+@pytest.mark.parametrize("name, change, then", CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_changed_file_is_read_and_verified_again(tmp_path: Path, name: str, change: Callable[[Path, Keys], None],
+                                                   then: str) -> None:
+    keys = make_trust(tmp_path, regulators=2)
+    store = trust.load_trust_store(keys.trust)
+    path = tmp_path / "p.yaml"
+    write(path, keys, 1)
+    cache = ParseCache(racy_ns=0)
+    first = load_signed_policy(path, store, parsed=cache)
+    again = load_signed_policy(path, store, parsed=cache)
+    assert again[0] is first[0] and again[1] is first[1]  # unchanged: the same objects, not read again
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is not None
+    change(path, keys)
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None
+    if then == "refused":
+        with pytest.raises(SignatureError):
+            load_signed_policy(path, store, parsed=cache)
+    elif then == "serial 2":
+        assert load_signed_policy(path, store, parsed=cache)[0].serial == 2
+    else:
+        assert len(load_signed_policy(path, store, parsed=cache)[0].signers) == 2
+
+
+def test_a_new_trust_store_verifies_again(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path, regulators=2)
+    path = tmp_path / "p.yaml"
+    write(path, keys, 1)
+    cache = ParseCache(racy_ns=0)
+    load_signed_policy(path, trust.load_trust_store(keys.trust), parsed=cache)
+    (keys.trust / "reg" / "k0.pub").unlink()  # the signing key is revoked
+    revoked = trust.load_trust_store(keys.trust)
+    assert cache.unchanged(path, revoked, MAX_POLICY_BYTES) is None
+    with pytest.raises(SignatureError):
+        load_signed_policy(path, revoked, parsed=cache)
+
+
+def test_a_file_changed_just_now_is_not_trusted_to_be_unchanged(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = tmp_path / "p.yaml"
+    write(path, keys, 1)
+    cache = ParseCache()  # the default: two seconds
+    load_signed_policy(path, store, parsed=cache)
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None
+
+
+def test_forget_identities_and_retain(tmp_path: Path) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = tmp_path / "p.yaml"
+    write(path, keys, 1)
+    cache = ParseCache(racy_ns=0)
+    policy, _ = load_signed_policy(path, store, parsed=cache)
+    cache.forget_identities()
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None
+    load_signed_policy(path, store, parsed=cache)
+    cache.retain({(policy.digest, str(path))})
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is not None
+    cache.retain(set())  # the file is gone
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None and not cache.policies
