@@ -107,6 +107,8 @@ class SharedInfra:
 
     @classmethod
     def build(cls, providers: tuple[Provider, ...]) -> SharedInfra:
+        """The providers given, and always the special-purpose ranges (`SPECIAL_PURPOSE`)."""
+        providers = (*providers, SPECIAL_PURPOSE) if SPECIAL_PURPOSE not in providers else providers
         union, each = {}, {}
         for version in (4, 6):
             union[version] = _Index.of(
@@ -130,6 +132,22 @@ class SharedInfra:
                             f"{ranges.format_addr(cidr.version, a)}-{ranges.format_addr(cidr.version, b)}"))
         return out
 
+
+#: Addresses no order can mean to block, whatever list it came from: blocking them breaks the
+#: host and the network itself (a registry dump holding 127.0.0.0/18 made the kernel drop the
+#: sinkhole's own loopback traffic). Refused by the shared-infrastructure guard; a signed
+#: `allow_collateral` can still name one.
+SPECIAL_PURPOSE = Provider("special-purpose (RFC 6890)", "IANA IPv4/IPv6 special-purpose address registries", tuple(
+    ranges.parse_cidr(c) for c in (
+        "0.0.0.0/8",  # "this network"
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+        "::/128", "::1/128",  # unspecified, loopback
+        "fe80::/10",  # link-local
+        "ff00::/8",  # multicast
+    )))
 
 MAX_SHARED_INFRA_BYTES = 16 << 20
 #: the widest prefix a shared-infrastructure list may hold, per IP version

@@ -64,6 +64,14 @@ GUARD_CASES = [
     ('{cidrs: ["2600:1f00:1::/48"]}', "shared_infra"),
     ('{cidrs: [104.16.0.0/12]}', "min_prefix+shared_infra"),
     ('{cidrs: [52.128.0.0/16]}', None),
+    # special-purpose ranges (RFC 6890): blocking them breaks the host, whatever list they came from
+    ('{cidrs: [127.0.0.0/18]}', "shared_infra"),
+    ('{cidrs: [169.254.10.0/24]}', "shared_infra"),
+    ('{cidrs: [224.0.0.251/32]}', "shared_infra"),
+    ('{cidrs: ["::1/128"]}', "shared_infra"),
+    ('{cidrs: ["::ffff:127.0.0.1/128"]}', "shared_infra"),  # IPv4-mapped: enforced as IPv4
+    ('{cidrs: ["fe80::/64"]}', "shared_infra"),
+    ('{cidrs: [100.64.0.0/24]}', None),  # shared address space (RFC 6598) is an ISP's own to block
 ]
 
 
