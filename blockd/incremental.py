@@ -257,7 +257,19 @@ class Merger:
                         counts.pop(k, None)
         findings = [f for p in prepared for f in p.findings]
         warnings = _name_warnings(exact, subtree, unblocks, settings)
-        refused = _refused(findings)
+        # Refusals come from each order's own policy: only the policies that came or went change them.
+        refused = self._refused
+        changed_refusals: set[str] = set()
+        if gone or came:
+            refused = dict(refused)
+            for p in gone:
+                for k in _refused_of(p):
+                    refused.pop(k, None)
+                    changed_refusals.add(k)
+            for p in came:
+                mine = _refused_of(p)
+                refused.update(mine)
+                changed_refusals.update(mine)
         active = self._active
         was_active = {k for p in gone for k in p.infos if k in active}
         came_keys = {k for p in came for k in p.infos}
@@ -265,7 +277,7 @@ class Merger:
             for k in p.infos:
                 if k not in came_keys:
                     active.pop(k, None)
-        touch = set(leave) | set(enter) | refused.keys() | self._refused.keys()
+        touch = set(leave) | set(enter) | changed_refusals
         for delta in (removed, added):
             for orders in _orders_of(delta):
                 touch.update(orders)
@@ -482,6 +494,19 @@ def _join_adjacent(cov: Chunked, windows: list[tuple[int, int, list[NetRule]]]) 
     if not bad:
         return cov
     raise _Unfit("a window edge joins its neighbour")
+
+
+_REFUSED_OF: dict[int, tuple[Prepared, dict[str, int]]] = {}
+
+
+def _refused_of(prep: Prepared) -> dict[str, int]:
+    """`_refused(prep.findings)`, computed once per Prepared (kept with it, so its id stays its)."""
+    hit = _REFUSED_OF.get(id(prep))
+    if hit is None or hit[0] is not prep:
+        if len(_REFUSED_OF) > 256:
+            _REFUSED_OF.clear()
+        hit = _REFUSED_OF[id(prep)] = (prep, _refused(list(prep.findings)))
+    return hit[1]
 
 
 def _refused(findings: list) -> dict[str, int]:  # type: ignore[type-arg]

@@ -89,9 +89,12 @@ def test_the_delta_merge_equals_the_reference(name: str) -> None:
 
 def test_random_sequences_equal_the_reference() -> None:
     rng = random.Random(1414)
-    names = [f"n{i}.example" for i in range(30)] + ["*.sub.example", "x.sub.example", "*.example.org"]
+    # "com", 52.1.2.3 (shared infra in the test guards), 127.0.0.0/18 (special-purpose) and /12
+    # (min_prefix) are refused: per-order refusals must follow the changes too
+    names = [f"n{i}.example" for i in range(30)] + ["*.sub.example", "x.sub.example", "*.example.org", "com"]
     nets = [f"10.0.{i}.0/24" for i in range(8)] + ["10.0.0.0/22", "10.0.2.128/25", "10.0.3.7/32",
-                                                     "2001:db8::/48", "2001:db8:0:1::/64"]
+                                                     "2001:db8::/48", "2001:db8:0:1::/64", "52.1.2.3/32",
+                                                     "127.0.0.0/18", "10.16.0.0/12"]
 
     def targets() -> str:
         return (f"{{domains: [{', '.join(repr(n) for n in rng.sample(names, rng.randint(1, 4)))}], "
