@@ -82,7 +82,7 @@ class Reconciler:
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
     #: each order's expansion by its content (for one context), per policy digest: a new serial
     #: that changes one order expands only that one
-    _order_entries: dict[str, OrderCache] = field(default_factory=dict)
+    _order_entries: dict[str, tuple[str, OrderCache]] = field(default_factory=dict)
     _orders_key: str = ""
     #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
     _parsed: ParseCache = field(default_factory=ParseCache)
@@ -231,20 +231,20 @@ class Reconciler:
         if self._orders_key != ctx.key:  # a new catalog or guards: every order is expanded again
             self._order_entries, self._orders_key = {}, ctx.key
         used: set[str] = set()
-        reuse: OrderCache | None = None
 
         def prepared(p: Policy) -> Prepared:
-            nonlocal reuse
             key = (p.digest, ctx.key)
             hit = cache.get(key)
             if hit is None or hit.policy.source != p.source:
-                if reuse is None:  # every order expanded for the policies kept so far, by content
-                    reuse = {}
-                    for entries in self._order_entries.values():
+                # the orders expanded for this issuer's policies kept so far, by content (an order
+                # key names its issuer: another issuer's orders can never match)
+                reuse: OrderCache = {}
+                for issuer, entries in self._order_entries.values():
+                    if issuer == p.issuer:
                         reuse.update(entries)
                 own: OrderCache = {}
                 hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own)
-                self._order_entries[p.digest] = own
+                self._order_entries[p.digest] = (p.issuer, own)
             used.add(p.digest)
             return hit
 

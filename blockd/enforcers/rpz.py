@@ -37,15 +37,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
-from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, PartDigest, combine
+from blockd.digests import ADDR4, ADDR6, EMPTY, PartDigest, combine
 from blockd.dns import rpz
 from blockd.dns.rpzserver import RpzServer
 from blockd.errors import EnforcerError
-from blockd.model import Applied, Change, DomainRule, OrderInfo, Plan, RuleDelta, RuleSet
+from blockd.model import Applied, Change, OrderInfo, Plan, RuleDelta, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.rpz")
 
