@@ -62,6 +62,8 @@ class Merger:
         self._waiting: dict[str, OrderResult] = {}  # of orders of policies not in force
         self._statuses: dict[str, Status] = {}
         self._refused: dict[str, int] = {}
+        #: id(Prepared) -> (it, its refusals by order): for the policies in force
+        self._refusals: dict[int, tuple[Prepared, dict[str, int]]] = {}
         self._provenance = Provenance()
         self._size = 0  # rules over all block contributions (the growth guard's measure)
         #: the last update's path: "reference" (a full merge) or "delta"
@@ -263,11 +265,11 @@ class Merger:
         if gone or came:
             refused = dict(refused)
             for p in gone:
-                for k in _refused_of(p):
+                for k in self._refused_of(p):
                     refused.pop(k, None)
                     changed_refusals.add(k)
             for p in came:
-                mine = _refused_of(p)
+                mine = self._refused_of(p)
                 refused.update(mine)
                 changed_refusals.update(mine)
         active = self._active
@@ -332,7 +334,15 @@ class Merger:
 
         self._prepared, self.comp, self._infos = prepared, comp, infos
         self._waiting, self._statuses, self._refused, self._size = waiting, dict(statuses), refused, size
+        self._refusals = {i: v for i, v in self._refusals.items() if i in new_ids}  # only policies in force
         return comp, plan, removed, added
+
+    def _refused_of(self, prep: Prepared) -> dict[str, int]:
+        """`_refused(prep.findings)`, once per Prepared (kept with it, so its id stays its own)."""
+        hit = self._refusals.get(id(prep))
+        if hit is None or hit[0] is not prep:
+            hit = self._refusals[id(prep)] = (prep, _refused(list(prep.findings)))
+        return hit[1]
 
 
 def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]
@@ -494,19 +504,6 @@ def _join_adjacent(cov: Chunked, windows: list[tuple[int, int, list[NetRule]]]) 
     if not bad:
         return cov
     raise _Unfit("a window edge joins its neighbour")
-
-
-_REFUSED_OF: dict[int, tuple[Prepared, dict[str, int]]] = {}
-
-
-def _refused_of(prep: Prepared) -> dict[str, int]:
-    """`_refused(prep.findings)`, computed once per Prepared (kept with it, so its id stays its)."""
-    hit = _REFUSED_OF.get(id(prep))
-    if hit is None or hit[0] is not prep:
-        if len(_REFUSED_OF) > 256:
-            _REFUSED_OF.clear()
-        hit = _REFUSED_OF[id(prep)] = (prep, _refused(list(prep.findings)))
-    return hit[1]
 
 
 def _refused(findings: list) -> dict[str, int]:  # type: ignore[type-arg]
