@@ -320,7 +320,7 @@ def _union_change(old: Sequence[NetRule], new: Sequence[NetRule], removed: Seque
     """The union intervals that left and entered, from the neighbourhoods of the touched rules."""
     if not removed and not added:
         return (), ()
-    spans = ranges_merge([(r.first, r.last) for r in (*removed, *added)])
+    spans = union_intervals(sorted((*removed, *added), key=_first))
     before: set[tuple[int, int]] = set()
     after: set[tuple[int, int]] = set()
     for lo, hi in spans:
@@ -353,17 +353,6 @@ def seq_bisect(seq: Sequence, value: object, key) -> int:  # type: ignore[type-a
 
 
 _NONE: Chunked = Chunked()
-
-
-def ranges_merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for first, last in sorted(intervals):
-        if out and first <= out[-1][1] + 1:
-            if last > out[-1][1]:
-                out[-1] = (out[-1][0], last)
-        else:
-            out.append((first, last))
-    return out
 
 
 @contextmanager
