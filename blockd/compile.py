@@ -192,13 +192,36 @@ def merge(
     """
     # Millions of short-lived tuples would trigger the cyclic collector over and over (half
     # the run time at 1M rules); compile makes no reference cycles, so pause it.
+    return merge_with_parts(prepared, settings, previous, statuses, policy_statuses).compilation
+
+
+@dataclass(frozen=True)
+class Merged:
+    """`merge`'s result with the parts it was made from, for a caller that carries them forward
+    (incremental.Merger): the coverage before unblocks and the allowlist were cut out of it,
+    the provenance sets interned, and the rules per order."""
+
+    compilation: Compilation
+    coverage: Mapping[int, list[NetRule]]
+    provenance: Provenance
+    counts: Mapping[str, int]
+
+
+def merge_with_parts(
+    prepared: Sequence[Prepared],
+    settings: CompileSettings,
+    previous: RuleSet | Baseline | None = None,
+    statuses: Mapping[str, Status] | None = None,
+    policy_statuses: Mapping[str, str] | None = None,
+) -> Merged:
+    """`merge`, and the parts its result was made from."""
     baseline = Baseline.of(previous) if isinstance(previous, RuleSet) else previous
     with gc_paused():
         return _merge(prepared, settings, baseline, statuses or {}, policy_statuses or {})
 
 
 def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Baseline | None,
-           statuses: Mapping[str, Status], policy_statuses: Mapping[str, str]) -> Compilation:
+           statuses: Mapping[str, Status], policy_statuses: Mapping[str, str]) -> Merged:
     results: dict[str, OrderResult] = {k: OrderResult(k, v) for k, v in statuses.items()}
     policy_status: dict[str, str] = dict(policy_statuses)
     findings: list[Finding] = []
@@ -251,8 +274,9 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
     provenance = Provenance()
     domain_rules = [DomainRule(n, False, provenance.of(k)) for n, k in exact.items()]
     domain_rules += [DomainRule(n, True, provenance.of(k)) for n, k in subtree.items()]
-    v4 = subtract_rules(segment(nets[4], provenance), remove[4])
-    v6 = subtract_rules(segment(nets[6], provenance), remove[6])
+    coverage = {4: segment(nets[4], provenance), 6: segment(nets[6], provenance)}
+    v4 = subtract_rules(coverage[4], remove[4])
+    v6 = subtract_rules(coverage[6], remove[6])
     ruleset = RuleSet.build(domain_rules, v4, v6, infos)
 
     counts = _rule_counts(ruleset)
@@ -263,10 +287,11 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         n, bad = counts.get(key, 0), refused_by_order.get(key, 0)
         status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
         results[key] = OrderResult(key, status, n, bad)
-    return Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
+    comp = Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
                        MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}),
                        tuple(sorted({key for key, _ in unblocks})))
+    return Merged(comp, coverage, provenance, counts)
 
 
 def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:

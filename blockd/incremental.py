@@ -29,7 +29,8 @@ from types import MappingProxyType
 
 from blockd import ranges
 from blockd.compile import (
-    Baseline, Compilation, CompileSettings, OrderResult, Prepared, Provenance, Status, _remove_names, merge,
+    Baseline, Compilation, CompileSettings, Merged, OrderResult, Prepared, Provenance, Status, _remove_names,
+    merge_with_parts,
     segment, subtract_rules,
 )
 from blockd.chunked import Chunked
@@ -86,16 +87,19 @@ class Merger:
                     self.path = "delta"
                     return got
             self.path = "reference"
-            comp = merge(prepared, settings, previous, statuses, policy_statuses)
-            self._reset(tuple(prepared), settings, comp, statuses)
-            return comp, None, RuleDelta(), RuleDelta()
+            merged = merge_with_parts(prepared, settings, previous, statuses, policy_statuses)
+            self._reset(tuple(prepared), settings, merged, statuses)
+            return merged.compilation, None, RuleDelta(), RuleDelta()
 
     # -- the reference path: rebuild the state from a full merge --------------------------------
 
-    def _reset(self, prepared: tuple[Prepared, ...], settings: CompileSettings, comp: Compilation,
+    def _reset(self, prepared: tuple[Prepared, ...], settings: CompileSettings, merged: Merged,
                statuses: Mapping[str, Status]) -> None:
+        """Take the reference merge's result and the parts it was made from (its coverage,
+        interned provenance and rule counts: not computed a second time)."""
+        comp = merged.compilation
         self._settings, self._prepared, self.comp = settings, prepared, comp
-        self._provenance = Provenance()
+        self._provenance = merged.provenance
         self._blocks, self._unblocks = {}, {}
         infos: dict[str, OrderInfo] = {}
         for prep in prepared:
@@ -108,22 +112,15 @@ class Merger:
             return
         self._size = sum(_size(e) for e in self._blocks.values())
         self._exact, self._subtree = {}, {}
-        entries: dict[int, list[tuple[int, int, str]]] = {4: [], 6: []}
         for key, exp in self._blocks.items():
             _add_names_to(self._exact, self._subtree, key, exp, None)
-            for first, last, version in _intervals(exp):
-                entries[version].append((first, last, key))
-        self._cov = {v: Chunked(segment(entries[v], self._provenance)) for v in (4, 6)}
+        self._cov = {v: Chunked(merged.coverage[v]) for v in (4, 6)}
         self._statuses = dict(statuses)
         self._waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
         self._active = {k: comp.orders[k] for p in prepared for k in (*(k for k, _ in p.blocks),
                                                                      *(k for k, _ in p.unblocks))}
         self._refused = _refused(list(comp.findings))
-        self._counts = {}
-        for rules in (comp.ruleset.domains, comp.ruleset.v4, comp.ruleset.v6):
-            for r in rules:
-                for k in r.orders:
-                    self._counts[k] = self._counts.get(k, 0) + 1
+        self._counts = dict(merged.counts)
 
     # -- the delta path --------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
     unchanged(path)   a file whose identity and signature files are as they were when it was
                       verified, under the same trust store: the Policy and bytes of then,
                       without reading or verifying again
-    policies          parses by (sha256, file, signers): bytes parsed before are not parsed again
+    policies          parses by (sha256, file, signers): bytes parsed before, under any name,
+                      are not parsed again
     items             orders by the exact bytes of their item (fastpolicy.Items): a new serial
                       parses only the items that changed
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockd import fastpolicy, trust
@@ -42,6 +43,21 @@ class ParseCache:
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
     racy_ns: int = RACY_NS
+
+    def same_bytes(self, key: Key) -> Policy | None:
+        """The Policy parsed from these bytes with these signers, under this file's name: the
+        same bytes under another name (the state's copy of a file just accepted, a file renamed)
+        are not parsed again."""
+        policy = self.policies.get(key)
+        if policy is None:
+            digest, source, signers = key
+            twin = next((p for k, p in self.policies.items() if k[0] == digest and k[2] == signers), None)
+            if twin is not None:
+                policy = self.policies[key] = replace(twin, source=source)
+                files = next((v for k, v in self.files.items() if k[0] == digest and k[2] == signers), None)
+                if files is not None:
+                    self.files[key] = files
+        return policy
 
     def identity(self, path: Path) -> Identity | None:
         """The identity of a policy file and its signature files; None when it cannot be

@@ -92,7 +92,7 @@ def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = 
     signed = read_signed(path, store, role="policy", max_bytes=max_bytes)
     digest = signed.digest
     key = (digest, str(path), signed.verified.signers)
-    policy = parsed.policies.get(key) if parsed is not None else None
+    policy = parsed.same_bytes(key) if parsed is not None else None
     if policy is None:
         result = parse_signed(signed.data, str(path), signers=signed.verified.signers, max_bytes=max_bytes,
                               digest=digest, items=parsed.items if parsed is not None else None)

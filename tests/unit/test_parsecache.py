@@ -125,3 +125,28 @@ def test_forget_identities_and_retain(tmp_path: Path) -> None:
     assert cache.unchanged(path, store, MAX_POLICY_BYTES) is not None
     cache.retain(set())  # the file is gone
     assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None and not cache.policies
+
+
+def test_the_same_bytes_under_another_name_are_verified_not_parsed_again(tmp_path: Path) -> None:
+    """The state's copy of a file just accepted: read and verified as any file, parsed once."""
+    keys = make_trust(tmp_path, regulators=2)
+    store = trust.load_trust_store(keys.trust)
+    path, copy, other = tmp_path / "p.yaml", tmp_path / "state-copy.yaml", tmp_path / "other.yaml"
+    write(path, keys, 1)
+    cache = ParseCache()
+    first, _ = load_signed_policy(path, store, parsed=cache)
+    copy.write_bytes(path.read_bytes())
+    copy.with_name(copy.name + ".minisig").write_bytes(path.with_name(path.name + ".minisig").read_bytes())
+    twin, _ = load_signed_policy(copy, store, parsed=cache)
+    assert twin.orders is first.orders and twin.digest == first.digest  # not parsed again
+    assert twin.source == str(copy) and first.source == str(path)  # each under its own name
+    # Signed by other keys, the same bytes are another parse (signers are part of the Policy).
+    other.write_bytes(path.read_bytes())
+    keys.sign(other, keys.regulator[1])
+    assert load_signed_policy(other, store, parsed=cache)[0].orders is not first.orders
+    # A copy whose signature does not verify is refused, whatever was parsed before.
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(path.read_bytes())
+    bad.with_name(bad.name + ".minisig").write_bytes(other.with_name(other.name + ".minisig").read_bytes()[:-8] + b"AAAAAAAA")
+    with pytest.raises(SignatureError):
+        load_signed_policy(bad, store, parsed=cache)
