@@ -107,23 +107,36 @@ class Prepared:
     blocks: tuple[tuple[str, Expanded], ...]
     unblocks: tuple[tuple[str, Expanded], ...]
     findings: tuple[Finding, ...]
+    #: the digest of the same issuer's Prepared this one was made beside (`prepare(prior=)`),
+    #: and the order keys whose contribution or answer may differ from it (changed, added or
+    #: removed): every other order contributes exactly what it did there. None: not known.
+    prior: str | None = None
+    changed: frozenset[str] = frozenset()
 
 
-#: (order key, order) -> what the order contributes ("block" or "unblock", expanded, findings)
-OrderCache = dict[tuple[str, Order], tuple[str, Expanded, tuple[Finding, ...]]]
+Hit = tuple[str, Expanded, tuple[Finding, ...]]
+#: order key -> (the order, what it contributes: "block" or "unblock", expanded, findings);
+#: an entry serves an order that is the same object or equal (the parser hands out the same
+#: Order object for an item whose bytes did not change, so the common check is `is`)
+OrderCache = dict[str, tuple[Order, Hit]]
 
 
-def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tuple[str, Order], tuple[
-        str, Expanded, tuple[Finding, ...]]] | None = None, into: OrderCache | None = None) -> Prepared:
+def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[str, tuple[Order, Hit]] | None = None,
+            into: OrderCache | None = None, prior: tuple[Prepared, Mapping[str, tuple[Order, Hit]]] | None = None
+            ) -> Prepared:
     """Expand and guard every order of `policy`; every expansion problem is reported at once.
 
     `orders` (valid for one catalog and guards) caches each order's expansion by its content:
     a new serial that changes one order of a registry-sized policy expands and guards only that
     order again. Every order's entry (found or computed) is stored in `into` (by default in
-    `orders`).
+    `orders`). With `prior` (the same issuer's Prepared in force and its entries), the result
+    says which orders differ from it (`Prepared.changed`), so that a merge by delta looks at
+    those only.
     """
     if into is None and orders is not None:
         into = orders  # type: ignore[assignment]
+    before, before_entries = prior if prior is not None and prior[0].policy.issuer == policy.issuer else (None, None)
+    changed: set[str] = set()
     with gc_paused():
         infos: dict[str, OrderInfo] = {}
         blocks: list[tuple[str, Expanded]] = []
@@ -133,7 +146,12 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tu
         for i, order in enumerate(policy.orders):
             key = order_key(policy, order)
             infos[key] = _info(policy, order)
-            hit = orders.get((key, order)) if orders is not None else None
+            entry = orders.get(key) if orders is not None else None
+            hit = entry[1] if entry is not None and (entry[0] is order or entry[0] == order) else None
+            if before_entries is not None:
+                was = before_entries.get(key)
+                if was is None or was[1] is not hit or not (was[0] is order or was[0] == order):
+                    changed.add(key)
             if hit is None:
                 try:
                     expanded = expand_order(policy, i, order, catalog)
@@ -146,7 +164,7 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tu
                     kept, order_findings = _guard(key, order, expanded, guards)
                     hit = ("block", kept, tuple(order_findings))
             if into is not None:
-                into[(key, order)] = hit
+                into[key] = (order, hit)
             kind, expanded, order_findings = hit
             if kind == "unblock":
                 unblocks.append((key, expanded))
@@ -154,6 +172,11 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[tu
                 findings.extend(order_findings)
                 blocks.append((key, expanded))
         raise_problems(problems, PolicyError)
+        if before is not None:
+            assert before_entries is not None
+            changed.update(k for k in before.infos.keys() - infos.keys())  # orders the new serial dropped
+            return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings),
+                            before.policy.digest, frozenset(changed))
         return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings))
 
 

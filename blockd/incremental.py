@@ -35,7 +35,7 @@ from blockd.compile import (
 )
 from blockd.chunked import Chunked
 from blockd.expand import Expanded
-from blockd.layered import Layered
+from blockd.layered import ByIssuer, Layered
 from blockd.model import (
     DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, _first, _last, _name_key, answer_view, gc_paused,
     seq_bisect,
@@ -91,6 +91,11 @@ class Merger:
             self._reset(tuple(prepared), settings, merged, statuses)
             return merged.compilation, None, RuleDelta(), RuleDelta()
 
+    @property
+    def prepared(self) -> tuple[Prepared, ...]:
+        """The policies the last update merged (empty before the first, or after a failure)."""
+        return self._prepared if self.comp is not None else ()
+
     # -- the reference path: rebuild the state from a full merge --------------------------------
 
     def _reset(self, prepared: tuple[Prepared, ...], settings: CompileSettings, merged: Merged,
@@ -101,12 +106,10 @@ class Merger:
         self._settings, self._prepared, self.comp = settings, prepared, comp
         self._provenance = merged.provenance
         self._blocks, self._unblocks = {}, {}
-        infos: dict[str, OrderInfo] = {}
         for prep in prepared:
-            infos.update(prep.infos)
             self._blocks.update(prep.blocks)
             self._unblocks.update(prep.unblocks)
-        self._infos = Layered(infos)
+        self._infos = _infos_of(prepared)
         if any(f.guard == "growth" and not f.allowed for f in comp.findings):
             self.comp = None  # an order refused for growth: the next pass merges in full again
             return
@@ -147,14 +150,38 @@ class Merger:
         came = [p for p in prepared if id(p) not in old_ids]
         old_rs = old_comp.ruleset
 
+        # A new serial prepared beside the one it replaces (`Prepared.prior`) says which of its
+        # orders differ; every other order contributes exactly what it did, so only those are
+        # looked at (a registry re-issued with one decision changed costs that decision). Any
+        # other policy that came or went is looked at whole.
+        by_digest = {p.policy.digest: p for p in gone}
+        replaced: dict[int, Prepared] = {}  # id(came) -> the Prepared it replaces
+        for q in came:
+            g = by_digest.get(q.prior) if q.prior is not None else None
+            if g is not None and g.policy.issuer == q.policy.issuer and id(g) not in replaced.values():
+                replaced[id(q)] = g
+        whole_gone = [p for p in gone if all(g is not p for g in replaced.values())]
+        whole_came = [p for p in came if id(p) not in replaced]
+        scope = {k for q in came if id(q) in replaced for k in q.changed}
+
         # Which contributions changed: by expansion object (the per-order cache hands out the
         # same one for an unchanged order) and by answer-relevant provenance.
-        old_b = {k: e for p in gone for k, e in p.blocks}
-        new_b = {k: e for p in came for k, e in p.blocks}
-        old_u = {k: e for p in gone for k, e in p.unblocks}
-        new_u = {k: e for p in came for k, e in p.unblocks}
-        old_info = {k: self._infos[k] for p in gone for k in p.infos}
-        new_info = {k: i for p in came for k, i in p.infos.items()}
+        old_b = {k: e for p in whole_gone for k, e in p.blocks}
+        new_b = {k: e for p in whole_came for k, e in p.blocks}
+        old_u = {k: e for p in whole_gone for k, e in p.unblocks}
+        new_u = {k: e for p in whole_came for k, e in p.unblocks}
+        old_info = {k: self._infos[k] for p in whole_gone for k in p.infos}
+        new_info = {k: i for p in whole_came for k, i in p.infos.items()}
+        if scope:
+            old_b.update((k, self._blocks[k]) for k in scope if k in self._blocks)
+            old_u.update((k, self._unblocks[k]) for k in scope if k in self._unblocks)
+            old_info.update((k, self._infos[k]) for k in scope if k in self._infos)
+            for q in came:
+                if id(q) in replaced and q.changed:
+                    ch = q.changed
+                    new_b.update((k, e) for k, e in q.blocks if k in ch)
+                    new_u.update((k, e) for k, e in q.unblocks if k in ch)
+                    new_info.update((k, q.infos[k]) for k in ch if k in q.infos)
         retag = {k for k, i in new_info.items() if k in old_info and answer_view(old_info[k]) != answer_view(i)}
         leave = {k: e for k, e in old_b.items() if new_b.get(k) is not e or k in retag}
         enter = {k: e for k, e in new_b.items() if old_b.get(k) is not e or k in retag}
@@ -165,7 +192,7 @@ class Merger:
         if baseline is not None and baseline >= settings.growth_floor and size > int(baseline * settings.growth_factor):
             return None  # the growth guard decides: the reference merge does it (nothing mutated yet)
 
-        infos = self._infos.derive(new_info, [k for k in old_info if k not in new_info])
+        infos = _infos_of(prepared)
         blocks = self._blocks
         for k in leave:
             del blocks[k]
@@ -270,20 +297,19 @@ class Merger:
                 refused.update(mine)
                 changed_refusals.update(mine)
         active = self._active
-        was_active = {k for p in gone for k in p.infos if k in active}
-        came_keys = {k for p in came for k in p.infos}
-        for p in gone:
-            for k in p.infos:
-                if k not in came_keys:
-                    active.pop(k, None)
-        touch = set(leave) | set(enter) | changed_refusals
+        # the order keys of what came and went (of a replaced policy: its changed orders only)
+        gone_keys = {k for p in whole_gone for k in p.infos} | scope
+        came_keys = {k for p in whole_came for k in p.infos} | {k for k in scope if k in new_info}
+        was_active = {k for k in gone_keys if k in active}
+        for k in gone_keys - came_keys:
+            active.pop(k, None)
+        touch = set(leave) | set(enter) | changed_refusals | scope
         for delta in (removed, added):
             for orders in _orders_of(delta):
                 touch.update(orders)
-        for p in came:
-            for k, _ in p.unblocks:
-                active[k] = OrderResult(k, "unblock")
-            touch.update(k for k, _ in p.blocks if k not in was_active)
+        for k in new_u:
+            active[k] = OrderResult(k, "unblock")
+        touch.update(k for k in new_b if k not in was_active)
         for k in touch:
             if k in blocks:
                 rules_n, bad = counts.get(k, 0), refused.get(k, 0)
@@ -294,7 +320,7 @@ class Merger:
             waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
         # The orders whose result may have changed: the results and the tally by (issuer,
         # status) are updated for these only.
-        maybe = touch | {k for p in (*gone, *came) for k in (*p.infos, *(k for k, _ in p.unblocks))}
+        maybe = touch | gone_keys | came_keys | old_u.keys() | new_u.keys()
         if waiting is not self._waiting:
             maybe |= waiting.keys() | self._waiting.keys()
         old_results = old_comp.orders
@@ -340,6 +366,16 @@ class Merger:
         if hit is None or hit[0] is not prep:
             hit = self._refusals[id(prep)] = (prep, _refused(list(prep.findings)))
         return hit[1]
+
+
+def _infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:
+    """The order infos of the policies in force, as `merge` collects them (a later policy's
+    entry wins), in O(policies): each issuer's own mapping, not a copy."""
+    parts: dict[str, Mapping[str, OrderInfo]] = {}
+    for prep in prepared:
+        issuer = prep.policy.issuer
+        parts[issuer] = {**parts[issuer], **prep.infos} if issuer in parts else prep.infos
+    return ByIssuer(parts)
 
 
 def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]

@@ -77,3 +77,37 @@ class Layered(Mapping[K, V], Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"Layered({len(self)} entries)"
+
+
+class ByIssuer(Mapping[str, V], Generic[V]):
+    """The union of per-issuer mappings whose keys are `issuer/...` (order keys): built in
+    O(issuers), so a new serial of a registry hands its own order infos over as they are,
+    without a million-entry copy. Read-only; `parts` is not copied."""
+
+    __slots__ = ("_parts", "_len")
+
+    def __init__(self, parts: Mapping[str, Mapping[str, V]]) -> None:
+        self._parts = parts
+        self._len = sum(len(p) for p in parts.values())
+
+    def __getitem__(self, key: str) -> V:
+        part = self._parts.get(key.split("/", 1)[0])
+        if part is None:
+            raise KeyError(key)
+        return part[key]
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        part = self._parts.get(key.split("/", 1)[0])
+        return part is not None and key in part
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts.values():
+            yield from part
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"ByIssuer({len(self._parts)} issuers, {self._len} entries)"

@@ -236,14 +236,22 @@ class Reconciler:
             key = (p.digest, ctx.key)
             hit = cache.get(key)
             if hit is None or hit.policy.source != p.source:
-                # the orders expanded for this issuer's policies kept so far, by content (an order
-                # key names its issuer: another issuer's orders can never match)
-                reuse: OrderCache = {}
-                for issuer, entries in self._order_entries.values():
-                    if issuer == p.issuer:
+                # The orders expanded for this issuer's policies kept so far (an order key names
+                # its issuer: another issuer's orders can never match); the policy in force last,
+                # so that its entries win, and it is the prior the new one says its changes from.
+                in_force = next((x for x in self._merger.prepared if x.policy.issuer == p.issuer), None)
+                mine = [(d, entries) for d, (issuer, entries) in self._order_entries.items() if issuer == p.issuer]
+                mine.sort(key=lambda e: in_force is not None and e[0] == in_force.policy.digest)
+                reuse: OrderCache = mine[0][1] if len(mine) == 1 else {}
+                if len(mine) > 1:
+                    for _, entries in mine:
                         reuse.update(entries)
+                prior = None
+                if in_force is not None and in_force.policy.digest != p.digest and mine and \
+                        mine[-1][0] == in_force.policy.digest:
+                    prior = (in_force, mine[-1][1])
                 own: OrderCache = {}
-                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own)
+                hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own, prior=prior)
                 self._order_entries[p.digest] = (p.issuer, own)
             used.add(p.digest)
             return hit

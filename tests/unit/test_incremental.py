@@ -26,13 +26,21 @@ def run(passes: list[list], settings: CompileSettings = SETTINGS) -> Merger:
     """Each pass: the policies in force. Checks every pass against the reference."""
     merger = Merger()
     cache: OrderCache = {}
+    entries: dict[str, OrderCache] = {}  # per digest: its orders' entries (the reconciler's `own`)
     prepared_by_digest: dict = {}
     previous = None
     for i, policies in enumerate(passes):
         prepared = []
         for p in policies:  # an unchanged policy is the same Prepared object, as in the reconciler
             if p.digest not in prepared_by_digest:
-                prepared_by_digest[p.digest] = prepare(p, CATALOG, settings.guards, cache)
+                # beside the same issuer's policy in force, as the reconciler does: the merge
+                # then looks only at the orders the new serial changed
+                in_force = next((x for x in merger.prepared if x.policy.issuer == p.issuer), None)
+                prior = (in_force, entries[in_force.policy.digest]) if in_force is not None else None
+                own: OrderCache = {}
+                prepared_by_digest[p.digest] = prepare(p, CATALOG, settings.guards, cache, into=own, prior=prior)
+                cache.update(own)
+                entries[p.digest] = own
             prepared.append(prepared_by_digest[p.digest])
         want = merge(prepared, settings, previous)
         got, plan, removed, added = merger.update(prepared, settings, previous, {}, {})
@@ -141,3 +149,30 @@ def test_cost_follows_the_change_not_the_set() -> None:
     assert merger.path == "delta" and plan is not None
     assert len(removed) == len(added) == 3  # one name leaves, one enters, one shared name re-tagged... per kind
     assert sum(a is b for a, b in zip(before, merger._cov[4])) >= len(before) - 2
+
+
+REG2_AGAIN = policy(order("a", "{domains: [a.example, b.example], cidrs: [10.0.0.0/24]}"),
+                    order("b", "{domains: ['*.sub.example'], cidrs: [10.0.0.128/25, 10.0.1.0/24]}"),
+                    order("c", "{domains: [c.example, a.example], cidrs: [10.0.0.64/26, '2001:db8::/48']}"), serial=7)
+PRIOR_CASES = [
+    # (in force, new serial, the orders the new serial says changed)
+    ("an order added", REG1, REG2, {"reg/c"}),
+    ("an order changed, another dropped", REG2, REG3, {"reg/a", "reg/b"}),
+    ("provenance only (dns_answer)", REG3, RETAG, {"reg/a"}),
+    ("the same orders under a new serial", REG2, REG2_AGAIN, set()),
+]
+
+
+@pytest.mark.parametrize("name, before, after, changed", PRIOR_CASES, ids=[c[0] for c in PRIOR_CASES])
+def test_a_new_serial_prepared_beside_its_prior_names_exactly_its_changed_orders(name, before, after, changed) -> None:
+    cache: OrderCache = {}
+    own: OrderCache = {}
+    first = prepare(before, CATALOG, SETTINGS.guards, cache, into=own)
+    cache.update(own)
+    again: OrderCache = {}
+    got = prepare(after, CATALOG, SETTINGS.guards, cache, into=again, prior=(first, own))
+    assert got.prior == before.digest and set(got.changed) == changed
+    plain = prepare(after, CATALOG, SETTINGS.guards, {})  # the same contribution either way
+    assert got.blocks == plain.blocks and got.unblocks == plain.unblocks and dict(got.infos) == dict(plain.infos)
+    # another issuer's policy is never a prior
+    assert prepare(TICKET[0], CATALOG, SETTINGS.guards, cache, prior=(first, own)).prior is None
