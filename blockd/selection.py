@@ -105,10 +105,22 @@ class Selection:
         return min((t for t in times if t > now), default=None)
 
     def order_statuses(self) -> dict[str, OrderStatus]:
-        """Orders of verified policies that are not in force, with their policy's status."""
+        """Orders of verified policies that are not in force, with their policy's status.
+
+        An order that a policy in force also holds gets that policy's result in the merge, so
+        the orders of a serial that the one in force was prepared beside (`Prepared.prior`)
+        are listed by what the new serial dropped only: a re-issued registry's old serial
+        costs its dropped orders, not a million keys."""
+        replaced = {p.prior: p for p in self.prepared if p.prior is not None}
         out: dict[str, OrderStatus] = {}
         for v in self.verdicts:
             if v.policy is not None and v.status in ("pending", "superseded", "expired"):
+                q = replaced.get(v.policy.digest)
+                if q is not None and q.policy.issuer == v.policy.issuer:
+                    for k in sorted(q.changed):
+                        if k not in q.infos:
+                            out.setdefault(k, v.status)
+                    continue
                 for o in v.policy.orders:
                     out.setdefault(f"{v.policy.issuer}/{o.id}", v.status)
         return out

@@ -176,3 +176,25 @@ def test_a_new_serial_prepared_beside_its_prior_names_exactly_its_changed_orders
     assert got.blocks == plain.blocks and got.unblocks == plain.unblocks and dict(got.infos) == dict(plain.infos)
     # another issuer's policy is never a prior
     assert prepare(TICKET[0], CATALOG, SETTINGS.guards, cache, prior=(first, own)).prior is None
+
+
+@pytest.mark.parametrize("name, before, after, changed", PRIOR_CASES, ids=[c[0] for c in PRIOR_CASES])
+def test_the_serial_a_policy_replaced_gives_its_dropped_orders_the_same_results(name, before, after, changed) -> None:
+    """Its orders are listed by what the new serial dropped (the rest take the new serial's
+    result): the merged results equal those of every order listed."""
+    from blockd.selection import Selection, Verdict
+
+    cache: OrderCache = {}
+    own: OrderCache = {}
+    first = prepare(before, CATALOG, SETTINGS.guards, cache, into=own)
+    cache.update(own)
+    new = prepare(after, CATALOG, SETTINGS.guards, cache, prior=(first, own))
+    verdicts = (Verdict("old.yaml", "superseded", "", before.issuer, before.serial, before.digest, "", before),
+                Verdict("new.yaml", "active", "", after.issuer, after.serial, after.digest, "", after))
+    sel = Selection((new,), verdicts)
+    every = {f"{before.issuer}/{o.id}": "superseded" for o in before.orders}
+    listed = sel.order_statuses()
+    dropped = {f"{before.issuer}/{o.id}" for o in before.orders} - {f"{after.issuer}/{o.id}" for o in after.orders}
+    assert set(listed) == dropped
+    got, want = merge([new], SETTINGS, None, listed), merge([new], SETTINGS, None, every)
+    assert dict(got.orders) == dict(want.orders) and dict(got.tally) == dict(want.tally)
