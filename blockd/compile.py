@@ -16,7 +16,7 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -26,6 +26,7 @@ from blockd import ranges
 from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
+from blockd.layered import ByIssuer
 from blockd.model import (
     Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet, gc_paused,
 )
@@ -138,14 +139,14 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
     before, before_entries = prior if prior is not None and prior[0].policy.issuer == policy.issuer else (None, None)
     changed: set[str] = set()
     with gc_paused():
-        infos: dict[str, OrderInfo] = {}
+        by_key: dict[str, Order] = {}
         blocks: list[tuple[str, Expanded]] = []
         unblocks: list[tuple[str, Expanded]] = []
         findings: list[Finding] = []
         problems: list[Problem] = []
         for i, order in enumerate(policy.orders):
             key = order_key(policy, order)
-            infos[key] = _info(policy, order)
+            by_key[key] = order
             entry = orders.get(key) if orders is not None else None
             hit = entry[1] if entry is not None and (entry[0] is order or entry[0] == order) else None
             if before_entries is not None:
@@ -172,12 +173,70 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
                 findings.extend(order_findings)
                 blocks.append((key, expanded))
         raise_problems(problems, PolicyError)
+        infos = OrderInfos(policy, by_key)
         if before is not None:
             assert before_entries is not None
-            changed.update(k for k in before.infos.keys() - infos.keys())  # orders the new serial dropped
-            return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings),
+            changed.update(k for k in before.infos.keys() - by_key.keys())  # orders the new serial dropped
+            return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings),
                             before.policy.digest, frozenset(changed))
-        return Prepared(policy, MappingProxyType(infos), tuple(blocks), tuple(unblocks), tuple(findings))
+        return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings))
+
+
+def infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:
+    """The order infos of the policies in force, a later policy's entry winning, in
+    O(policies): each issuer's own mapping, not a copy (an order key names its issuer)."""
+    parts: dict[str, Mapping[str, OrderInfo]] = {}
+    for prep in prepared:
+        issuer = prep.policy.issuer
+        parts[issuer] = {**parts[issuer], **prep.infos} if issuer in parts else prep.infos
+    return ByIssuer(parts)
+
+
+def deadlines_of(prepared: Sequence[Prepared]) -> dict[str, datetime]:
+    """Order key -> deadline, of the orders that have one, read from the orders themselves."""
+    out: dict[str, datetime] = {}
+    for prep in prepared:
+        if isinstance(prep.infos, OrderInfos):
+            out.update(prep.infos.deadlines())
+        else:
+            out.update((k, i.deadline) for k, i in prep.infos.items() if i.deadline is not None)
+    return out
+
+
+class OrderInfos(Mapping[str, OrderInfo]):
+    """`Prepared.infos`: each order's OrderInfo by its key, made when first read. A new serial
+    of a registry changes every order's serial, so making a million of them up front would
+    cost what the whole policy costs; most are read only when a statement lists them."""
+
+    __slots__ = ("_policy", "_orders", "_made")
+
+    def __init__(self, policy: Policy, orders: dict[str, Order]) -> None:
+        self._policy, self._orders = policy, orders
+        self._made: dict[str, OrderInfo] = {}
+
+    def __getitem__(self, key: str) -> OrderInfo:
+        info = self._made.get(key)
+        if info is None:
+            info = self._made[key] = _info(self._policy, self._orders[key])
+        return info
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._orders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._orders)
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    def keys(self) -> KeysView[str]:
+        return self._orders.keys()
+
+    def deadlines(self) -> dict[str, datetime]:
+        return {k: o.deadline for k, o in self._orders.items() if o.deadline is not None}
+
+    def __repr__(self) -> str:
+        return f"OrderInfos({self._policy.issuer} serial {self._policy.serial}, {len(self._orders)} orders)"
 
 
 def compile_policies(
@@ -249,12 +308,11 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
     policy_status: dict[str, str] = dict(policy_statuses)
     findings: list[Finding] = []
     warnings: list[str] = []
-    infos: dict[str, OrderInfo] = {}
+    infos = infos_of(prepared)
     blocks: list[tuple[str, Expanded]] = []
     unblocks: list[tuple[str, Expanded]] = []
     for prep in prepared:
         policy_status[prep.policy.source] = "active"
-        infos.update(prep.infos)
         blocks.extend(prep.blocks)
         unblocks.extend(prep.unblocks)
         findings.extend(prep.findings)
@@ -312,7 +370,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         results[key] = OrderResult(key, status, n, bad)
     comp = Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
-                       MappingProxyType({k: i.deadline for k, i in infos.items() if i.deadline is not None}),
+                       MappingProxyType(deadlines_of(prepared)),
                        tuple(sorted({key for key, _ in unblocks})))
     return Merged(comp, coverage, provenance, counts)
 

@@ -30,12 +30,12 @@ from types import MappingProxyType
 from blockd import ranges
 from blockd.compile import (
     Baseline, Compilation, CompileSettings, Merged, OrderResult, Prepared, Provenance, Status, _remove_names,
-    merge_with_parts,
+    infos_of, merge_with_parts,
     segment, subtract_rules,
 )
 from blockd.chunked import Chunked
 from blockd.expand import Expanded
-from blockd.layered import ByIssuer, Layered
+from blockd.layered import Layered
 from blockd.model import (
     DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, _first, _last, _name_key, answer_view, gc_paused,
     seq_bisect,
@@ -109,7 +109,7 @@ class Merger:
         for prep in prepared:
             self._blocks.update(prep.blocks)
             self._unblocks.update(prep.unblocks)
-        self._infos = _infos_of(prepared)
+        self._infos = infos_of(prepared)
         if any(f.guard == "growth" and not f.allowed for f in comp.findings):
             self.comp = None  # an order refused for growth: the next pass merges in full again
             return
@@ -158,7 +158,7 @@ class Merger:
         replaced: dict[int, Prepared] = {}  # id(came) -> the Prepared it replaces
         for q in came:
             g = by_digest.get(q.prior) if q.prior is not None else None
-            if g is not None and g.policy.issuer == q.policy.issuer and id(g) not in replaced.values():
+            if g is not None and g.policy.issuer == q.policy.issuer and all(x is not g for x in replaced.values()):
                 replaced[id(q)] = g
         whole_gone = [p for p in gone if all(g is not p for g in replaced.values())]
         whole_came = [p for p in came if id(p) not in replaced]
@@ -192,7 +192,7 @@ class Merger:
         if baseline is not None and baseline >= settings.growth_floor and size > int(baseline * settings.growth_factor):
             return None  # the growth guard decides: the reference merge does it (nothing mutated yet)
 
-        infos = _infos_of(prepared)
+        infos = infos_of(prepared)
         blocks = self._blocks
         for k in leave:
             del blocks[k]
@@ -366,16 +366,6 @@ class Merger:
         if hit is None or hit[0] is not prep:
             hit = self._refusals[id(prep)] = (prep, _refused(list(prep.findings)))
         return hit[1]
-
-
-def _infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:
-    """The order infos of the policies in force, as `merge` collects them (a later policy's
-    entry wins), in O(policies): each issuer's own mapping, not a copy."""
-    parts: dict[str, Mapping[str, OrderInfo]] = {}
-    for prep in prepared:
-        issuer = prep.policy.issuer
-        parts[issuer] = {**parts[issuer], **prep.infos} if issuer in parts else prep.infos
-    return ByIssuer(parts)
 
 
 def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Literal, NamedTuple
 
 from blockd.chunked import Chunked
-from blockd.layered import Layered
+from blockd.layered import ByIssuer, Layered
 from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine, pack
 
 Action = Literal["block", "unblock"]
@@ -202,7 +202,10 @@ class RuleSet:
         a = Chunked(sorted(v4))
         b = Chunked(sorted(v6))
         parts = _parts(d, a, b)
-        return cls(d, a, b, MappingProxyType(dict(orders or {})), combine(*parts), parts)
+        # an immutable union of per-policy infos (compile.infos_of) is kept as it is; anything
+        # else is copied, so that no caller's later change shows through
+        held = orders if isinstance(orders, ByIssuer) else MappingProxyType(dict(orders or {}))
+        return cls(d, a, b, held, combine(*parts), parts)
 
     @classmethod
     def empty(cls) -> RuleSet:

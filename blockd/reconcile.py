@@ -235,7 +235,12 @@ class Reconciler:
         def prepared(p: Policy) -> Prepared:
             key = (p.digest, ctx.key)
             hit = cache.get(key)
-            if hit is None or hit.policy.source != p.source:
+            if hit is not None and hit.policy.source != p.source:
+                # The same bytes under another name (the state's copy while the directory's file
+                # is refused or gone, or back): the same orders, the same contribution, in O(1);
+                # it replaces the one of that digest with no order changed.
+                hit = cache[key] = replace(hit, policy=p, prior=hit.policy.digest, changed=frozenset())
+            if hit is None:
                 # The orders expanded for this issuer's policies kept so far (an order key names
                 # its issuer: another issuer's orders can never match); the policy in force last,
                 # so that its entries win, and it is the prior the new one says its changes from.

@@ -25,3 +25,39 @@ def test_derive_matches_a_dict_and_leaves_the_original_alone() -> None:
         assert dict(m) == want and len(m) == len(want)
         assert all(k in m and m[k] == v for k, v in want.items())
         assert "absent" not in m and m.get("absent") is None
+
+
+def test_by_issuer_is_the_union_of_its_parts() -> None:
+    from blockd.layered import ByIssuer
+
+    parts = {"reg": {"reg/a": 1, "reg/b": 2}, "tickets": {"tickets/t1": 3}, "empty": {}}
+    m = ByIssuer(parts)
+    union = {k: v for p in parts.values() for k, v in p.items()}
+    assert dict(m) == union and len(m) == 3 and m == union
+    for key in ("reg/a", "tickets/t1"):
+        assert key in m and m[key] == union[key]
+    for key in ("reg/c", "other/a", "reg", "", "tickets/t1/x", 7):
+        assert key not in m
+        if isinstance(key, str):
+            try:
+                m[key]
+            except KeyError:
+                pass
+            else:
+                raise AssertionError(f"{key!r} found")
+
+
+def test_order_infos_are_the_infos_made_up_front() -> None:
+    """Made when read, equal to those `_info` makes for every order, deadlines included."""
+    from blockd.compile import OrderInfos, _info, deadlines_of, infos_of, order_key, prepare
+    from tests.unit.test_compile import CATALOG, order, policy
+    from tests.unit.test_incremental import SETTINGS
+
+    p = policy(order("a", "{domains: [a.example]}"), order("b", "{domains: [b.example]}",
+                                                       extra="    deadline: 2026-12-01T00:00:00Z\n"))
+    prep = prepare(p, CATALOG, SETTINGS.guards)
+    assert isinstance(prep.infos, OrderInfos)
+    eager = {order_key(p, o): _info(p, o) for o in p.orders}
+    assert dict(prep.infos) == eager and set(prep.infos.keys()) == set(eager)
+    assert deadlines_of([prep]) == {k: i.deadline for k, i in eager.items() if i.deadline is not None} != {}
+    assert dict(infos_of([prep])) == eager

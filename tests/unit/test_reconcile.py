@@ -236,9 +236,14 @@ def test_a_pass_with_nothing_changed_reuses_the_parse_the_expansion_and_the_merg
     assert third.compilation is not first.compilation and [p.serial for p in third.policies] == [2]
     # the file's bytes are still checked on every pass: a tampered file is refused at once
     path = settings.policy_dir / "p-2.yaml"
+    before = rec._merger.prepared[0]
     path.write_text(path.read_text().replace("R2", "R3"))
     fourth = run_pass(rec)
     assert [p.serial for p in fourth.policies] == [2] and fourth.policies[0].source.startswith(str(settings.state_dir))
+    # the state's copy (the same bytes) takes over without expanding or merging anything again
+    now_in_force = rec._merger.prepared[0]
+    assert now_in_force.policy.source != before.policy.source and now_in_force.blocks is before.blocks
+    assert now_in_force.prior == before.policy.digest and not now_in_force.changed and rec._merger.path == "delta"
     assert any(v.source.endswith("p-2.yaml") and v.status == "rejected" and v.kind == "signature"
                for v in fourth.verdicts)
 
@@ -352,6 +357,9 @@ orders:
     blocks = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)  # type: ignore[arg-type]
     assert blocks["reg/big"] is big1, "the unchanged order is not expanded and guarded again"
     assert blocks["reg/small"].domains == ("b.example",)
+    # prepared beside serial 1, it names its one changed order: the merge looks at that one only
+    new = rec._merger.prepared[0]
+    assert new.prior is not None and set(new.changed) == {"reg/small"} and rec._merger.path == "delta"
 
 class RecordingEnforcer(DryRunEnforcer):
     """The dry-run enforcer, remembering the change each apply was given."""
