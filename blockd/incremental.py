@@ -6,7 +6,10 @@ from the last one and the difference in its inputs:
 
     inputs     the prepared policies in force; a Prepared that is the same object as last
                time contributes nothing new; of a changed one (a new serial), only orders
-               whose expansion or answer-relevant provenance changed are looked at again
+               whose expansion or answer-relevant provenance changed are looked at again.
+               A new serial prepared beside the one it replaces (`Prepared.prior`) names
+               those orders itself (`Prepared.changed`): the rest of it is not walked, so a
+               registry re-issued with one decision changed costs that decision here
     coverage   names -> the orders naming them, and the address intervals cut at every
                order boundary, both before the unblock orders and the operator allowlist
                are taken out; an order's contribution leaving or entering changes only the

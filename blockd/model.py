@@ -267,7 +267,7 @@ class RuleSet:
             p6 = p6.patched([pack(ADDR6, x, y) for x, y in del6], [pack(ADDR6, x, y) for x, y in add6])
         parts = (e, s, p4, p6)
         info = self.orders if orders is None else orders
-        if not isinstance(info, (MappingProxyType, Layered)):
+        if not isinstance(info, (MappingProxyType, Layered, ByIssuer)):
             info = MappingProxyType(dict(info))
         return RuleSet(d, a, b, info, combine(*parts), parts), plan
 
