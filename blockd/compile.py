@@ -16,6 +16,7 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -132,38 +133,29 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
     order again. Every order's entry (found or computed) is stored in `into` (by default in
     `orders`). With `prior` (the same issuer's Prepared in force and its entries), the result
     says which orders differ from it (`Prepared.changed`), so that a merge by delta looks at
-    those only.
+    those only; and when the new serial holds its orders in the same places (a registry
+    re-issued with decisions changed in place), only the places whose Order is not the prior's
+    own object are looked at (the parser hands out the same object for unchanged bytes).
     """
     if into is None and orders is not None:
         into = orders  # type: ignore[assignment]
     before, before_entries = prior if prior is not None and prior[0].policy.issuer == policy.issuer else (None, None)
-    changed: set[str] = set()
     with gc_paused():
+        if before is not None and before_entries is not None:
+            fast = _prepare_in_place(policy, catalog, guards, orders, into, before, before_entries)
+            if fast is not None:
+                return fast
+        step = _Step(policy, catalog, guards, orders, before_entries)
         by_key: dict[str, Order] = {}
         blocks: list[tuple[str, Expanded]] = []
         unblocks: list[tuple[str, Expanded]] = []
         findings: list[Finding] = []
-        problems: list[Problem] = []
         for i, order in enumerate(policy.orders):
-            key = order_key(policy, order)
+            got = step(i, order)
+            if got is None:
+                continue
+            key, hit = got
             by_key[key] = order
-            entry = orders.get(key) if orders is not None else None
-            hit = entry[1] if entry is not None and (entry[0] is order or entry[0] == order) else None
-            if before_entries is not None:
-                was = before_entries.get(key)
-                if was is None or was[1] is not hit or not (was[0] is order or was[0] == order):
-                    changed.add(key)
-            if hit is None:
-                try:
-                    expanded = expand_order(policy, i, order, catalog)
-                except PolicyError as e:
-                    problems.extend(e.problems or (Problem(e.where, e.message),))
-                    continue
-                if order.action == "unblock":
-                    hit = ("unblock", expanded, ())
-                else:
-                    kept, order_findings = _guard(key, order, expanded, guards)
-                    hit = ("block", kept, tuple(order_findings))
             if into is not None:
                 into[key] = (order, hit)
             kind, expanded, order_findings = hit
@@ -172,14 +164,100 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
             else:
                 findings.extend(order_findings)
                 blocks.append((key, expanded))
-        raise_problems(problems, PolicyError)
+        raise_problems(step.problems, PolicyError)
         infos = OrderInfos(policy, by_key)
         if before is not None:
-            assert before_entries is not None
-            changed.update(k for k in before.infos.keys() - by_key.keys())  # orders the new serial dropped
+            step.changed.update(before.infos.keys() - by_key.keys())  # orders the new serial dropped
             return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings),
-                            before.policy.digest, frozenset(changed))
+                            before.policy.digest, frozenset(step.changed))
         return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings))
+
+
+class _Step:
+    """One order of `prepare`: its key and what it contributes (from the cache, or expanded
+    and guarded now), noting expansion problems and whether it differs from the prior's."""
+
+    def __init__(self, policy: Policy, catalog: Catalog, guards: Guards,
+                 orders: Mapping[str, tuple[Order, Hit]] | None,
+                 before_entries: Mapping[str, tuple[Order, Hit]] | None) -> None:
+        self.policy, self.catalog, self.guards = policy, catalog, guards
+        self.orders, self.before_entries = orders, before_entries
+        self.problems: list[Problem] = []
+        self.changed: set[str] = set()
+
+    def __call__(self, i: int, order: Order) -> tuple[str, Hit] | None:
+        key = order_key(self.policy, order)
+        entry = self.orders.get(key) if self.orders is not None else None
+        hit = entry[1] if entry is not None and (entry[0] is order or entry[0] == order) else None
+        if self.before_entries is not None:
+            was = self.before_entries.get(key)
+            if was is None or was[1] is not hit or not (was[0] is order or was[0] == order):
+                self.changed.add(key)
+        if hit is None:
+            try:
+                expanded = expand_order(self.policy, i, order, self.catalog)
+            except PolicyError as e:
+                self.problems.extend(e.problems or (Problem(e.where, e.message),))
+                return None
+            if order.action == "unblock":
+                hit = ("unblock", expanded, ())
+            else:
+                kept, order_findings = _guard(key, order, expanded, self.guards)
+                hit = ("block", kept, tuple(order_findings))
+        return key, hit
+
+
+def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
+                      orders: Mapping[str, tuple[Order, Hit]] | None, into: OrderCache | None,
+                      before: Prepared, before_entries: Mapping[str, tuple[Order, Hit]]) -> Prepared | None:
+    """`prepare` of a new serial whose orders sit where the prior's did, every one a block:
+    the places holding the prior's own Order object keep its contribution as it is (C-level
+    copies), the others go through the same step as in `prepare`. None when the shape differs
+    (orders added or removed, unblocks, an id moved onto another place): `prepare` walks
+    every order."""
+    old, new = before.policy.orders, policy.orders
+    if (len(new) != len(old) or before.unblocks or len(before.blocks) != len(old)
+            or not isinstance(before.infos, OrderInfos) or len(before.infos) != len(old)):
+        return None
+    moved = [i for i, same in enumerate(map(operator.is_, new, old)) if not same]
+    if len(moved) > max(64, len(new) // 8):
+        return None  # most orders changed: the plain walk costs no more
+    step = _Step(policy, catalog, guards, orders, before_entries)
+    made: dict[int, tuple[str, Hit]] = {}
+    for i in moved:
+        got = step(i, new[i])
+        if got is not None:
+            made[i] = got
+    raise_problems(step.problems, PolicyError)
+    old_keys = {before.blocks[i][0] for i in moved}
+    new_keys = [key for key, _ in made.values()]
+    by_key = dict(before.infos.orders)
+    if (len(made) != len(moved) or len(set(new_keys)) != len(new_keys)
+            or any(hit[0] != "block" or (key in by_key and key not in old_keys) for key, hit in made.values())):
+        return None  # an unblock now, or an id another place holds: the plain walk decides
+    blocks = list(before.blocks)
+    leaving = old_keys.difference(new_keys)
+    for k in leaving:
+        del by_key[k]
+    step.changed.update(leaving)
+    refreshed = {key: (new[i], hit) for i, (key, hit) in made.items()}
+    for i, (key, hit) in made.items():
+        by_key[key] = new[i]
+        blocks[i] = (key, hit[1])
+    if into is not None:
+        if into is not orders:
+            into.update(before_entries)
+            for k in leaving:
+                into.pop(k, None)
+        into.update(refreshed)
+    findings = before.findings
+    if any(e[1][2] for k in old_keys if (e := before_entries.get(k)) is not None) or \
+            any(hit[2] for _, hit in made.values()):
+        # a changed place has findings: all of them again, in the order of the orders
+        findings = tuple(f for key, _ in blocks
+                         for f in (refreshed[key][1][2] if key in refreshed else before_entries[key][1][2]))
+    return Prepared(policy, OrderInfos(policy, by_key), tuple(blocks), (), findings, before.policy.digest,
+                    frozenset(step.changed))
 
 
 def infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:
@@ -231,6 +309,11 @@ class OrderInfos(Mapping[str, OrderInfo]):
 
     def keys(self) -> KeysView[str]:
         return self._orders.keys()
+
+    @property
+    def orders(self) -> Mapping[str, Order]:
+        """Order key -> the order (read-only use)."""
+        return self._orders
 
     def deadlines(self) -> dict[str, datetime]:
         return {k: o.deadline for k, o in self._orders.items() if o.deadline is not None}
