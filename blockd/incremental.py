@@ -291,14 +291,24 @@ class Merger:
         changed_refusals: set[str] = set()
         if gone or came:
             refused = dict(refused)
-            for p in gone:
+            for p in whole_gone:
                 for k in self._refused_of(p):
                     refused.pop(k, None)
                     changed_refusals.add(k)
-            for p in came:
+            for p in whole_came:
                 mine = self._refused_of(p)
                 refused.update(mine)
                 changed_refusals.update(mine)
+            for q in came:  # a replaced policy's refusals differ only in its changed orders
+                g = replaced.get(id(q))
+                if g is not None and q.changed:
+                    was, now = self._refused_of(g), self._refused_of(q)
+                    for k in q.changed:
+                        if k in was or k in now:
+                            refused.pop(k, None)
+                            if k in now:
+                                refused[k] = now[k]
+                            changed_refusals.add(k)
         active = self._active
         # the order keys of what came and went (of a replaced policy: its changed orders only)
         gone_keys = {k for p in whole_gone for k in p.infos} | scope
