@@ -59,6 +59,11 @@ class ParseCache:
                     self.files[key] = files
         return policy
 
+    def same_data(self, digest: str) -> bytes | None:
+        """The bytes of a file verified before with this SHA-256 (the directory's file and the
+        state's copy hold the same bytes: kept once)."""
+        return next((e[3].data for e in self._verified.values() if e[2].digest == digest), None)
+
     def identity(self, path: Path) -> Identity | None:
         """The identity of a policy file and its signature files; None when it cannot be
         trusted to show a change (not a regular file, or changed just now)."""

@@ -133,12 +133,14 @@ def test_the_same_bytes_under_another_name_are_verified_not_parsed_again(tmp_pat
     store = trust.load_trust_store(keys.trust)
     path, copy, other = tmp_path / "p.yaml", tmp_path / "state-copy.yaml", tmp_path / "other.yaml"
     write(path, keys, 1)
-    cache = ParseCache()
+    cache = ParseCache(racy_ns=0)
     first, _ = load_signed_policy(path, store, parsed=cache)
     copy.write_bytes(path.read_bytes())
     copy.with_name(copy.name + ".minisig").write_bytes(path.with_name(path.name + ".minisig").read_bytes())
-    twin, _ = load_signed_policy(copy, store, parsed=cache)
+    signed_first = cache._verified[str(path)][3]
+    twin, twin_signed = load_signed_policy(copy, store, parsed=cache)
     assert twin.orders is first.orders and twin.digest == first.digest  # not parsed again
+    assert twin_signed.data is signed_first.data  # the same bytes are held once
     assert twin.source == str(copy) and first.source == str(path)  # each under its own name
     # Signed by other keys, the same bytes are another parse (signers are part of the Policy).
     other.write_bytes(path.read_bytes())
