@@ -114,7 +114,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
         input_failures=Counter("blockd_input_failures_total", "Inputs refused (each refusal counted once)", ["input"],
                                registry=r),
         dns_table_file=Counter("blockd_dns_table_file_total", "The sinkhole's persisted table: loads at start "
-                               "(loaded, missing, corrupt, stale, unreadable) and saves (saved, save_failed)",
+                               "(loaded, missing, corrupt, stale, unreadable, empty; journal_dropped: a journal's "
+                               "tail not applied) and saves (saved: a new base, appended: a journal record, save_failed)",
                                ["result"], registry=r),
         policy_dir_events=Counter("blockd_policy_dir_events_total", "The policy directory itself was removed or "
                                   "replaced (the watch was re-armed)", ["event"], registry=r),

@@ -10,6 +10,11 @@ Precedence (documented in docs/dns.md):
 3. Among the orders of the winning rule, the answer mode ranks MODE_RANK (nxdomain, nodata,
    sinkhole, refused, drop, log); ties go to the smallest order id. That order's id, authority
    and reference are named in the EDE text (`ede_text`); the others are counted "+N more".
+
+Persisted as a base (`Table.dump_base`: the whole table, atomically) and a journal beside it
+(`append_journal`: per save after a patch, one checksummed record of the names touched, as the
+table then holds them); `load_table` reads the base and every complete record in order (the
+format is described above `JOURNAL_MAGIC`).
 """
 
 from __future__ import annotations
@@ -186,6 +191,9 @@ class _BuiltSpecs:
         return self.items[i][0]
 
     def raw(self, i: int, orders: Mapping[str, OrderInfo]) -> bytes:
+        if self._blob is not None:  # what a dump wrote for this index (the base's specs are frozen with it)
+            blob, off = self._blob
+            return blob[off[i]:off[i + 1]]
         own, comb = self.items[i]
         return _spec_bytes(own, comb, orders)
 
@@ -522,8 +530,13 @@ class Table:
 
     # ---- persistence ------------------------------------------------------------------------
     def dump(self, path: Path, meta: Mapping[str, object]) -> int:
+        """Write this table to `path` atomically (`dump_base`); returns the bytes written."""
+        return self.dump_base(path, meta)[0]
+
+    def dump_base(self, path: Path, meta: Mapping[str, object]) -> tuple[int, bytes]:
         """Write this table to `path` atomically (temp file, fsync, rename, fsync of the
-        directory); returns the bytes written. Format: MAGIC, SHA-256 of the rest, then marshal
+        directory); returns the bytes written and the file's checksum (the base a journal
+        names, `append_journal`). Format: MAGIC, SHA-256 of the rest, then marshal
         records: (format, meta, counts), the exact keys in slices, their spec indices (uint32),
         the same for subtree keys, the spec blob and its offsets (uint64).
 
@@ -572,7 +585,8 @@ class Table:
             _record(out, base_blob + b"".join(extra) if extra else base_blob)
             _record(out, off.tobytes())
         payload = out.getbuffer()
-        data = TABLE_MAGIC + hashlib.sha256(payload).digest() + payload
+        checksum = hashlib.sha256(payload).digest()
+        data = TABLE_MAGIC + checksum + payload
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -589,56 +603,299 @@ class Table:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        return len(data)
+        return len(data), checksum
 
     @classmethod
-    def load(cls, path: Path, settings: AnswerSettings) -> tuple[Table, dict[str, object]]:
-        """The table written by `dump`, and its meta; TableFileError (with the reason) if it is
-        missing, unreadable, not a table file, or does not match its own checksum."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise TableFileError("missing", f"{path} does not exist") from None
-        except OSError as e:
-            raise TableFileError("unreadable", f"{path}: {e.strerror or e}") from None
-        head = len(TABLE_MAGIC)
-        if data[:head] != TABLE_MAGIC:
-            raise TableFileError("corrupt", f"{path}: not a blockd table file (magic {data[:head]!r})")
-        payload = memoryview(data)[head + 32:]
-        if hashlib.sha256(payload).digest() != data[head:head + 32]:
-            raise TableFileError("corrupt", f"{path}: checksum mismatch ({len(data)} bytes)")
-        try:
-            src = _Records(payload)
-            fmt, meta, n_e, n_s = src.next()
-            if fmt != TABLE_FORMAT:
-                raise TableFileError("corrupt", f"{path}: format {fmt!r}, this blockd reads {TABLE_FORMAT}")
-            with gc_paused():
-                ekeys, eidx = _read_keys(src, n_e)
-                skeys, sidx = _read_keys(src, n_s)
-            blob = src.next()
-            e_i, s_i, off = array("I"), array("I"), array("Q")
-            e_i.frombytes(eidx)
-            s_i.frombytes(sidx)
-            off.frombytes(src.next())
-            nspec = len(off) - 1
-            if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0 or not isinstance(blob, bytes)
-                    or max(e_i, default=0) >= max(nspec, 1) or max(s_i, default=0) >= max(nspec, 1)
-                    or off[-1] != len(blob) or not isinstance(meta, dict)):
-                raise TableFileError("corrupt", f"{path}: inconsistent sections")
-        except (ValueError, TypeError, EOFError, IndexError) as e:
-            raise TableFileError("corrupt", f"{path}: {e}") from None
-        with gc_paused():
-            exact, subtree = dict(zip(ekeys, e_i)), dict(zip(skeys, s_i))
-        t = cls(exact, subtree, [None] * nspec, _FileSpecs(blob, off), {}, settings,
-                str(meta.get("digest", "")), restored=True)
-        return t, meta
+    def load(cls, path: Path, settings: AnswerSettings, journal: Path | None = None
+             ) -> tuple[Table, dict[str, object]]:
+        """The table written by `dump` (and extended by the records of `journal`), and its meta;
+        TableFileError (with the reason) if the base is missing, unreadable, not a table file,
+        or does not match its own checksum. A journal's damaged tail is dropped (`load_table`
+        says so)."""
+        got = load_table(path, settings, journal)
+        return got.table, got.meta
+
+    def journal_entries(self, keys: Iterable[bytes]) -> list[tuple[bytes, bytes | None, bytes | None]]:
+        """(key, exact spec, subtree spec) as this table holds each of `keys` (None: no entry of
+        that kind): a journal record's body. The spec bytes are those `dump` writes."""
+        out = []
+        for key in keys:
+            out.append((key, self._spec_of(key, self.over_exact, self.exact),
+                        self._spec_of(key, self.over_subtree, self.subtree)))
+        return out
+
+    def _spec_of(self, key: bytes, over: dict[bytes, Verdict | None], base: dict[bytes, int]) -> bytes | None:
+        v = over.get(key, _MISS)
+        if v is _MISS:
+            i = base.get(key)
+            if i is None:
+                return None
+            if i < len(self.specs):
+                return self.specs.raw(i, self.orders)
+            v = self.verdicts[i]  # appended by a merge: its verdict is held
+            assert v is not None
+        if v is None:
+            return None
+        return _spec_bytes(v.own_orders, v.orders, self.orders)  # type: ignore[union-attr]
 
     def order_hits(self) -> dict[str, int]:  # kept for callers of the old interface: no hits here
         return {}
 
 
 TABLE_MAGIC = b"BLOCKD-DNS-TABLE\n"
-TABLE_FORMAT = 1
+#: 2: the base may have a journal beside it (the same sections as 1): a blockd that reads only
+#: format 1 (no journal) refuses it rather than serve an older table than the journal's
+TABLE_FORMAT = 2
+#: formats this blockd loads (a format-1 base, from before the journal, is a base with none)
+TABLE_FORMATS_READ = (1, 2)
+
+# ---- the journal beside a base ------------------------------------------------------------------
+#
+# A save after a patch appends one record instead of writing the whole table again:
+#
+#   file    JOURNAL_MAGIC, uint32 JOURNAL_FORMAT, the base's checksum (32 bytes), then records
+#   record  uint64 body length, SHA-256 of the body (32 bytes), body = marshal of
+#           (JOURNAL_FORMAT, base checksum, sequence number from 1, meta, entries)
+#   entry   (wire key, exact spec bytes or None, subtree spec bytes or None): the key's entries
+#           as the table then held them (None: that kind is not held)
+#
+# Load = the base, then every record in order while each is complete, checks out against its
+# own checksum, names this base and carries the next sequence number; the first that does not
+# (a crash mid-append, a full disk, a flipped byte) ends the journal there, so what is loaded
+# is always a table that was saved whole. A journal naming another base (a new base was
+# written and the process stopped before the journal was reset) is ignored whole.
+
+JOURNAL_MAGIC = b"BLOCKD-DNS-JOURNAL\n"
+JOURNAL_FORMAT = 1
+_JHEAD = struct.Struct("<I32s")
+_JREC = struct.Struct("<Q32s")
+JOURNAL_HEADER = len(JOURNAL_MAGIC) + _JHEAD.size
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPos:
+    """Where a journal stands: the base it applies to (its checksum), the sequence number of its
+    last record, its length in bytes up to the end of that record (0: not started), and how
+    many entries its records carry (what the compaction bound counts)."""
+
+    base: bytes
+    seq: int = 0
+    length: int = 0
+    entries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A table read back from its base and journal (`load_table`)."""
+
+    table: Table
+    meta: dict[str, object]
+    #: where the journal stands, to append the next record after the last good one (None: the
+    #: journal could not be read, the next save writes a new base)
+    journal: JournalPos | None
+    #: records applied on top of the base
+    records: int
+    #: why records were dropped from the journal's tail (reason "journal_dropped": torn, damaged,
+    #: unreadable, another format) or the journal ignored whole ("journal_other_base": it names
+    #: another base, after a crash between a new base and the journal's removal), None if neither
+    dropped: TableFileError | None
+
+
+def load_table(path: Path, settings: AnswerSettings, journal: Path | None = None) -> Loaded:
+    """The base at `path` and the complete records of `journal` applied in order (see above).
+
+    TableFileError if the base does not check out (missing, unreadable, corrupt), or if the
+    journal's last applied record does not hold the number of names its meta says."""
+    exact, subtree, blob, off, meta, checksum = _load_base(path)
+    nspec = len(off) - 1
+    pos: JournalPos | None = JournalPos(checksum)
+    records = 0
+    dropped: TableFileError | None = None
+    if journal is not None:
+        recs, pos, dropped = read_journal(journal, checksum)
+        if recs:
+            extra: list[bytes] = []
+            known: dict[bytes, int] = {}
+            with gc_paused():
+                for rec_meta, entries in recs:
+                    for key, e, s in entries:
+                        for d, spec in ((exact, e), (subtree, s)):
+                            if spec is None:
+                                d.pop(key, None)
+                                continue
+                            i = known.get(spec)
+                            if i is None:
+                                i = known[spec] = nspec + len(extra)
+                                extra.append(spec)
+                            d[key] = i
+                    if rec_meta.get("names") != len(exact) + len(subtree):
+                        raise TableFileError("corrupt", f"{journal}: record {records + 1} leaves "
+                                             f"{len(exact) + len(subtree)} names, its meta says {rec_meta.get('names')!r}")
+                    records += 1
+                    meta = rec_meta
+            total = off[-1]
+            for x in extra:
+                total += len(x)
+                off.append(total)
+            blob = blob + b"".join(extra)
+            nspec = len(off) - 1
+    t = Table(exact, subtree, [None] * nspec, _FileSpecs(blob, off), {}, settings,
+              str(meta.get("digest", "")), restored=True)
+    return Loaded(t, meta, pos, records, dropped)
+
+
+def _load_base(path: Path) -> tuple[dict[bytes, int], dict[bytes, int], bytes, array, dict[str, object], bytes]:  # type: ignore[type-arg]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TableFileError("missing", f"{path} does not exist") from None
+    except OSError as e:
+        raise TableFileError("unreadable", f"{path}: {e.strerror or e}") from None
+    head = len(TABLE_MAGIC)
+    if data[:head] != TABLE_MAGIC:
+        raise TableFileError("corrupt", f"{path}: not a blockd table file (magic {data[:head]!r})")
+    payload = memoryview(data)[head + 32:]
+    checksum = data[head:head + 32]
+    if hashlib.sha256(payload).digest() != checksum:
+        raise TableFileError("corrupt", f"{path}: checksum mismatch ({len(data)} bytes)")
+    try:
+        src = _Records(payload)
+        fmt, meta, n_e, n_s = src.next()
+        if fmt not in TABLE_FORMATS_READ:
+            raise TableFileError("corrupt", f"{path}: format {fmt!r}, this blockd reads "
+                                 f"{', '.join(map(str, TABLE_FORMATS_READ))}")
+        with gc_paused():
+            ekeys, eidx = _read_keys(src, n_e)
+            skeys, sidx = _read_keys(src, n_s)
+        blob = src.next()
+        e_i, s_i, off = array("I"), array("I"), array("Q")
+        e_i.frombytes(eidx)
+        s_i.frombytes(sidx)
+        off.frombytes(src.next())
+        nspec = len(off) - 1
+        if (len(e_i) != len(ekeys) or len(s_i) != len(skeys) or nspec < 0 or not isinstance(blob, bytes)
+                or max(e_i, default=0) >= max(nspec, 1) or max(s_i, default=0) >= max(nspec, 1)
+                or off[-1] != len(blob) or not isinstance(meta, dict)):
+            raise TableFileError("corrupt", f"{path}: inconsistent sections")
+    except (ValueError, TypeError, EOFError, IndexError) as e:
+        raise TableFileError("corrupt", f"{path}: {e}") from None
+    with gc_paused():
+        exact, subtree = dict(zip(ekeys, e_i)), dict(zip(skeys, s_i))
+    return exact, subtree, blob, off, meta, checksum
+
+
+def read_journal(path: Path, base: bytes
+                 ) -> tuple[list[tuple[dict[str, object], list[tuple[bytes, bytes | None, bytes | None]]]],
+                            JournalPos | None, TableFileError | None]:
+    """The complete records of the journal at `path` that apply to `base` (see above): their
+    (meta, entries), where the journal stands after the last of them, and why the rest was
+    dropped (None: nothing was). A missing journal is an empty one."""
+    fresh = JournalPos(base)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], fresh, None
+    except OSError as e:
+        return [], None, TableFileError("journal_dropped", f"{path}: unreadable: {e.strerror or e}")
+    if not data:
+        return [], fresh, None
+    head = len(JOURNAL_MAGIC)
+    if len(data) < JOURNAL_HEADER or data[:head] != JOURNAL_MAGIC:
+        return [], fresh, TableFileError("journal_dropped", f"{path}: not a blockd journal "
+                                         f"(magic {data[:head]!r}, {len(data)} bytes); ignored")
+    fmt, jbase = _JHEAD.unpack_from(data, head)
+    if fmt != JOURNAL_FORMAT:
+        return [], fresh, TableFileError("journal_dropped", f"{path}: format {fmt!r}, this blockd reads "
+                                         f"{JOURNAL_FORMAT}; ignored")
+    if jbase != base:
+        return [], fresh, TableFileError("journal_other_base", f"{path}: written for another base "
+                                         f"({jbase.hex()[:16]}, the base is {base.hex()[:16]}); ignored")
+    out: list[tuple[dict[str, object], list[tuple[bytes, bytes | None, bytes | None]]]] = []
+    p = JOURNAL_HEADER
+    entries_total = 0
+    why = None
+    view = memoryview(data)
+    while p < len(data):
+        seq = len(out) + 1
+        if p + _JREC.size > len(data):
+            why = f"record {seq} is torn (its header is {len(data) - p} of {_JREC.size} bytes)"
+            break
+        n, digest = _JREC.unpack_from(data, p)
+        end = p + _JREC.size + n
+        if end > len(data):
+            why = f"record {seq} is torn ({len(data) - p - _JREC.size} of {n} bytes)"
+            break
+        body = view[p + _JREC.size:end]
+        if hashlib.sha256(body).digest() != digest:
+            why = f"record {seq} does not match its checksum"
+            break
+        rec = _journal_body(body, base, seq)
+        if isinstance(rec, str):
+            why = f"record {seq}: {rec}"
+            break
+        out.append(rec)
+        entries_total += len(rec[1])
+        p = end
+    pos = JournalPos(base, len(out), p if out else JOURNAL_HEADER, entries_total)
+    dropped = None
+    if why is not None:
+        dropped = TableFileError("journal_dropped", f"{path}: {why}; it and the {len(data) - p} bytes after "
+                                 f"it are dropped, the table is the one of record {len(out)} (0: the base)")
+    return out, pos, dropped
+
+
+def _journal_body(body: memoryview, base: bytes, seq: int
+                  ) -> tuple[dict[str, object], list[tuple[bytes, bytes | None, bytes | None]]] | str:
+    """A record's (meta, entries), or what is wrong with it."""
+    try:
+        fmt, rbase, rseq, meta, entries = marshal.loads(body)
+    except (ValueError, TypeError, EOFError) as e:
+        return f"not a record ({e})"
+    if fmt != JOURNAL_FORMAT or rbase != base or rseq != seq or not isinstance(meta, dict):
+        return f"format {fmt!r}, sequence number {rseq!r} (expected {JOURNAL_FORMAT}, {seq}, this base)"
+    if not isinstance(entries, list) or not all(
+            type(x) is tuple and len(x) == 3 and type(x[0]) is bytes
+            and (x[1] is None or type(x[1]) is bytes) and (x[2] is None or type(x[2]) is bytes) for x in entries):
+        return "its entries are not (key, spec, spec) tuples"
+    return meta, entries
+
+
+def append_journal(path: Path, pos: JournalPos, entries: list[tuple[bytes, bytes | None, bytes | None]],
+                   meta: Mapping[str, object]) -> JournalPos:
+    """Append one record (`entries`, `meta`) after `pos` (the last good record: anything past it,
+    e.g. the torn tail of a failed append, is cut off first), then fdatasync. A journal at
+    length 0 is started afresh with its header (and the directory fsynced). On an error the
+    file is cut back to `pos` where possible and the error raised: `pos` is still where it stands."""
+    seq = pos.seq + 1
+    body = marshal.dumps((JOURNAL_FORMAT, pos.base, seq, dict(meta), entries))
+    rec = _JREC.pack(len(body), hashlib.sha256(body).digest()) + body
+    start = pos.length
+    if start == 0:
+        rec = JOURNAL_MAGIC + _JHEAD.pack(JOURNAL_FORMAT, pos.base) + rec
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            os.ftruncate(fd, start)
+            view = memoryview(rec)
+            done = 0
+            while done < len(rec):
+                done += os.pwrite(fd, view[done:], start + done)
+            os.fdatasync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the torn tail is dropped at load, and cut off by the next append
+            raise
+    finally:
+        os.close(fd)
+    if start == 0:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return JournalPos(pos.base, seq, start + len(rec), pos.entries + len(entries))
 
 
 def _put(over: dict[bytes, Verdict | None], base: dict[bytes, int], key: bytes, v: Verdict | None,

@@ -14,16 +14,29 @@ Two paths, as for the kernel enforcers (enforcers/netlink.py):
 `readback` (the drift schedule) reads the whole served table back to a RuleSet.
 
 The compiled table is persisted beside the state (`TableStore`, a few seconds after a pass
-that changed it, atomically), with the digest of the rule set it serves and of the state's
-accepted policies. At start, before the first pass, `restore` loads it, checks it (its own
-checksum, and that the state's accepted policies are still those it came from) and serves it,
-so a restart answers within a couple of seconds instead of after a full pass; anything that
-does not match is ignored, with the reason logged and counted.
+that changed it), with the digest of the rule set it serves and of the state's accepted
+policies: as a base (`dns-table.bin`, the whole table, written atomically) and a journal beside
+it (`dns-table.journal`, one checksummed record per save after a patch: the names the patches
+since the last save touched, as the table now holds them, and the meta), so a save costs what
+the change touched, not the table. Which names a save carries: every swap of the served table
+notes what it touched (`_unsaved`; a build notes "everything"), and a save takes those with the
+table it writes, in one step of the event loop, so a change that lands while a save is under
+way goes into the next one, and a save that fails gives its names back. A build, a journal past
+its bound (`JOURNAL_MAX_ENTRIES`, `JOURNAL_MAX_BYTES`) or one that cannot be appended (other
+than for a full disk) is compacted: a new base, then the journal reset (a journal naming
+another base is ignored at load, so a crash between the two is safe).
+
+At start, before the first pass, `restore` loads the base and the journal's complete records
+(a torn or damaged tail is dropped, logged and counted: the table is then the last one saved
+whole), checks it (its own checksums, and that the state's accepted policies are still those it
+came from) and serves it, so a restart answers within a couple of seconds instead of after a
+full pass; anything that does not match is ignored, with the reason logged and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import time
@@ -39,7 +52,7 @@ import structlog
 from blockd.digests import ADDR4, ADDR6, EMPTY, PartDigest, combine
 from blockd.dns import wire
 from blockd.dns.server import SinkholeServer
-from blockd.dns.table import Table, TableFileError, Verdict
+from blockd.dns.table import JournalPos, Table, TableFileError, Verdict, append_journal, load_table
 from blockd.errors import BlockdError, EnforcerError
 from blockd.model import Applied, Change, RuleSet
 
@@ -52,8 +65,20 @@ PATCH_MAX = 200_000
 #: the table is written this long after the last change, so a burst of changes is one write
 PERSIST_DELAY_S = 2.0
 TABLE_FILE = "dns-table.bin"
-#: outcomes of loading and saving the persisted table (blockd_dns_table_file_total{result})
-TABLE_FILE_RESULTS = ("loaded", "missing", "corrupt", "stale", "unreadable", "empty", "saved", "save_failed")
+JOURNAL_FILE = "dns-table.journal"
+#: the journal is compacted into a new base once its records carry more names than this (or a
+#: quarter of the table, if more): at 1M names, 250k names, so a ticket of ten names every few
+#: minutes compacts every few weeks, and a load applies at most that many entries
+JOURNAL_MAX_ENTRIES = 65_536
+#: ... or once it holds this many bytes
+JOURNAL_MAX_BYTES = 64 << 20
+#: outcomes of loading and saving the persisted table (blockd_dns_table_file_total{result}):
+#: "saved" a new base written, "appended" a journal record, "journal_dropped" a journal's
+#: tail (or the whole journal) not applied at load
+TABLE_FILE_RESULTS = ("loaded", "missing", "corrupt", "stale", "unreadable", "empty", "saved", "appended",
+                      "journal_dropped", "save_failed")
+#: errors of an append that a new base cannot get around (it is larger, on the same file system)
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 _name = itemgetter(0)
 
@@ -67,6 +92,10 @@ class TableStore:
     @property
     def path(self) -> Path:
         return self.state_dir / TABLE_FILE
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / JOURNAL_FILE
 
     def accepted_digest(self) -> str | None:
         """SHA-256 over the state's accepted policies (issuer, serial, digest), or None if the
@@ -101,9 +130,17 @@ class SinkholeEnforcer:
         self._merge_task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._writing = False
+        self._closing = False
         self._save_error: str | None = None
-        #: (table, accepted digest) waiting to be written
-        self._persist_due: tuple[Table, str] | None = None
+        #: (table, accepted digest, the names it differs in from the last table saved, None: all)
+        #: waiting to be written
+        self._persist_due: tuple[Table, str, set[str] | None] | None = None
+        #: the names the served table differs in from the last one handed to a save (None: it
+        #: cannot be told by names: a build)
+        self._unsaved: set[str] | None = None
+        #: where the journal on disk stands (None: no base known to be on disk, the next save
+        #: writes one)
+        self._journal: JournalPos | None = None
         #: the accepted digest a restored table was checked against (None: not restored)
         self._restored_accepted: str | None = None
 
@@ -120,7 +157,15 @@ class SinkholeEnforcer:
         t0 = time.perf_counter()
         store = self.store
         try:
-            table, meta = await asyncio.to_thread(Table.load, store.path, self.server.answer_settings)
+            got = await asyncio.to_thread(load_table, store.path, self.server.answer_settings, store.journal)
+            table, meta = got.table, got.meta
+            if got.dropped is not None:  # the table is the last one saved whole; the checks below decide
+                damaged = got.dropped.reason == "journal_dropped"  # not: a journal of an older base, left by a crash
+                (log.warning if damaged else log.info)("dns_table_journal_dropped", enforcer=self.name,
+                                                       reason=got.dropped.reason, error=got.dropped.detail,
+                                                       records=got.records)
+                if damaged:
+                    self._count("journal_dropped")
             accepted = await asyncio.to_thread(store.accepted_digest)
             if accepted is None or meta.get("accepted") != accepted:
                 raise TableFileError("stale", f"{store.path} was written for other accepted policies "
@@ -135,9 +180,10 @@ class SinkholeEnforcer:
             return False
         self.server.swap(table)
         self._restored_accepted = accepted
+        self._journal, self._unsaved = got.journal, set()  # the next save appends to what was loaded
         self.last_load_s = time.perf_counter() - t0
         log.info("dns_table_restored", enforcer=self.name, names=len(table), digest=table.digest[:16],
-                 written_at=meta.get("written_at"), load_s=round(self.last_load_s, 3))
+                 written_at=meta.get("written_at"), journal_records=got.records, load_s=round(self.last_load_s, 3))
         self._count("loaded")
         return True
 
@@ -181,6 +227,7 @@ class SinkholeEnforcer:
             raise EnforcerError(self.name, f"cannot patch the lookup table: {e}") from e
         if table is not old:
             self.server.swap(table)
+            self._note_unsaved(names)
         patch_s = time.perf_counter() - t1
         at = datetime.now(timezone.utc)
         bad, removed, added = await asyncio.to_thread(_read_touched, self.server.table, old, want, names)
@@ -222,6 +269,7 @@ class SinkholeEnforcer:
             except (ValueError, KeyError, UnicodeError, IndexError) as e:
                 raise EnforcerError(self.name, f"cannot build the lookup table: {e}") from e
             self.server.swap(table)
+            self._note_unsaved(None)
             self.last_load_s = time.perf_counter() - t0
         served = self.server.table
         at = datetime.now(timezone.utc)
@@ -267,19 +315,33 @@ class SinkholeEnforcer:
         log.info("dns_table_merged", enforcer=self.name, folded=t.overlay, names=len(merged),
                  duration_s=round(time.perf_counter() - t0, 3))
 
+    def _note_unsaved(self, names: set[str] | None) -> None:
+        """The served table was swapped for one that differs in `names` (None: a build). Called
+        in the same step as the swap, so what a save takes is never behind the table it takes."""
+        self._unsaved = _union(self._unsaved, names)
+        if self._unsaved is not None and len(self._unsaved) > max(JOURNAL_MAX_ENTRIES, len(self.server.table) // 4):
+            self._unsaved = None  # more than a record is worth (saves have not run for long): a new base
+
     async def _persist_later(self, table: Table) -> None:
+        """Save `table` (the one served: swaps happen under the apply lock, which the caller
+        holds) a little later; the names it differs in from the last save go with it."""
         if self.store is None or len(table) == 0:
             return  # an empty table is never served at start: the file keeps the last one with names
         accepted = await asyncio.to_thread(self.store.accepted_digest)
         if accepted is None:
             return  # the state cannot be read: nothing to check a saved table against
-        self._persist_due = (table, accepted)
+        names, self._unsaved = self._unsaved, set()
+        if self._persist_due is not None:  # not written yet: this save covers both changes
+            names = _union(self._persist_due[2], names)
+        self._persist_due = (table, accepted, names)
         if self._persist_task is None or self._persist_task.done():
             self._persist_task = asyncio.get_running_loop().create_task(self._persist_loop())
 
     async def _persist_loop(self, delay: float = PERSIST_DELAY_S) -> None:
-        while self._persist_due is not None:
+        while self._persist_due is not None and not self._closing:
             await asyncio.sleep(delay)
+            if self._closing:
+                return  # aclose writes what is due
             due, self._persist_due = self._persist_due, None
             if due is not None:
                 self._writing = True
@@ -288,26 +350,68 @@ class SinkholeEnforcer:
                 finally:
                     self._writing = False
 
-    async def _persist(self, table: Table, accepted: str) -> None:
+    async def _persist(self, table: Table, accepted: str, names: set[str] | None) -> None:
+        """Append a journal record for `names`, or write a new base (see the module doc)."""
         assert self.store is not None
         t0 = time.perf_counter()
         meta = {"digest": table.digest, "accepted": accepted, "names": len(table),
                 "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        pos = self._journal
+        why = "not a patch" if names is None else "no base" if pos is None else None
+        if why is None and pos is not None and names is not None:
+            if pos.entries + len(names) > max(JOURNAL_MAX_ENTRIES, len(table) // 4) or pos.length > JOURNAL_MAX_BYTES:
+                why = "journal bound"
+            else:
+                try:
+                    self._journal = await asyncio.to_thread(_append, table, names, self.store.journal, pos, meta)
+                except OSError as e:
+                    if e.errno in _NO_ROOM:
+                        self._save_failed(e, names)
+                        return
+                    why = f"append failed: {e.strerror or e}"
+                    log.warning("dns_table_journal_failed", enforcer=self.name, path=str(self.store.journal),
+                                error=e.strerror or str(e), note="writing a new base instead")
+                else:
+                    self._count("appended")
+                    log.info("dns_table_appended", enforcer=self.name, path=str(self.store.journal),
+                             names=len(table), names_touched=len(names), record=self._journal.seq,
+                             journal_bytes=self._journal.length, duration_s=round(time.perf_counter() - t0, 4),
+                             recovered=True if self._save_error else None)
+                    self._save_error = None
+                    return
         try:
-            size = await asyncio.to_thread(table.dump, self.store.path, meta)
+            size, checksum = await asyncio.to_thread(table.dump_base, self.store.path, meta)
         except OSError as e:
-            error = e.strerror or str(e)
-            # once per outage (the counter counts every failed save; the next change tries again)
-            (log.error if self._save_error != error else log.debug)(
-                "dns_table_save_failed", enforcer=self.name, path=str(self.store.path), error=error,
-                note="a restart builds the table in its first pass instead")
-            self._save_error = error
-            self._count("save_failed")
+            self._journal = None  # the base on disk may be the old one or this one: the next save writes one
+            self._save_failed(e, None)
             return
+        self._journal = JournalPos(checksum)
+        try:  # a journal naming the old base is ignored at load; removed so it is not read at all
+            self.store.journal.unlink(missing_ok=True)
+        except OSError as e:
+            log.debug("dns_table_journal_not_removed", enforcer=self.name, error=e.strerror or str(e))
         self._count("saved")
         log.info("dns_table_saved", enforcer=self.name, path=str(self.store.path), names=len(table), bytes=size,
-                 duration_s=round(time.perf_counter() - t0, 3), recovered=True if self._save_error else None)
+                 compacted=why, duration_s=round(time.perf_counter() - t0, 3),
+                 recovered=True if self._save_error else None)
         self._save_error = None
+
+    def _save_failed(self, e: OSError, names: set[str] | None) -> None:
+        """Log (once per outage) and count a failed save, and give its names back: the next
+        save carries them (with those of a save already due, so no record skips them)."""
+        assert self.store is not None
+        error = e.strerror or str(e)
+        # once per outage (the counter counts every failed save; the next change tries again)
+        (log.error if self._save_error != error else log.debug)(
+            "dns_table_save_failed", enforcer=self.name, path=str(self.store.state_dir), error=error,
+            note="a restart serves the last table saved, or builds the table in its first pass")
+        self._save_error = error
+        self._count("save_failed")
+        if self._persist_due is not None:
+            t, a, n = self._persist_due
+            self._persist_due = (t, a, _union(n, names))
+        else:
+            self._unsaved = _union(self._unsaved, names)
 
     # ---- read-back --------------------------------------------------------------------------
     async def readback(self) -> RuleSet:
@@ -321,16 +425,26 @@ class SinkholeEnforcer:
     async def aclose(self) -> None:
         if self._merge_task is not None:
             self._merge_task.cancel()
+        self._closing = True  # the loop stops after what it does now
         task = self._persist_task
         if task is not None and not task.done():
-            due, self._persist_due = self._persist_due, None  # the loop stops after what it does now
             if self._writing:  # a write under way finishes (a second one must not race it)
                 await asyncio.shield(task)
             else:
                 task.cancel()
-            if due is not None:  # the last change is written now, not lost with the process
-                await self._persist(*due)
+        due, self._persist_due = self._persist_due, None
+        if due is not None:  # the last change is written now, not lost with the process
+            await self._persist(*due)
         await self.server.aclose()
+
+
+def _union(a: set[str] | None, b: set[str] | None) -> set[str] | None:
+    return None if a is None or b is None else a | b
+
+
+def _append(table: Table, names: set[str], path: Path, pos: JournalPos, meta: dict[str, object]) -> JournalPos:
+    """One journal record: the entries of `names` as `table` holds them (a worker thread)."""
+    return append_journal(path, pos, table.journal_entries(wire.name_to_wire(n) for n in names), meta)
 
 
 def _digest(e: PartDigest, s: PartDigest) -> str:

@@ -73,3 +73,30 @@ def test_a_damaged_or_stale_table_is_ignored(box: Box, damage: str) -> None:
     # nothing is served from it: no listener until the first pass succeeds (fail closed, as before)
     assert "status: NXDOMAIN" not in box.dig("blocked.example")
     assert len(box.events("dns_table_restored")) == restored_before
+
+
+def test_restart_after_several_changes_serves_the_last_table_from_base_and_journal(box: Box) -> None:
+    """Changes while running are saved as journal records (not whole tables); a restart serves
+    the table of the last one: each name, its subtree flag, and the order text of the last serial."""
+    steps = [["n1.example", "n2.example"], ["n1.example", "n2.example", "n3.example"],
+             ["n2.example", "n3.example", "*.n4.example"], ["n3.example", "*.n4.example", "n5.example"]]
+    box.write_policy("p.yaml", policy_text(1, steps[0], ["192.0.2.0/24"]))
+    box.start()
+    wait_for(lambda: box.events("dns_table_saved"), timeout=30, what="the base")
+    for serial, names in enumerate(steps[1:], 2):
+        box.write_policy("p.yaml", policy_text(serial, names, ["192.0.2.0/24"]))
+        wait_for(lambda: f"(T-{serial})" in box.dig(names[-1].lstrip("*.")), timeout=30,  # noqa: B023
+                 what=f"serial {serial} served")
+    assert box.stop() == 0
+    appended = box.events("dns_table_appended")
+    assert appended and len(box.events("dns_table_saved")) == 1, "saved by records after the base"
+    assert (box.tmp / "state" / "dns-table.journal").exists()
+    restart_failing(box)
+    out = wait_for(lambda: (o := box.dig("n3.example")) and "status: NXDOMAIN" in o and o,
+                   timeout=30, what="an answer from the restored table")
+    assert "Blocked by order demo-regulator/o1 of Test Court (T-4)" in out  # type: ignore[operator]
+    assert box.blocked("a.b.n4.example") and box.blocked("n5.example")
+    assert not box.blocked("n1.example") and not box.blocked("n2.example")
+    restored = box.events("dns_table_restored")
+    assert restored[-1]["journal_records"] == len(appended), restored
+    assert metric(box, "loaded") == 1.0 and metric(box, "journal_dropped") == 0.0
