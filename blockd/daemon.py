@@ -118,6 +118,7 @@ class Daemon:
                 for result in TABLE_FILE_RESULTS:
                     self.metrics.dns_table_file.labels(result)
                 e.on_table_file = lambda result: self.metrics.dns_table_file.labels(result).inc()  # type: ignore[attr-defined]
+                e.busy = self.reconciler.passing.is_set  # type: ignore[attr-defined]
         self.accountability = Accountability.from_settings(
             settings, on_failure=lambda kind: self.metrics.write_failures.labels(kind).inc())
         #: per enforcer: the last Applied (an apply, a repair or a full read-back) and when

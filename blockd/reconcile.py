@@ -20,6 +20,7 @@ A bad new input never disturbs what is enforced: the last good rule set stays li
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -80,6 +81,8 @@ class Reconciler:
     #: (policy digest, context key) -> Prepared: a policy whose bytes and context did not change
     #: is not expanded again
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)
+    #: set while a pass runs (background work of the enforcers waits for it: `DnsEnforcer.busy`)
+    passing: threading.Event = field(default_factory=threading.Event)
     #: each order's expansion by its content (for one context), per policy digest: a new serial
     #: that changes one order expands only that one
     _order_entries: dict[str, tuple[str, OrderCache]] = field(default_factory=dict)
@@ -143,6 +146,13 @@ class Reconciler:
         return good, self.select(good, now)
 
     async def run_pass(self, now: datetime | None = None, reason: str = "change") -> PassResult:
+        self.passing.set()
+        try:
+            return await self._run_pass(now, reason)
+        finally:
+            self.passing.clear()
+
+    async def _run_pass(self, now: datetime | None, reason: str) -> PassResult:
         now = now or self.now()
         t0 = time.perf_counter()
         # Verification and compilation are CPU work: off the event loop, which keeps answering

@@ -166,12 +166,18 @@ class _BuiltSpecs:
         self.items = items
         self._blob: tuple[bytes, array] | None = None  # type: ignore[type-arg]
 
-    def blob(self, orders: Mapping[str, OrderInfo]) -> tuple[bytes, array]:  # type: ignore[type-arg]
+    def blob(self, orders: Mapping[str, OrderInfo],
+             pause: Callable[[], None] | None = None) -> tuple[bytes, array]:  # type: ignore[type-arg]
         """Every index's spec record, and their offsets: made on the first dump, then reused (an
         index's orders and what they show do not change while a base lives; a patch shadows
-        the names it touches)."""
+        the names it touches). `pause` is called between slices (see `Table.dump_base`)."""
         if self._blob is None:
-            parts = [_spec_bytes(own, comb, orders) for own, comb in self.items]
+            parts: list[bytes] = []
+            items = self.items
+            for i in range(0, len(items), _SLICE):
+                if pause is not None:
+                    pause()
+                parts.extend(_spec_bytes(own, comb, orders) for own, comb in items[i:i + _SLICE])
             off = array("Q", [0])
             total = 0
             for b in parts:
@@ -533,7 +539,8 @@ class Table:
         """Write this table to `path` atomically (`dump_base`); returns the bytes written."""
         return self.dump_base(path, meta)[0]
 
-    def dump_base(self, path: Path, meta: Mapping[str, object]) -> tuple[int, bytes]:
+    def dump_base(self, path: Path, meta: Mapping[str, object],
+                  pause: Callable[[], None] | None = None) -> tuple[int, bytes]:
         """Write this table to `path` atomically (temp file, fsync, rename, fsync of the
         directory); returns the bytes written and the file's checksum (the base a journal
         names, `append_journal`). Format: MAGIC, SHA-256 of the rest, then marshal
@@ -542,10 +549,15 @@ class Table:
 
         Spec indices are the base's own (its spec blob is made once per base and reused, a
         loaded table's is the file's), so a dump after a small change is mostly C-level copies;
-        the overlay's verdicts and those a merge appended get specs after them."""
+        the overlay's verdicts and those a merge appended get specs after them.
+
+        `pause` (a worker thread's call, between slices) lets the caller hold a long dump back
+        while something more urgent runs (the daemon's pass: a change is not slowed down by
+        the first save of a million-name table)."""
         out = io.BytesIO()
         with gc_paused():
-            base_blob, base_off = self.specs.blob(self.orders)
+            base_blob, base_off = (self.specs.blob(self.orders, pause) if isinstance(self.specs, _BuiltSpecs)
+                                   else self.specs.blob(self.orders))
             extra: list[bytes] = []
             nspec = len(self.specs)
             appended: dict[int, int] = {}
@@ -580,6 +592,8 @@ class Table:
             for keys, idx in sections:
                 # in slices: one marshal call of 1M keys would hold the GIL for a long while
                 for i in range(0, len(keys), _SLICE):
+                    if pause is not None:
+                        pause()
                     _record(out, keys[i:i + _SLICE])
                 _record(out, idx.tobytes())
             _record(out, base_blob + b"".join(extra) if extra else base_blob)

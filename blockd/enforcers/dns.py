@@ -64,6 +64,8 @@ MERGE_AT = 8192
 PATCH_MAX = 200_000
 #: the table is written this long after the last change, so a burst of changes is one write
 PERSIST_DELAY_S = 2.0
+#: the longest a base dump waits for passes, between two of its slices
+PAUSE_MAX_S = 30.0
 TABLE_FILE = "dns-table.bin"
 JOURNAL_FILE = "dns-table.journal"
 #: the journal is compacted into a new base once its records carry more names than this (or a
@@ -117,6 +119,8 @@ class SinkholeEnforcer:
         self.server = server
         self.store = store
         self.on_table_file = on_table_file
+        #: says whether the daemon's pass is running (a base dump waits for it between slices)
+        self.busy: Callable[[], bool] | None = None
         self.last_load_s = 0.0
         #: how the last apply went: "patch" (only the names changed) or "full" (rebuilt)
         self.last_path = "full"
@@ -380,7 +384,8 @@ class SinkholeEnforcer:
                     self._save_error = None
                     return
         try:
-            size, checksum = await asyncio.to_thread(table.dump_base, self.store.path, meta)
+            pause = None if self._closing else self._pause
+            size, checksum = await asyncio.to_thread(table.dump_base, self.store.path, meta, pause)
         except OSError as e:
             self._journal = None  # the base on disk may be the old one or this one: the next save writes one
             self._save_failed(e, None)
@@ -395,6 +400,15 @@ class SinkholeEnforcer:
                  compacted=why, duration_s=round(time.perf_counter() - t0, 3),
                  recovered=True if self._save_error else None)
         self._save_error = None
+
+    def _pause(self) -> None:
+        """Worker thread, between slices of a base dump: wait while `busy()` says a pass runs
+        (the pass and the dump would share one interpreter lock), at most PAUSE_MAX_S in all."""
+        if self.busy is None:
+            return
+        deadline = time.monotonic() + PAUSE_MAX_S
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _save_failed(self, e: OSError, names: set[str] | None) -> None:
         """Log (once per outage) and count a failed save, and give its names back: the next

@@ -456,3 +456,32 @@ def test_the_base_format_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         with pytest.raises(TableFileError, match=f"format {fmt}, this blockd reads 1, 2") as e:
             load_table(tmp_path / "t.bin", SETTINGS)
         assert e.value.reason == "corrupt"
+
+
+def test_a_base_dump_waits_between_slices_while_a_pass_runs(tmp_path: Path) -> None:
+    """The first base after a build is a million-name dump: it holds back, slice by slice,
+    while `busy()` says a pass runs, and writes the same file as a dump that never waits."""
+    from blockd.dns.table import _SLICE
+    from blockd.model import DomainRule
+
+    orders = {"o1": random_world(random.Random(5))[1]["o1"]}
+    rs = RuleSet.build([DomainRule(f"n{i}.example", False, frozenset({"o1"})) for i in range(2 * _SLICE + 5)],
+                       orders=orders)
+    calls: list[int] = []
+    t = Table.build(rs, SETTINGS)
+    t.dump_base(tmp_path / "paused.bin", {"digest": rs.digest}, lambda: calls.append(1))
+    assert len(calls) >= 3  # the spec slices and the key slices
+    Table.build(rs, SETTINGS).dump_base(tmp_path / "plain.bin", {"digest": rs.digest})
+    assert (tmp_path / "paused.bin").read_bytes() == (tmp_path / "plain.bin").read_bytes()
+
+    enforcer = SinkholeEnforcer(SinkholeServer(SinkholeSettings(listen=())))
+    passing = threading.Event()
+    enforcer.busy = passing.is_set
+    passing.set()
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (enforcer._pause(), done.set()))
+    waiter.start()
+    assert not done.wait(0.3), "the dump went on while the pass ran"
+    passing.clear()
+    assert done.wait(10), "the dump did not go on once the pass ended"
+    waiter.join()
