@@ -86,11 +86,13 @@ def wait_until(ready: Callable[[], bool], what: str, deadline_s: float = DEADLIN
 
 
 def sign_and_drop(directory: Path, name: str, text: str, issuer: str) -> float:
-    """Signature first, then the policy, each by rename; returns when the policy landed."""
+    """As a deploy tool does: both files written aside, then the signature and the policy
+    renamed into place back to back (one burst: the watcher's settle time coalesces it);
+    returns when the policy landed."""
     sig = minisign.sign(text.encode(), KEYS[issuer], trusted_comment=f"file:{name}")
     (directory / f".{name}.minisig.tmp").write_text(sig)
-    os.replace(directory / f".{name}.minisig.tmp", directory / f"{name}.minisig")
     (directory / f".{name}.tmp").write_text(text)
+    os.replace(directory / f".{name}.minisig.tmp", directory / f"{name}.minisig")
     landed = time.monotonic()
     os.replace(directory / f".{name}.tmp", directory / name)
     return landed
