@@ -56,6 +56,8 @@ class Accountability:
         self.export_dir = Path(settings.daemon.attest_dir) if settings.daemon.attest_dir else None
         self._audit_path: Path | None = audit.path if audit is not None else None
         self._last_pending: frozenset[str] = frozenset()
+        #: a pass recorded with statement=False called for a statement (see after_pass)
+        self._change_owed = False
         self._tte_path = settings.state_dir / "time-to-enforce.json"
         self.enforced = _load_tte(self._tte_path)
         self.verified: dict[str, datetime] = {}
@@ -186,7 +188,12 @@ class Accountability:
         return cached[1]
 
     # -- passes -------------------------------------------------------------------------------
-    def after_pass(self, r: PassResult, enforcers: Mapping[str, attest.EnforcerPass]) -> None:
+    def after_pass(self, r: PassResult, enforcers: Mapping[str, attest.EnforcerPass], *,
+                   statement: bool = True) -> None:
+        """Record a pass (receipts, events, time-to-enforce) and state it if it changed what is
+        held. With `statement=False` (a later pass is already queued) the statement it calls
+        for is owed to the next pass recorded with `statement=True`, which states what is held
+        then."""
         now = datetime.now(timezone.utc)
         for p in (*r.policies, *r.pending):
             self.seen.setdefault(p.digest, r.received.get(p.digest, now))
@@ -213,7 +220,10 @@ class Accountability:
         pending = frozenset(p.digest for p in r.pending)
         # A new pending policy changes no rule, but its receipt is stated at once.
         if r.changed or pending != self._last_pending:
+            self._change_owed = True
+        if statement and self._change_owed:
             self.attest(r, enforcers, reason="change")
+            self._change_owed = False
 
     def record(self, r: PassResult, enforcers: Mapping[str, attest.EnforcerPass]) -> None:
         """Extend the time-to-enforce record with the enforcers in sync now."""

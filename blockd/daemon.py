@@ -24,6 +24,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 
@@ -45,6 +46,9 @@ from blockd.selection import STATUSES, status_counts
 from blockd.settings import Settings
 from blockd.state import StateLock, StateStore
 from blockd.watch import identity, snapshot, watch
+
+#: how long a stop waits for the accountant's statements in progress
+STOP_ACCOUNT_S = 30.0
 
 log = structlog.get_logger("blockd.daemon")
 _READBACK_FAILED = "read-back failed: "
@@ -137,6 +141,11 @@ class Daemon:
         self._poke = asyncio.Event()
         #: passes and drift repairs never interleave: a repair must not re-apply a superseded set
         self._apply_lock = asyncio.Lock()
+        self._metrics_server: asyncio.Server | None = None
+        #: the accountant's work (statements, the time-to-enforce record): see `_account`
+        self._account_lock = asyncio.Lock()
+        self._account_jobs: list[tuple[str, Any, Any]] = []
+        self._account_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._boundary: datetime | None = None
         self._reloading = False
@@ -174,7 +183,7 @@ class Daemon:
             return 1
         if self.settings.daemon.metrics_listen is not None:
             host, port = self.settings.daemon.metrics_listen
-            await m.serve(self.metrics.registry, host, port, self._order_rows)
+            self._metrics_server = await m.serve(self.metrics.registry, host, port, self._order_rows)
             log.info("metrics_listening", address=f"{host}:{port}")
         if not await self._until_ready():
             self.notifier.stopping()
@@ -282,6 +291,11 @@ class Daemon:
                                            for z, (n, held) in primary.zone_states().items()}
 
     async def _shutdown(self, *, remove_rules: bool) -> None:
+        try:  # the statements queued are written (each is atomic: an unfinished one is owed, not torn)
+            await asyncio.wait_for(self.account_idle(), STOP_ACCOUNT_S)
+        except TimeoutError:
+            log.warning("statement_owed_at_stop", note="a statement was still being written; the next start states "
+                        "what is held")
         if remove_rules:
             for e in self.enforcers:
                 try:
@@ -290,6 +304,9 @@ class Daemon:
                     log.error("remove_on_stop_failed", enforcer=e.name, error=str(exc))
         for e in self.enforcers:
             await e.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         if self._page_retry is not None:
             self._page_retry.cancel()
         if self.block_page is not None:
@@ -394,25 +411,57 @@ class Daemon:
         # Digests over the whole rule set take seconds at 1M: off the event loop, once each.
         await asyncio.to_thread(self._warm_shares, result.compilation.ruleset)
         if self.accountability is not None:
-            acc = self.accountability
             for f in result.new_input_failures:
-                acc.event("input_refused", input=f.input, where=f.where, error=f.message)
-
-            def account() -> None:
-                acc.after_pass(result, self.enforcer_passes())
-                if acc.behind:
-                    acc.retry(result, self.enforcer_passes())
-
-            try:
-                # A statement lists every order (seconds for a registry): in a worker thread, so
-                # the event loop keeps answering and pinging the watchdog; under the apply lock,
-                # like every other statement, so they never interleave.
-                async with self._apply_lock:
-                    await asyncio.to_thread(account)
-            except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
-                log.exception("accountability_failed", error=str(e))
+                self.accountability.event("input_refused", input=f.input, where=f.where, error=f.message)
+            # A statement lists every order (a minute for a registry of a million): written by
+            # the accountant beside the passes, never under the apply lock (see _account).
+            self._account(("pass", result, self.enforcer_passes()))
         self._schedule_retry(bool(result.failed) or result.state_error is not None
                              or (self.accountability is not None and self.accountability.behind))
+
+    def _account(self, job: tuple[str, Any, Any]) -> None:
+        """Queue accountability work for the accountant task: ("pass", result, enforcer
+        passes) after each pass, or ("run", what, fn) for a statement made from snapshots.
+
+        The accountant runs the jobs in order, in a worker thread, one at a time (statements
+        never interleave), beside the passes: a change never waits for a statement. Passes
+        queued meanwhile are each recorded (receipts, time-to-enforce, the audit events), and
+        one statement is made for the newest of them: it states what is held then, which is
+        what the ones it stands for would have led to."""
+        self._account_jobs.append(job)
+        if self._account_task is None or self._account_task.done():
+            self._account_task = asyncio.get_running_loop().create_task(self._account_loop())
+
+    async def _account_loop(self) -> None:
+        acc = self.accountability
+        assert acc is not None
+        while self._account_jobs:
+            jobs, self._account_jobs = self._account_jobs, []
+
+            def run(jobs: list[tuple[str, Any, Any]] = jobs) -> None:
+                last_pass = max((i for i, j in enumerate(jobs) if j[0] == "pass"), default=-1)
+                for i, (kind, a, b) in enumerate(jobs):
+                    if kind == "pass":
+                        later_pass = any(j[0] == "pass" for j in jobs[i + 1:])
+                        acc.after_pass(a, b, statement=not later_pass)
+                        if i == last_pass and acc.behind:
+                            acc.retry(a, b)
+                    else:
+                        b()
+
+            try:
+                async with self._account_lock:
+                    await asyncio.to_thread(run)
+            except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
+                log.exception("accountability_failed", error=str(e))
+            if acc.behind:
+                self._schedule_retry(True)
+                self._poke.set()
+
+    async def account_idle(self) -> None:
+        """Wait until the accountant has written what was queued (shutdown, tests)."""
+        while self._account_task is not None and not self._account_task.done():
+            await asyncio.shield(self._account_task)
 
     def _needs_pass(self) -> bool:
         """A failed pass or apply is retried with a pass; an owed write alone is not."""
@@ -424,8 +473,9 @@ class Daemon:
         if acc is None:
             return
         try:
-            async with self._apply_lock:
-                await asyncio.to_thread(acc.retry, self.last, self.enforcer_passes())
+            last, passes = self.last, self.enforcer_passes()
+            async with self._account_lock:
+                await asyncio.to_thread(acc.retry, last, passes)
         except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
             log.exception("accountability_failed", error=str(e))
         self._schedule_retry(acc.behind)
@@ -638,14 +688,12 @@ class Daemon:
             self.metrics.in_sync.labels(e.name).set(1 if in_sync else 0)
             clean = clean and in_sync
         if repairs and self.accountability is not None:
-            # The regulator hears of it now, not at the next periodic statement.
-            try:
-                passes = self.enforcer_passes()
-                acc, last = self.accountability, self.last
-                await asyncio.to_thread(lambda: (acc.record(last, passes),
-                                                 acc.attest(last, passes, reason="drift_repair", drift_repairs=repairs)))
-            except Exception as exc:  # noqa: BLE001 - accountability must never stop enforcement
-                log.exception("accountability_failed", error=str(exc))
+            # The regulator hears of it now, not at the next periodic statement (written by the
+            # accountant, from what is held now, beside the passes).
+            passes = self.enforcer_passes()
+            acc, last = self.accountability, self.last
+            self._account(("run", "drift_repair", lambda: (acc.record(last, passes), acc.attest(
+                last, passes, reason="drift_repair", drift_repairs=repairs))))
         return clean
 
     async def _read_back(self, e: Enforcer, desired: RuleSet) -> tuple[Applied, RuleSet]:
@@ -716,12 +764,12 @@ class Daemon:
                     self._observe_sync()
                     passes = self.enforcer_passes()
                     acc, last = self.accountability, self.last
-                    await asyncio.to_thread(lambda: (acc.record(last, passes), acc.attest(last, passes, reason=reason)))
                 except Exception as e:  # noqa: BLE001 - as above: log, keep running, retry next period
                     log.exception("attestation_failed", error=str(e))
-            if self.accountability.behind:
-                self._schedule_retry(True)
-                self._poke.set()
+                    continue
+            # what is held now, stated by the accountant (a minute at 1M: not under the apply lock)
+            self._account(("run", reason, lambda acc=acc, last=last, passes=passes, reason=reason: (
+                acc.record(last, passes), acc.attest(last, passes, reason=reason))))
 
     async def _refresh_readback(self) -> None:
         """Re-read every enforcer so a periodic attestation states what is held now."""

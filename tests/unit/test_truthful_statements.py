@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -334,3 +335,21 @@ def test_an_audit_log_that_cannot_be_opened_at_start_is_retried(tmp_path: Path) 
     events = [json.loads(x)["event"] for x in log.read_text().splitlines()]
     assert events == ["policy_accepted", "attestation_issued", "write_recovered"]
     assert audit.verify(log, public_key=key.public).entries == 3
+
+
+def test_passes_queued_behind_a_statement_are_stated_once_by_the_newest(tmp_path: Path) -> None:
+    """The accountant records every pass it was given, and one statement stands for those
+    queued behind another: made by the newest, owed until then, never dropped."""
+    key = minisign.generate()
+    (tmp_path / "op.key").write_text(key.to_text())
+    export = tmp_path / "export"
+    export.mkdir()
+    acc = Accountability(_settings(tmp_path, attest_dir=str(export)), None, key, lambda kind: None)
+    passes = {"dns": held("dns", NAMES)}
+    unchanged = replace(_result(), changed=False)
+    for statement, r, files in [(False, _result(), 0),  # a change queued behind a later pass: owed
+                                (False, unchanged, 0),  # still owed
+                                (True, unchanged, 1),   # the newest pays it
+                                (True, unchanged, 1)]:  # nothing owed, nothing changed: no statement
+        acc.after_pass(r, passes, statement=statement)
+        assert len(list(export.glob("attestation-*.json"))) == files
