@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
-from itertools import chain, compress, islice, repeat
-from operator import add, and_, attrgetter, itemgetter, ne, not_, or_
+from itertools import accumulate, chain, compress, repeat
+from operator import add, and_, attrgetter, itemgetter, ne, not_
 from typing import cast
 
 from blockd import fastyaml, ranges, trust
@@ -230,14 +230,15 @@ def _head(data: bytes, body: int, max_depth: int, max_nodes: int) -> tuple[Heade
     return header, nodes
 
 
-def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items) -> Snapshot | None:
+def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items, *, counted: bool = False) -> Snapshot | None:
     """After a parse: keep the snapshot, when the file's items are exactly the orders (one
-    `<indent>- ` line at the list's indent per order: the reader took every line)."""
+    `<indent>- ` line at the list's indent per order: the reader took every line). `counted`:
+    the recogniser read them so, one order per item line."""
     try:
         body, indent = _frame(data)
     except Unsupported:
         return None
-    if data.count(b"\n" + b" " * indent + b"- ", body) + 1 != len(policy.orders):
+    if not counted and data.count(b"\n" + b" " * indent + b"- ", body) + 1 != len(policy.orders):
         return None
     snap = Snapshot(data, body, indent, policy.orders, nodes)
     items.add(policy.source, snap)
@@ -316,7 +317,7 @@ def _registry(data: bytes, source: str, *, signers: tuple[str, ...], digest: str
     if len(set(map(_order_id, orders))) != len(orders):
         raise Unsupported  # a duplicate order id: the general path names both
     policy = _policy(header, orders, digest, source, signers)
-    snap = _remember(data, policy, nodes, items) if items is not None else None
+    snap = _remember(data, policy, nodes, items, counted=True) if items is not None else None
     return Parsed(policy, snap)
 
 
@@ -409,8 +410,9 @@ def _columns(found: list[tuple[str, ...]]) -> tuple[list[Order], tuple[int, ...]
     actions = tuple(map(_ACTION_STR.__getitem__, actions))
     names = _names(doms)
     cidrs = _cidrs(cids)
-    if not all(map(or_, map(len, names), map(len, cidrs))):
-        raise Unsupported  # no targets
+    nodes = tuple(map(add, repeat(_ITEM_NODES), map(add, map(len, names), map(len, cidrs))))
+    if _ITEM_NODES in nodes:
+        raise Unsupported  # an order without targets
     bases = list(map(_new, repeat(LegalBasis, n)))
     deque(map(_b_authority, bases, auths), 0)
     deque(map(_b_reference, bases, refs), 0)
@@ -425,7 +427,6 @@ def _columns(found: list[tuple[str, ...]]) -> tuple[list[Order], tuple[int, ...]
         deque(map(setter, orders, column), 0)
     for setter, value in ((_o_deadline, None), (_o_allow, ()), (_o_dns, None)):
         deque(map(setter, orders, repeat(value)), 0)
-    nodes = tuple(map(add, repeat(_ITEM_NODES), map(add, map(len, names), map(len, cidrs))))
     return orders, nodes
 
 
@@ -450,8 +451,9 @@ def _flatten(column: tuple[str, ...]) -> tuple[list[str], list[int] | None]:
 def _group(flat: list[object], counts: list[int] | None) -> list[tuple[object, ...]]:
     if counts is None:
         return list(zip(flat))
-    it = iter(flat)
-    return list(map(tuple, map(islice, repeat(it), counts)))
+    ends = list(accumulate(counts))
+    values = tuple(flat)
+    return list(map(values.__getitem__, map(slice, chain((0,), ends), ends)))
 
 
 def _names(column: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -465,50 +467,60 @@ def _names(column: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 _inet4 = partial(socket.inet_pton, socket.AF_INET)
+_inet6 = partial(socket.inet_pton, socket.AF_INET6)
 _cidr_of = partial(tuple.__new__, Cidr)
 
 
 def _cidrs(column: tuple[str, ...]) -> list[tuple[Cidr, ...]]:
-    """Each order's prefixes, as `ranges.parse_cidr` reads them: IPv4 `address/length` in one
-    batch, by the same steps (inet_pton of the address, a length of digits in 0..32, no host
-    bits), the rest (IPv6, a bare address) by parse_cidr itself."""
+    """Each order's prefixes, as `ranges.parse_cidr` reads them, a batch per family by the
+    same steps (split at `/`, `:` in the address means IPv6, inet_pton, a length of digits in
+    0..bits, no host bits, IPv4-mapped IPv6 as IPv4); a bare address by parse_cidr itself."""
     flat, counts = _flatten(column)
     if not flat:
         return _group(flat, counts)  # type: ignore[return-value,arg-type]
     addrs, seps, lens = zip(*map(str.partition, flat, repeat("/")))
-    if seps.count("/") == len(seps) and ":" not in "".join(addrs):
-        parsed = _v4_batch(addrs, lens)
+    if seps.count("/") != len(seps):
+        try:
+            parsed = [ranges.parse_cidr(c) for c in flat]
+        except ValueError:
+            raise Unsupported from None
+    elif ":" not in "".join(addrs):
+        parsed = _batch(4, addrs, lens)
     else:
-        v4 = list(map(and_, map(not_, map(str.__contains__, addrs, repeat(":"))), map(bool, seps)))
-        table = dict(zip(compress(flat, v4), _v4_batch(tuple(compress(addrs, v4)), tuple(compress(lens, v4)))))
-        for text in set(compress(flat, map(not_, v4))):
-            try:
-                table[text] = ranges.parse_cidr(text)
-            except ValueError:
-                raise Unsupported from None
-        parsed = list(map(table.__getitem__, flat))
+        v6 = list(map(str.__contains__, addrs, repeat(":")))
+        v4 = list(map(not_, v6))
+        four = iter(_batch(4, tuple(compress(addrs, v4)), tuple(compress(lens, v4))))
+        six = iter(_batch(6, tuple(compress(addrs, v6)), tuple(compress(lens, v6))))
+        parsed = list(map(next, map((four, six).__getitem__, v6)))  # back in the file's order
     return _group(parsed, counts)  # type: ignore[arg-type,return-value]
 
 
-def _v4_batch(addrs: tuple[str, ...], lens: tuple[str, ...]) -> list[Cidr]:
+def _batch(version: int, addrs: tuple[str, ...], lens: tuple[str, ...]) -> list[Cidr]:
     if not addrs:
         return []
+    n = len(addrs)
     try:
-        packed = b"".join(map(_inet4, addrs))
+        packed = b"".join(map(_inet4 if version == 4 else _inet6, addrs))
     except OSError:
         raise Unsupported from None
-    nets = struct.unpack(f">{len(addrs)}I", packed)
+    if version == 4:
+        nets: tuple[int, ...] | list[int] = struct.unpack(f">{n}I", packed)
+    else:
+        nets = list(map(int.from_bytes, map(packed.__getitem__, map(slice, range(0, 16 * n, 16),
+                                                                          range(16, 16 * n + 16, 16))), repeat("big")))
     if not all(map(str.isdigit, lens)):
         raise Unsupported
     try:
         plens = list(map(int, lens))
     except ValueError:
         raise Unsupported from None
-    if max(plens) > 32:
+    if max(plens) > (32 if version == 4 else 128):
         raise Unsupported
-    if any(map(and_, nets, map(ranges.HOST4.__getitem__, plens))):
+    if any(map(and_, nets, map((ranges.HOST4 if version == 4 else ranges.HOST6).__getitem__, plens))):
         raise Unsupported  # host bits set: the general path says which network was meant
-    return list(map(_cidr_of, zip(repeat(4), nets, plens)))
+    if version == 6 and max(plens) >= 96 and any(net >> 32 == 0xFFFF for net in nets):
+        return [ranges.parse_cidr(f"{a}/{p}") for a, p in zip(addrs, lens)]  # IPv4-mapped: parse_cidr maps them
+    return list(map(_cidr_of, zip(repeat(version), nets, plens)))
 
 
 # -- a new serial: the items that changed ---------------------------------------------------------
