@@ -1,22 +1,31 @@
 """Policy bytes -> Policy without the general parser, when nothing is in doubt; and per order.
 
-The fast path of `policy.parse_policy`, in two steps:
+The fast path of `policy.parse_policy`, tried in this order (each raises `Unsupported` when it
+cannot decide, and the next one runs; the general path, libyaml and the schema Reader, decides
+every doubt and gives every error with its line):
 
-    fastyaml.load (the common line shapes) -> build (the schema's checks, without a Reader)
+    incremental   a new serial of a file parsed before: only the items whose bytes changed
+    _registry     the header (read by fastyaml), then one compiled regex per canonical item
+                  over the whole body (`re.findall`, C); the values checked and the Orders
+                  built a column at a time by C loops (map over C callables); items of
+                  another shape read one at a time by the line reader
+    fastyaml      the common line shapes of the whole file -> `order` per item
 
-`build` makes exactly the Policy the general path makes, and refuses nothing itself: any
-value the schema would refuse, any shape it does not know, raises `Unsupported`, and the
-general path runs and reports every problem with its line (errors are rare; exact messages
-matter more than their speed).
+Each makes exactly the Policy the general path makes, and refuses nothing itself: any value
+the schema would refuse, any shape it does not know, raises `Unsupported` (errors are rare;
+exact messages matter more than their speed). tests/unit/test_fastparse.py compares them with
+the general path on every construct near the canonical shape and on random edits.
 
-A new serial of a large registry is mostly the same text: `Items` keeps each order by the
-exact bytes of its item (the `  - id: ...` block of the top-level `orders` list), so
-`incremental` re-reads only the items whose bytes changed and reuses the Order objects of the
-rest (the same objects: the per-order expansion cache keys on them). It applies only when the
-file is a header, the `orders:` line and the items, nothing after them; an item boundary is a
-line `<indent>- ` at the list's indent, which the fast reader guarantees (it takes no
-construct that spans lines, so a changed item can never swallow or split a neighbour);
-anything else, including a duplicate id across items, goes to the full parse.
+A new serial of a large registry is mostly the same text: `Items` keeps the last parse of
+each file (`Snapshot`: its verified bytes, the very object the SignedFile holds, and one Order
+per item), and `incremental` compares the new body with the old one from both ends (memcmp of
+blocks), reuses the Orders of the items wholly inside the common front and back (the same
+objects: the per-order expansion cache keys on them), matches the items in between by their
+bytes, and reads only what has no match. It applies only when the file is a header, the
+`orders:` line and the items, nothing after them; an item boundary is a line `<indent>- ` at
+the list's indent, which the fast readers guarantee (they take no construct that spans lines,
+so a changed item can never swallow or split a neighbour); anything else, including a
+duplicate id across items, goes to the full parse.
 """
 
 from __future__ import annotations
@@ -617,8 +626,9 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     mid_orders += [None] * (len(new_parts) - len(mid_orders))  # type: ignore[list-item]
     mid_nodes += [0] * (len(new_parts) - len(mid_nodes))
     if misses:  # else anywhere among the old items not taken at their place
-        taken = set(range(min(between, len(new_parts)))).difference(misses)
-        index = {old_parts[j]: j for j in range(between) if j not in taken}
+        # the old items not taken at their place: those whose place missed, and those past the new end
+        rest = [j for j in misses if j < between] + list(range(len(new_parts), between))
+        index = dict(zip(map(old_parts.__getitem__, rest), rest))
         found = [(i, index.get(new_parts[i])) for i in misses]
         for i, j in found:
             if j is not None:

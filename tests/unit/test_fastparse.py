@@ -487,3 +487,59 @@ def test_random_edits_of_a_registry_give_the_general_answer_cold_and_as_a_new_se
         parse_signed(base, "p.yaml", digest="d", items=items)
         assert outcome(lambda d: parse_signed(d, "p.yaml", digest="d", items=items).policy, data) == want, data
     assert taken > 15  # the recogniser decides some of them (most edits make bad YAML: the general path)
+
+
+SERIALS = [
+    # (a new serial of the 40-order canonical registry, how many of its orders are read again)
+    ("one changed at the front", lambda t: t.replace("reference: d0}", "reference: d0-x}"), 1),
+    ("one changed at the back", lambda t: t.replace("reference: d39}", "reference: d39-x}"), 1),
+    ("three changed, spread", lambda t: t.replace("reference: d3}", "reference: d3-x}")
+     .replace("reference: d20}", "reference: d20-x}").replace("reference: d31}", "reference: d31-x}"), 3),
+    ("two swapped", lambda t: t.replace("- id: d7\n", "- id: TMP\n").replace("- id: d8\n", "- id: d7\n")
+     .replace("- id: TMP\n", "- id: d8\n"), 2),
+    ("two moved far apart", lambda t: t.replace(scale_item(5), "").replace(scale_item(30), scale_item(30) + scale_item(5))
+     .replace(scale_item(33), "").replace(scale_item(2), scale_item(2) + scale_item(33)), 0),
+    ("one inserted, one removed, one changed", lambda t: t.replace(scale_item(9), scale_item(9) + scale_item(40))
+     .replace(scale_item(25), "").replace("reference: d36}", "reference: d36-x}"), 2),
+    ("the final newline removed", lambda t: t[:-1], 0),
+    ("every order removed but one", lambda t: HEAD.format(serial=2) + scale_item(17), 0),
+    ("the same item twice", lambda t: t + scale_item(39), None),
+    ("a removed id given to a new item", lambda t: t.replace(scale_item(4), "").replace("reference: d6}", "reference: d4}")
+     .replace("- id: d6\n", "- id: d4\n"), 1),
+]
+
+
+@pytest.mark.parametrize("what, edit, fresh", SERIALS, ids=[s[0] for s in SERIALS])
+def test_a_new_serial_reads_only_the_items_that_changed(what: str, edit: object, fresh: int | None) -> None:
+    items = fastpolicy.Items()
+    old = parse_signed(scale_registry(40).encode(), "p.yaml", digest="d", items=items).policy
+    data = edit(scale_registry(40, serial=2)).encode()  # type: ignore[operator]
+    want = general(data)
+    got = outcome(lambda d: parse_signed(d, "p.yaml", digest="d", items=items).policy, data)
+    assert got == want
+    if fresh is None:
+        assert isinstance(want, str) and "duplicate order id" in want
+        return
+    assert not isinstance(got, str)
+    before = {id(o) for o in old.orders}
+    assert sum(id(o) not in before for o in got.orders) == fresh
+
+
+def test_the_snapshot_is_the_verified_bytes_not_a_copy() -> None:
+    items = fastpolicy.Items()
+    data = scale_registry(40).encode()
+    parsed = parse_signed(data, "p.yaml", digest="d", items=items)
+    assert parsed.items is not None and parsed.items.data is data and parsed.items.orders is parsed.policy.orders
+    new = scale_registry(40, serial=2).encode()
+    again = parse_signed(new, "p.yaml", digest="d", items=items)
+    assert again.items is not None and again.items.data is new and list(items.by_source.values()) == [again.items]
+
+
+def test_a_new_serial_keeps_the_node_limit() -> None:
+    items = fastpolicy.Items()
+    fast(scale_registry(40).encode(), items)
+    new = scale_registry(40, serial=2).replace("reference: d3}", "reference: d3-x}").encode()
+    with pytest.raises(Unsupported):
+        fastpolicy.incremental(new, "p.yaml", signers=(), digest="d", max_depth=32, max_nodes=200, items=items)
+    with pytest.raises(Unsupported):
+        fastpolicy.incremental(new, "p.yaml", signers=(), digest="d", max_depth=4, max_nodes=8_000_000, items=items)
