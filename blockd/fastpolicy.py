@@ -571,6 +571,52 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
     return n
 
 
+_WALK = 64  # items read in the walk before the rest is matched by bytes (moves, many inserts)
+_RESYNC = 64  # bytes after a changed item that must agree for it to be a change in place
+
+
+def _rest(old_mid: bytes, new_mid: bytes, marker: bytes, old_orders: tuple[Order, ...], old_nodes: tuple[int, ...]
+          ) -> tuple[list[Order | None], list[int], list[int], list[bytes]]:
+    """The items of `new_mid` (whole items) matched with those of `old_mid` by their bytes: at
+    the same place, else anywhere among the old ones left. (orders with None where a new item
+    has no match, their nodes, the indices of those, and their exact bytes.)"""
+    lead = len(marker) - 1
+    prefix = marker[1:]
+    old_parts = old_mid.split(marker) if old_mid else []
+    if len(old_parts) != len(old_orders):
+        raise Unsupported  # not the items this snapshot describes (cannot happen: it was checked)
+    final = new_mid.endswith(b"\n")
+    new_parts = (new_mid[:-1] if final else new_mid).split(marker)
+    if old_parts and old_parts[-1].endswith(b"\n"):
+        old_parts[-1] = old_parts[-1][:-1]  # every part without the newline before the next item (or the end)
+    if old_parts:
+        old_parts[0] = old_parts[0][lead:]  # and without the first one's `<indent>- `, like the others
+    new_parts[0] = new_parts[0][lead:]
+    between = len(old_parts)
+    mid_orders: list[Order | None] = list(old_orders[:len(new_parts)])
+    mid_nodes: list[int] = list(old_nodes[:len(new_parts)])
+    misses = list(compress(range(len(mid_orders)), map(ne, old_parts, new_parts)))  # C loops
+    misses += range(len(mid_orders), len(new_parts))
+    mid_orders += [None] * (len(new_parts) - len(mid_orders))
+    mid_nodes += [0] * (len(new_parts) - len(mid_nodes))
+    if misses:
+        # the old items not taken at their place: those whose place missed, and those past the new end
+        rest = [j for j in misses if j < between] + list(range(len(new_parts), between))
+        index = dict(zip(map(old_parts.__getitem__, rest), rest))
+        found = [(i, index.get(new_parts[i])) for i in misses]
+        taken_again = [j for _, j in found if j is not None]
+        if len(set(taken_again)) != len(taken_again):
+            raise Unsupported  # one old item twice (the same bytes twice: the same id twice)
+        for i, j in found:
+            if j is not None:
+                mid_orders[i] = old_orders[j]
+                mid_nodes[i] = old_nodes[j]
+        misses = [i for i, j in found if j is None]
+    last = len(new_parts) - 1
+    texts = [prefix + new_parts[i] + (b"\n" if i < last or final else b"") for i in misses]  # as in the file
+    return mid_orders, mid_nodes, misses, texts
+
+
 def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: str, max_depth: int,
                 max_nodes: int, items: Items) -> Parsed:
     """Parse only the items whose bytes differ from the last parse of this file (`Items.base`);
@@ -602,54 +648,63 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     new_end = old_end - olen + nlen
     n_old = len(snap.orders)
     between = n_old - front - back
-    old_parts = old[ob + start:ob + old_end].split(marker)
-    if len(old_parts) != between or new_end < start:
+    if between < 1 or new_end < start:
         raise Unsupported  # not the file this snapshot describes (cannot happen: it was checked)
-    new_mid = data[body + start:body + new_end]
-    final = new_mid.endswith(b"\n")
-    if final:
-        new_mid = new_mid[:-1]  # every part without the newline before the next item (or the end)
-    if old_parts and old_parts[-1].endswith(b"\n"):
-        old_parts[-1] = old_parts[-1][:-1]
-    new_parts = new_mid.split(marker) if new_mid else []
-    lead = len(marker) - 1  # and without the first one's `<indent>- `, like the others
-    old_parts[0] = old_parts[0][lead:]
-    if new_parts:
-        new_parts[0] = new_parts[0][lead:]
     old_orders = snap.orders[front:front + between]
     old_nodes = snap.nodes[front:front + between]
-    mid_orders: list[Order] = list(old_orders[:len(new_parts)])
-    mid_nodes: list[int] = list(old_nodes[:len(new_parts)])
-    # the same bytes at the same place (C loops: at 1M items, a change spread over the file)
-    misses = list(compress(range(len(mid_orders)), map(ne, old_parts, new_parts)))
-    misses += range(len(mid_orders), len(new_parts))
-    mid_orders += [None] * (len(new_parts) - len(mid_orders))  # type: ignore[list-item]
-    mid_nodes += [0] * (len(new_parts) - len(mid_nodes))
-    if misses:  # else anywhere among the old items not taken at their place
-        # the old items not taken at their place: those whose place missed, and those past the new end
-        rest = [j for j in misses if j < between] + list(range(len(new_parts), between))
-        index = dict(zip(map(old_parts.__getitem__, rest), rest))
-        found = [(i, index.get(new_parts[i])) for i in misses]
-        for i, j in found:
-            if j is not None:
-                mid_orders[i] = old_orders[j]
-                mid_nodes[i] = old_nodes[j]
-        misses = [i for i, j in found if j is None]
-        taken_again = [j for _, j in found if j is not None]
-        if len(set(taken_again)) != len(taken_again):
-            raise Unsupported  # one old item twice (the same bytes twice: the same id twice)
+    # walk the items between from the front: a run of equal bytes (memcmp) gives back the old
+    # items wholly inside it; the item where they differ is read now, and the walk goes on
+    # after it on both sides (a change in place costs one step, wherever it is)
+    mid_orders: list[Order | None] = []
+    mid_nodes: list[int] = []
+    misses: list[int] = []
+    texts: list[bytes] = []
+    a = b = start
+    j = 0
+    while a < old_end and b < new_end and len(misses) < _WALK:
+        same = _common_prefix(old, ob + a, data, body + b, min(old_end - a, new_end - b))
+        if same == old_end - a == new_end - b:  # the rest is equal
+            mid_orders += old_orders[j:]
+            mid_nodes += old_nodes[j:]
+            j, a, b = between, old_end, new_end
+            break
+        k = old.count(marker, ob + a, ob + a + same)
+        if k:
+            at = old.rfind(marker, ob + a, ob + a + same) + 1 - ob
+            mid_orders += old_orders[j:j + k]
+            mid_nodes += old_nodes[j:j + k]
+            j += k
+            b += at - a
+            a = at
+        e = old.find(marker, ob + a, ob + old_end)
+        a_next = e + 1 - ob if e >= 0 else old_end
+        e = data.find(marker, body + b, body + new_end)
+        b_next = e + 1 - body if e >= 0 else new_end
+        r = min(_RESYNC, old_end - a_next, new_end - b_next)
+        if not r or old[ob + a_next:ob + a_next + r] != data[body + b_next:body + b_next + r]:
+            break  # not a change in place (an item added, removed or moved; the last item): matched by bytes
+        misses.append(len(mid_orders))
+        mid_orders.append(None)
+        mid_nodes.append(0)
+        texts.append(data[body + b:body + b_next])  # the item as it stands in the file
+        a, b = a_next, b_next
+        j += 1  # the old item there is replaced
+    if b < new_end:
+        rest = _rest(old[ob + a:ob + old_end] if a < old_end else b"", data[body + b:body + new_end], marker,
+                     old_orders[j:], old_nodes[j:])
+        misses += [len(mid_orders) + i for i in rest[2]]
+        mid_orders += rest[0]
+        mid_nodes += rest[1]
+        texts += rest[3]
     fresh: list[Order] = []
     if misses:
-        prefix = marker[1:]
-        last = len(new_parts) - 1
-        texts = [prefix + new_parts[i] + (b"\n" if i < last or final else b"") for i in misses]  # as in the file
         fresh, fresh_nodes = _recognise(_body_text(b"".join(texts)), indent, max_depth)
         if len(fresh) != len(misses):
             raise Unsupported
         for i, o, k in zip(misses, fresh, fresh_nodes):
             mid_orders[i] = o
             mid_nodes[i] = k
-    orders = snap.orders[:front] + tuple(mid_orders) + snap.orders[n_old - back:]
+    orders = snap.orders[:front] + tuple(mid_orders) + snap.orders[n_old - back:]  # type: ignore[operator]
     nodes = snap.nodes[:front] + tuple(mid_nodes) + snap.nodes[n_old - back:]
     if not orders or head_nodes + 1 + sum(nodes) > max_nodes:
         raise Unsupported
