@@ -69,8 +69,6 @@ _INT = re.compile(r"[+-]?[0-9]+")
 #: punycode to check, a last label that is not all digits); anything else takes parse_domain
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _CANONICAL_NAME = re.compile(rf"(?:\*\.)?(?!(?:.*\.)?xn--)(?:{_LABEL}\.)*(?![0-9]+\Z){_LABEL}")
-#: the same, for each line of a text (names hold no newline; `.` stops at one, `$` is the line's end)
-_CANONICAL_LINES = re.compile(rf"(?m)^(?:\*\.)?(?!(?:.*\.)?xn--)(?:{_LABEL}\.)*(?![0-9]+$){_LABEL}$")
 
 
 # The three objects made per order, built by setting their slots directly: the same objects as
@@ -278,6 +276,11 @@ _P_REST = rf"A-Za-z0-9_.()/+\-{_WIDE}"
 _PLAIN = rf"[{_P_FIRST}][{_P_REST}]*(?: [{_P_REST}]+)*"
 _QLIST = r'(?:"[^"\\\n]*"(?:, "[^"\\\n]*")*)?'
 _ID = r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,127}"
+#: a name already in the form parse_domain gives (`_CANONICAL_NAME`, inside its quotes: at most
+#: MAX_NAME characters, no label starting `xn--`, a last label not all digits); other names
+#: make the item one for the line reader, and `order` gives them to parse_domain
+_QNAME = (rf'"(?=[^"]{{1,{MAX_NAME}}}")(?:\*\.)?(?!(?:[^"]*\.)?xn--)(?:{_LABEL}\.)*(?![0-9]+"){_LABEL}"')
+_QNAMES = rf"(?:{_QNAME}(?:, {_QNAME})*)?"
 _QSEP = '", "'
 _unquote = itemgetter(slice(1, -1))
 _ITEM_NODES = 17  # the item, 4 keys and their values, legal_basis's 2 and targets' 2 keys and values
@@ -289,7 +292,7 @@ def _item_pattern(indent: int) -> tuple[re.Pattern[str], int]:
     p, k = " " * indent, " " * (indent + 2)
     fixed = [f"{p}- id: ", "\n", f"{k}legal_basis: {{authority: ", ", reference: ", "}\n", f"{k}action: ", "\n",
              f"{k}targets: {{domains: [", "], cidrs: [", "]}\n"]
-    groups = [_ID, _PLAIN, _PLAIN, "block|unblock", _QLIST, _QLIST]
+    groups = [_ID, _PLAIN, _PLAIN, "block|unblock", _QNAMES, _QLIST]
     pattern = re.escape(fixed[0]) + f"({groups[0]})" + re.escape(fixed[1]) + re.escape(fixed[2]) + \
         f"({groups[1]})" + re.escape(fixed[3]) + f"({groups[2]})" + re.escape(fixed[4]) + re.escape(fixed[5]) + \
         f"({groups[3]})" + re.escape(fixed[6]) + re.escape(fixed[7]) + f"({groups[4]})" + re.escape(fixed[8]) + \
@@ -466,13 +469,9 @@ def _group(flat: list[object], counts: list[int] | None) -> list[tuple[object, .
 
 
 def _names(column: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Each order's names, as `parse_domain` gives them: those already in its canonical form
-    (every line of the column matched by one multi-line search) as they stand, the rest by it."""
+    """Each order's names: the regex took only names in parse_domain's form (`_QNAME`)."""
     flat, counts = _flatten(column)
-    if max(map(len, flat), default=0) > MAX_NAME or _CANONICAL_LINES.subn("", "\n".join(flat))[1] != len(flat):
-        fixed = {d: (d if len(d) <= MAX_NAME and _CANONICAL_NAME.fullmatch(d) else _domain(d)) for d in set(flat)}
-        flat = list(map(fixed.__getitem__, flat))
-    return _group(flat, counts)  # type: ignore[arg-type]
+    return _group(flat, counts)  # type: ignore[arg-type,return-value]
 
 
 _inet4 = partial(socket.inet_pton, socket.AF_INET)

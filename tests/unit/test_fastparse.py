@@ -193,6 +193,7 @@ FLOWS = [
     ("[a, ]", None), ('["a" "b"]', None), ('[a "b"]', None), ('["a"b]', None), ("[&x a]", None), ("[*x]", None),
     ("[!t a]", None), ("[? a]", None), ("[-1]", None), ('[" a"]', None), ('["a,b"]', None), ('["a: b"]', None),
     ("[a: b]", None), ("{a}", None), ("[a:]", None), ("[[a]", None), ('{"a":b}', None), ("[a #b]", None),
+    ('[""]', None), ('["", "b"]', None), ('["a", ""]', None), ('{a: [""], b: ["c"]}', None), ('{a: ["c"], b: [""]}', None),
 ]
 
 
