@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from itertools import accumulate, chain, compress, repeat
-from operator import add, and_, attrgetter, itemgetter, ne, not_
+from operator import add, and_, attrgetter, ne, not_
 from typing import cast
 
 from blockd import fastyaml, ranges, trust
@@ -282,7 +282,6 @@ _ID = r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,127}"
 _QNAME = (rf'"(?=[^"]{{1,{MAX_NAME}}}")(?:\*\.)?(?!(?:[^"]*\.)?xn--)(?:{_LABEL}\.)*(?![0-9]+"){_LABEL}"')
 _QNAMES = rf"(?:{_QNAME}(?:, {_QNAME})*)?"
 _QSEP = '", "'
-_unquote = itemgetter(slice(1, -1))
 _ITEM_NODES = 17  # the item, 4 keys and their values, legal_basis's 2 and targets' 2 keys and values
 _ITEM_DEPTH = 5  # root > orders > item > targets > domains
 
@@ -448,16 +447,18 @@ _ACTION_STR = {"block": "block", "unblock": "unblock"}
 def _flatten(column: tuple[str, ...]) -> tuple[list[str], list[int] | None]:
     """The insides of lists of double-quoted scalars (`"a", "b"`, or "" for an empty list) ->
     every value in order, and how many each list holds (None: one each)."""
+    counts: list[int] | None = None
     if "" in column:
         counts = [c.count(_QSEP) + 1 if c else 0 for c in column]
         column = tuple(filter(None, column))
-    else:
-        counts = list(map(add, map(str.count, column, repeat(_QSEP)), repeat(1)))
-        if max(counts, default=1) == 1:
-            counts = None  # type: ignore[assignment]
-    if not column:
-        return [], counts
-    return ", ".join(column)[1:-1].split(_QSEP), counts
+        if not column:
+            return [], counts
+    blob = "\n".join(column)  # the values hold no newline, no quote
+    if _QSEP in blob:
+        if counts is None:
+            counts = list(map(add, map(str.count, column, repeat(_QSEP)), repeat(1)))
+        return blob[1:-1].replace('"\n"', _QSEP).split(_QSEP), counts
+    return blob[1:-1].split('"\n"'), counts
 
 
 def _group(flat: list[object], counts: list[int] | None) -> list[tuple[object, ...]]:
@@ -509,7 +510,7 @@ def _batch(version: int, addrs: tuple[str, ...], lens: tuple[str, ...]) -> list[
     n = len(addrs)
     try:
         packed = b"".join(map(_inet4 if version == 4 else _inet6, addrs))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: what the text cannot pass to C (the body check refuses it)
         raise Unsupported from None
     if version == 4:
         nets: tuple[int, ...] | list[int] = struct.unpack(f">{n}I", packed)

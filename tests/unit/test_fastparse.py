@@ -544,3 +544,19 @@ def test_a_new_serial_keeps_the_node_limit() -> None:
         fastpolicy.incremental(new, "p.yaml", signers=(), digest="d", max_depth=32, max_nodes=200, items=items)
     with pytest.raises(Unsupported):
         fastpolicy.incremental(new, "p.yaml", signers=(), digest="d", max_depth=4, max_nodes=8_000_000, items=items)
+
+
+COLUMNS = [
+    # (the insides of each order's list, as the regex captures them; the lists)
+    (('"a"', '"b"'), [("a",), ("b",)]),
+    (('"a"', '', '"b", "c"'), [("a",), (), ("b", "c")]),
+    (('', ''), [(), ()]),
+    (('"a, b"', '"c", "d", "e"'), [("a, b",), ("c", "d", "e")]),
+    (('"x"', '""'), [("x",), ("",)]),
+]
+
+
+@pytest.mark.parametrize("column, lists", COLUMNS, ids=[str(c[0]) for c in COLUMNS])
+def test_a_column_of_lists_is_split_and_grouped_back(column: tuple[str, ...], lists: list[tuple[str, ...]]) -> None:
+    flat, counts = fastpolicy._flatten(column)
+    assert fastpolicy._group(flat, counts) == lists  # type: ignore[arg-type]
