@@ -125,6 +125,7 @@ class Snapshot:
     of the top-level `orders` list."""
 
     data: bytes
+    issuer: str
     body: int  # offset of the first item (just after the `orders:` line)
     indent: int
     orders: tuple[Order, ...]  # the Policy's own tuple
@@ -147,10 +148,13 @@ class Items:
         self.by_source.pop(source, None)
         self.by_source[source] = snap  # the newest last: the base for a file under a new name
 
-    def base(self, source: str) -> Snapshot | None:
+    def base(self, source: str, issuer: str) -> Snapshot | None:
+        """The last parse of this file, else the newest of this issuer's (a registry that
+        names each serial's file anew); never another issuer's (a ticket is not compared
+        with a registry a thousand times its size)."""
         snap = self.by_source.get(source)
-        if snap is None and self.by_source:
-            snap = next(reversed(self.by_source.values()))
+        if snap is None or snap.issuer != issuer:
+            snap = next((s for s in reversed(self.by_source.values()) if s.issuer == issuer), None)
         return snap
 
     def __len__(self) -> int:
@@ -247,7 +251,7 @@ def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items,
         return None
     if not counted and data.count(b"\n" + b" " * indent + b"- ", body) + 1 != len(policy.orders):
         return None
-    snap = Snapshot(data, body, indent, policy.orders, nodes)
+    snap = Snapshot(data, policy.issuer, body, indent, policy.orders, nodes)
     items.add(policy.source, snap)
     return snap
 
@@ -629,13 +633,13 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     lines, so equal bytes are equal items, at any place). Between them, the old and new items
     are matched by their bytes (by position when both hold as many, else by a dict of the old
     ones) and what has no match is read now."""
-    snap = items.base(source)
-    if snap is None or data.startswith(b"\xef\xbb\xbf"):
-        raise Unsupported  # nothing to reuse: the full parse is faster
-    body, indent = _frame(data)
-    if indent != snap.indent:
+    if data.startswith(b"\xef\xbb\xbf"):
         raise Unsupported
+    body, indent = _frame(data)
     header, head_nodes = _head(data, body, max_depth, max_nodes)
+    snap = items.base(source, header[0])
+    if snap is None or indent != snap.indent:
+        raise Unsupported  # nothing to reuse: the full parse is faster
     old, ob = snap.data, snap.body
     olen, nlen = len(old) - ob, len(data) - body
     p = _common_prefix(old, ob, data, body, min(olen, nlen))
@@ -716,7 +720,7 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
         raise Unsupported  # a duplicate order id: the general path names both
     policy = Policy(issuer=header[0], serial=header[1], issued_at=header[2], not_before=header[3],
                     not_after=header[4], orders=orders, digest=digest, source=source, signers=signers)
-    new_snap = Snapshot(data, body, indent, policy.orders, nodes)
+    new_snap = Snapshot(data, header[0], body, indent, policy.orders, nodes)
     items.add(source, new_snap)
     return Parsed(policy, new_snap)
 

@@ -560,3 +560,16 @@ COLUMNS = [
 def test_a_column_of_lists_is_split_and_grouped_back(column: tuple[str, ...], lists: list[tuple[str, ...]]) -> None:
     flat, counts = fastpolicy._flatten(column)
     assert fastpolicy._group(flat, counts) == lists  # type: ignore[arg-type]
+
+
+def test_a_new_serial_is_compared_with_its_own_file_or_its_issuers_newest() -> None:
+    items = fastpolicy.Items()
+    reg = parse_signed(scale_registry(40).encode(), "reg.yaml", digest="d", items=items).policy
+    ticket = (HEAD.replace("issuer: reg", "issuer: tickets").format(serial=1) + scale_item(3)).encode()
+    parse_signed(ticket, "ticket.yaml", digest="t", items=items)
+    assert items.base("ticket.yaml", "tickets") is not items.base("reg.yaml", "reg")
+    assert items.base("other.yaml", "tickets").issuer == "tickets"  # type: ignore[union-attr]
+    # the registry under a new name: its issuer's newest, not the ticket parsed since
+    renamed = parse_signed(scale_registry(40, serial=2).encode(), "reg-2.yaml", digest="e", items=items).policy
+    assert sum(a is b for a, b in zip(reg.orders, renamed.orders)) == 40
+    assert renamed == parse_general(scale_registry(40, serial=2).encode(), "reg-2.yaml", digest="e")
