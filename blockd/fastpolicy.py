@@ -575,7 +575,7 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
     return n
 
 
-_WALK = 64  # items read in the walk before the rest is matched by bytes (moves, many inserts)
+_WALK = 4096  # items read in the walk before the rest is matched by bytes (a change in place costs a step)
 _RESYNC = 64  # bytes after a changed item that must agree for it to be a change in place
 
 
