@@ -88,8 +88,11 @@ def flows(texts: list[str]) -> tuple[list[object], int]:
     if len(parts) % 2 == 0:
         raise Unsupported  # an unterminated quoted scalar
     if len(parts) > 1:
-        quoted = "\x01".join(parts[1::2])
-        if not quoted or quoted[0] == " " or quoted[-1] == " " or any(x in quoted for x in _QUOTED_BAD):
+        inside = parts[1::2]
+        if "" in inside:
+            raise Unsupported  # an empty quoted scalar: dropping its quotes would drop it
+        quoted = "\x01".join(inside)
+        if quoted[0] == " " or quoted[-1] == " " or any(x in quoted for x in _QUOTED_BAD):
             raise Unsupported
         skeleton = "\x01".join(parts[0::2])
     else:

@@ -5,8 +5,8 @@
                       without reading or verifying again
     policies          parses by (sha256, file, signers): bytes parsed before, under any name,
                       are not parsed again
-    items             orders by the exact bytes of their item (fastpolicy.Items): a new serial
-                      parses only the items that changed
+    items             the last parse of each file (fastpolicy.Items: its verified bytes, one
+                      Order per item): a new serial parses only the items whose bytes changed
 
 The identity of a file is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), of the policy
 and of every signature file beside it (their set is part of it). Every write changes ctime
@@ -37,8 +37,8 @@ Key = tuple[str, str, tuple[str, ...]]
 @dataclass
 class ParseCache:
     policies: dict[Key, Policy] = field(default_factory=dict)
-    #: per parse whose orders are in `items`: (indent, item keys), to keep them bounded
-    files: dict[Key, tuple[int, list[bytes]]] = field(default_factory=dict)
+    #: per parse kept in `items` for the next serial: its snapshot, to keep them bounded
+    files: dict[Key, fastpolicy.Snapshot] = field(default_factory=dict)
     items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
@@ -106,6 +106,4 @@ class ParseCache:
         self.policies = {k: p for k, p in self.policies.items() if (k[0], k[1]) in present}
         self.files = {k: v for k, v in self.files.items() if k in self.policies}
         self._verified = {path: e for path, e in self._verified.items() if (e[2].digest, path) in present}
-        live = sum(len(keys) for _, keys in self.files.values())
-        if len(self.items) > 2 * live + 1024:  # amortised: at most twice the items in use
-            self.items.keep(list(self.files.values()))
+        self.items.keep(list(self.files.values()))
