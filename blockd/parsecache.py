@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockd import fastpolicy, trust
+from blockd.errors import InputError
+from blockd.fsutil import read_regular
 from blockd.model import Policy
 from blockd.policy import SignedFile
 
@@ -42,6 +44,8 @@ class ParseCache:
     items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
+    #: path -> ((trust store digest, max bytes), policy, bytes): copies this daemon wrote (`wrote`)
+    _written: dict[str, tuple[tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
     racy_ns: int = RACY_NS
 
     def same_bytes(self, key: Key) -> Policy | None:
@@ -83,10 +87,39 @@ class ParseCache:
     def unchanged(self, path: Path, store: trust.TrustStore, max_bytes: int) -> tuple[Policy, SignedFile] | None:
         entry = self._verified.get(str(path))
         if entry is None or entry[1] != (store.digest, max_bytes):
-            return None
+            return self._still_written(path, store, max_bytes)
         if self.identity(path) != entry[0]:
             return None
         return entry[2], entry[3]
+
+    def wrote(self, path: Path, store: trust.TrustStore, max_bytes: int, policy: Policy, signed: SignedFile) -> None:
+        """`path` (and its signature files) were just written by this daemon with `signed`'s
+        verified bytes (the state's copy of a policy it accepted). Too new for its identity to
+        be trusted, it is told apart from a later change by its bytes: until it is old enough,
+        a pass compares them with these (a read and a compare, no verify, no parse)."""
+        self._written[str(path)] = ((store.digest, max_bytes), replace(policy, source=str(path)), signed)
+
+    def _still_written(self, path: Path, store: trust.TrustStore, max_bytes: int
+                       ) -> tuple[Policy, SignedFile] | None:
+        w = self._written.get(str(path))
+        if w is None or w[0] != (store.digest, max_bytes):
+            return None
+        _, policy, signed = w
+        before = self.identity(path)
+        try:
+            sig_paths = trust.signature_paths(path)
+            data = read_regular(path, max_bytes)
+            sigs = [read_regular(p, 1 << 20, what="minisign signature") for p in sig_paths]
+        except (InputError, OSError):
+            return None
+        if data != signed.data or sorted(sigs) != sorted(b for _, b in signed.signatures):
+            self._written.pop(str(path), None)
+            return None  # changed since it was written: read and verified as any file
+        result = (policy, SignedFile(signed.data, tuple(zip(map(str, sig_paths), sigs)), signed.verified))
+        if before is not None and self.identity(path) == before:  # old enough now: by identity from here on
+            self._verified[str(path)] = (before, (store.digest, max_bytes), *result)
+            self._written.pop(str(path), None)
+        return result
 
     def verified(self, path: Path, store: trust.TrustStore, max_bytes: int, before: Identity,
                  result: tuple[Policy, SignedFile]) -> None:
@@ -100,10 +133,12 @@ class ParseCache:
     def forget_identities(self) -> None:
         """Read and verify every file again on the next pass."""
         self._verified.clear()
+        self._written.clear()
 
     def retain(self, present: set[tuple[str, str]]) -> None:
         """Keep only what belongs to files still present: (sha256, path) pairs."""
         self.policies = {k: p for k, p in self.policies.items() if (k[0], k[1]) in present}
         self.files = {k: v for k, v in self.files.items() if k in self.policies}
         self._verified = {path: e for path, e in self._verified.items() if (e[2].digest, path) in present}
+        self._written = {path: w for path, w in self._written.items() if (w[1].digest, path) in present}
         self.items.keep(list(self.files.values()))

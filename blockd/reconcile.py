@@ -292,7 +292,9 @@ class Reconciler:
         """One atomic commit of the policies newly in force, with exactly the bytes verified."""
         entries = [(v.policy, v.signed) for v in newly_accepted(sel, ctx.state.accepted_serials())]
         if entries:
-            ctx.state.commit(entries, now)
+            done = ctx.state.commit(entries, now)
+            for rec, (p, signed) in zip(done, entries):  # the next pass compares them, no verify
+                self._parsed.wrote(ctx.state.directory / rec.file, ctx.store, ctx.settings.max_policy_bytes, p, signed)
             for p, _ in entries:
                 log.info("policy_accepted", issuer=p.issuer, serial=p.serial, digest=p.digest[:16],
                          orders=len(p.orders))

@@ -152,3 +152,42 @@ def test_the_same_bytes_under_another_name_are_verified_not_parsed_again(tmp_pat
     bad.with_name(bad.name + ".minisig").write_bytes(other.with_name(other.name + ".minisig").read_bytes()[:-8] + b"AAAAAAAA")
     with pytest.raises(SignatureError):
         load_signed_policy(bad, store, parsed=cache)
+
+
+def _copy_with(path: Path, copy: Path) -> None:
+    copy.write_bytes(path.read_bytes())
+    copy.with_name(copy.name + ".0.minisig").write_bytes(path.with_name(path.name + ".minisig").read_bytes())
+
+
+WRITTEN_CASES: list[tuple[str, Callable[[Path, Keys], None], bool]] = [
+    ("as written", lambda c, k: None, True),
+    ("its bytes changed, same size", lambda c, k: c.write_bytes(c.read_bytes().replace(b"t1.", b"x1.")), False),
+    ("its signature replaced", lambda c, k: c.with_name(c.name + ".0.minisig").write_text("untrusted comment: x\n"),
+     False),
+    ("a second signature beside it", lambda c, k: c.with_name(c.name + ".1.minisig").write_bytes(
+        c.with_name(c.name + ".0.minisig").read_bytes()), False),
+]
+
+
+@pytest.mark.parametrize("name, change, reused", WRITTEN_CASES, ids=[c[0] for c in WRITTEN_CASES])
+def test_a_copy_this_daemon_wrote_is_compared_not_verified_while_it_is_new(tmp_path: Path, name: str,
+                                                                          change: Callable[[Path, Keys], None],
+                                                                          reused: bool) -> None:
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path, copy = tmp_path / "p.yaml", tmp_path / "state" / "1.yaml"
+    copy.parent.mkdir()
+    write(path, keys, 1)
+    cache = ParseCache()  # two seconds: the copy is too new for its identity
+    policy, signed = load_signed_policy(path, store, parsed=cache)
+    _copy_with(path, copy)
+    cache.wrote(copy, store, MAX_POLICY_BYTES, policy, signed)
+    change(copy, keys)
+    hit = cache.unchanged(copy, store, MAX_POLICY_BYTES)
+    if reused:
+        assert hit is not None and hit[0].orders is policy.orders and hit[1].data is signed.data
+        assert hit[0].source == str(copy) and [p for p, _ in hit[1].signatures] == [str(copy) + ".0.minisig"]
+        other = trust.load_trust_store(make_trust(tmp_path / "other").trust)
+        assert cache.unchanged(copy, other, MAX_POLICY_BYTES) is None  # another trust store: verified again
+    else:
+        assert hit is None
