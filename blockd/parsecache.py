@@ -97,7 +97,9 @@ class ParseCache:
         verified bytes (the state's copy of a policy it accepted). Too new for its identity to
         be trusted, it is told apart from a later change by its bytes: until it is old enough,
         a pass compares them with these (a read and a compare, no verify, no parse)."""
-        self._written[str(path)] = ((store.digest, max_bytes), replace(policy, source=str(path)), signed)
+        key = (policy.digest, str(path), signed.verified.signers)
+        copy = self.same_bytes(key) or replace(policy, source=str(path))  # keeps the parse for the next serial
+        self._written[str(path)] = ((store.digest, max_bytes), copy, signed)
 
     def _still_written(self, path: Path, store: trust.TrustStore, max_bytes: int
                        ) -> tuple[Policy, SignedFile] | None:

@@ -406,3 +406,52 @@ def test_a_state_that_cannot_be_written_holds_back_every_unrecorded_serial(setti
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [1] and r.compilation.ruleset.digest == before
     assert sorted(v.serial for v in r.verdicts if v.kind == "state") == [2, 3]
+
+
+TWO = """\
+issuer: reg
+serial: {serial}
+issued_at: 2026-11-01T00:00:00Z
+not_before: 2026-11-01T00:00:00Z
+not_after: 2030-01-01T00:00:00Z
+orders:
+  - id: big
+    legal_basis: {{authority: Court, reference: R1}}
+    action: block
+    targets: {{services: [telegram]}}
+  - id: small
+    legal_basis: {{authority: Court, reference: R2}}
+    action: block
+    targets: {{domains: [{name}]}}
+"""
+
+
+@pytest.mark.parametrize("first", ["signature", "file"])
+def test_a_new_serial_whose_two_files_landed_apart_still_reuses_the_last_parse(settings: Settings, write_policy,
+                                                                               first: str) -> None:
+    """The next serial's signature (or its file) lands before the other: for one pass the
+    directory's file fails to verify and the state's copy stands in; the new serial then
+    parses beside the last parse (its unchanged orders are the same objects) and merges by
+    its changed order alone."""
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    path = write_policy(TWO.format(serial=1, name="a.example"))
+    run_pass(rec)
+    first_prep = rec._merger.prepared[0]
+    other = write_policy(TWO.format(serial=2, name="b.example"), name="../next.yaml")  # beside, not in, the directory
+    if first == "signature":
+        shutil.copy(other.with_name("next.yaml.minisig"), path.with_name("p.yaml.minisig"))
+    else:
+        shutil.copy(other, path)
+    between = run_pass(rec)
+    assert [p.serial for p in between.policies] == [1]
+    assert between.policies[0].source.startswith(str(settings.state_dir))
+    assert any(v.status == "rejected" and v.kind == "signature" for v in between.verdicts)
+    shutil.copy(other, path)
+    shutil.copy(other.with_name("next.yaml.minisig"), path.with_name("p.yaml.minisig"))
+    other.unlink()
+    other.with_name("next.yaml.minisig").unlink()
+    r = run_pass(rec)
+    assert [p.serial for p in r.policies] == [2]
+    new = rec._merger.prepared[0]
+    assert new.policy.orders[0] is first_prep.policy.orders[0], "the unchanged order was parsed again"
+    assert set(new.changed) == {"reg/small"} and rec._merger.path == "delta"
