@@ -324,10 +324,18 @@ class Reconciler:
                 change = self._change[1]
             else:
                 change = await asyncio.to_thread(full_change, self.desired, desired)
-        for enforcer in self.enforcers:
+        async def one(enforcer: Enforcer) -> Applied | EnforcerError:
             try:
-                result = await enforcer.apply(desired, change)
+                return await enforcer.apply(desired, change)
             except EnforcerError as e:
+                return e
+
+        # The enforcers are independent backends: applied side by side (one's kernel time or
+        # disk wait overlaps another's work), reported in their configured order.
+        results = await asyncio.gather(*(one(e) for e in self.enforcers))
+        for enforcer, result in zip(self.enforcers, results):
+            if isinstance(result, EnforcerError):
+                e = result
                 failed[enforcer.name] = str(e)
                 # Once per outage (the daemon retries with backoff; the metric counts every try).
                 if self._apply_errors.get(enforcer.name) != str(e):
