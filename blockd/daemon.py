@@ -24,9 +24,9 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
+from typing import Any
 
 import structlog
 
@@ -411,8 +411,10 @@ class Daemon:
         # Digests over the whole rule set take seconds at 1M: off the event loop, once each.
         await asyncio.to_thread(self._warm_shares, result.compilation.ruleset)
         if self.accountability is not None:
+            acc = self.accountability
             for f in result.new_input_failures:
-                self.accountability.event("input_refused", input=f.input, where=f.where, error=f.message)
+                self._account(("run", "event", lambda f=f: acc.event("input_refused", input=f.input, where=f.where,
+                                                                     error=f.message)))
             # A statement lists every order (a minute for a registry of a million): written by
             # the accountant beside the passes, never under the apply lock (see _account).
             self._account(("pass", result, self.enforcer_passes()))
@@ -421,7 +423,9 @@ class Daemon:
 
     def _account(self, job: tuple[str, Any, Any]) -> None:
         """Queue accountability work for the accountant task: ("pass", result, enforcer
-        passes) after each pass, or ("run", what, fn) for a statement made from snapshots.
+        passes) after each pass, or ("run", what, fn) for an audit event or a statement made
+        from snapshots. Everything that writes the audit log or a statement goes through it:
+        one writer, in order, and the event loop never waits for it.
 
         The accountant runs the jobs in order, in a worker thread, one at a time (statements
         never interleave), beside the passes: a change never waits for a statement. Passes
@@ -472,12 +476,9 @@ class Daemon:
         acc = self.accountability
         if acc is None:
             return
-        try:
-            last, passes = self.last, self.enforcer_passes()
-            async with self._account_lock:
-                await asyncio.to_thread(acc.retry, last, passes)
-        except Exception as e:  # noqa: BLE001 - accountability must never stop enforcement
-            log.exception("accountability_failed", error=str(e))
+        last, passes = self.last, self.enforcer_passes()
+        if last is not None:  # by the accountant: the pass loop does not wait for the write
+            self._account(("run", "retry", lambda: acc.retry(last, passes)))
         self._schedule_retry(acc.behind)
 
     def _schedule_retry(self, failing: bool) -> None:
@@ -678,8 +679,9 @@ class Daemon:
                 self.errors.pop(e.name, None)
                 self.metrics.drift_repairs.labels(e.name).inc()
                 if self.accountability is not None:
-                    self.accountability.event("drift_repaired", enforcer=e.name, restored=repaired.digest,
-                                              added=repaired.added, removed=repaired.removed)
+                    acc = self.accountability
+                    self._account(("run", "event", lambda acc=acc, name=e.name, r=repaired: acc.event(
+                        "drift_repaired", enforcer=name, restored=r.digest, added=r.added, removed=r.removed)))
                 repairs.append({"enforcer": e.name, "found_at": iso(found.readback_at or datetime.now(timezone.utc)),
                                 "found_digest": found.digest, "missing": repaired.added, "extra": repaired.removed,
                                 "repaired_at": iso(datetime.now(timezone.utc)), "readback_digest": repaired.digest,
