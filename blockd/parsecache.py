@@ -117,7 +117,8 @@ class ParseCache:
         if data != signed.data or sorted(sigs) != sorted(b for _, b in signed.signatures):
             self._written.pop(str(path), None)
             return None  # changed since it was written: read and verified as any file
-        result = (policy, SignedFile(signed.data, tuple(zip(map(str, sig_paths), sigs)), signed.verified))
+        result = (policy, SignedFile(signed.data, tuple(zip(map(str, sig_paths), sigs)), signed.verified,
+                                     signed.sha256))
         if before is not None and self.identity(path) == before:  # old enough now: by identity from here on
             self._verified[str(path)] = (before, (store.digest, max_bytes), *result)
             self._written.pop(str(path), None)

@@ -191,3 +191,21 @@ def test_a_copy_this_daemon_wrote_is_compared_not_verified_while_it_is_new(tmp_p
         assert cache.unchanged(copy, other, MAX_POLICY_BYTES) is None  # another trust store: verified again
     else:
         assert hit is None
+
+
+@pytest.mark.parametrize("size", [1 << 10, 9 << 20], ids=["small", "past PARALLEL_HASH_BYTES"])
+def test_read_signed_gives_the_sha256_of_exactly_the_verified_bytes(tmp_path: Path, size: int) -> None:
+    import hashlib
+
+    from blockd.policy import read_signed
+
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = tmp_path / "p.yaml"
+    path.write_bytes(POLICY.format(serial=1).encode() + b"#" * size + b"\n")
+    keys.sign(path, keys.regulator[0])
+    signed = read_signed(path, store, role="policy", max_bytes=64 << 20)
+    assert signed.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes().replace(b"t1.", b"t2."))  # the signature no longer matches
+    with pytest.raises(SignatureError):
+        read_signed(path, store, role="policy", max_bytes=64 << 20)
