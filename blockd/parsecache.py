@@ -7,13 +7,17 @@
                       are not parsed again
     items             the last parse of each file (fastpolicy.Items: its verified bytes, one
                       Order per item): a new serial parses only the items whose bytes changed
+    wrote(path)       the state's copy the daemon just wrote of bytes it verified: while it is
+                      too new for its identity, a pass compares its bytes (and its signature
+                      files' bytes) with those, instead of verifying it again
 
 The identity of a file is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), of the policy
 and of every signature file beside it (their set is part of it). Every write changes ctime
 (the kernel sets it; no utime call can set it back), a rename over the file changes the inode,
 a new or removed signature changes the set; a different trust store changes its digest. A
 file changed within the last RACY_NS (one timestamp tick could hide a second write) is read
-again every pass until it is older (git's "racy" rule).
+again every pass until it is older (git's "racy" rule); a copy of the daemon's own is compared
+byte for byte meanwhile, which no later write can pass unless it wrote the same bytes.
 """
 
 from __future__ import annotations
