@@ -24,7 +24,9 @@ table it writes, in one step of the event loop, so a change that lands while a s
 way goes into the next one, and a save that fails gives its names back. A build, a journal past
 its bound (`JOURNAL_MAX_ENTRIES`, `JOURNAL_MAX_BYTES`) or one that cannot be appended (other
 than for a full disk) is compacted: a new base, then the journal reset (a journal naming
-another base is ignored at load, so a crash between the two is safe).
+another base is ignored at load, so a crash between the two is safe). A base dump (seconds at
+1M names) waits between its slices while the daemon's pass runs (`busy`), so the first save
+after a build does not slow the next change down.
 
 At start, before the first pass, `restore` loads the base and the journal's complete records
 (a torn or damaged tail is dropped, logged and counted: the table is then the last one saved
