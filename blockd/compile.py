@@ -27,7 +27,7 @@ from blockd import ranges
 from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
-from blockd.layered import ByIssuer
+from blockd.layered import ByIssuer, Layered
 from blockd.model import (
     Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet, gc_paused,
 )
@@ -451,7 +451,8 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         n, bad = counts.get(key, 0), refused_by_order.get(key, 0)
         status: Status = "enforced" if not bad else ("partially_refused" if n else "refused")
         results[key] = OrderResult(key, status, n, bad)
-    comp = Compilation(ruleset, tuple(findings), MappingProxyType(results), tuple(warnings),
+    # held as a Layered (not copied): the next merge by delta derives from it in O(change)
+    comp = Compilation(ruleset, tuple(findings), Layered.adopt(results), tuple(warnings),
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
                        MappingProxyType(deadlines_of(prepared)),
                        tuple(sorted({key for key, _ in unblocks})))

@@ -26,6 +26,13 @@ class Layered(Mapping[K, V], Generic[K, V]):
         self._gone: frozenset[K] = frozenset()
         self._len = len(self._base)
 
+    @classmethod
+    def adopt(cls, base: dict[K, V]) -> Layered[K, V]:
+        """A mapping over `base` itself, not a copy: the caller gives it up (must not change it)."""
+        out: Layered[K, V] = cls.__new__(cls)
+        out._base, out._top, out._gone, out._len = base, {}, frozenset(), len(base)
+        return out
+
     def derive(self, updates: Mapping[K, V], deletions: Iterable[K] = ()) -> Layered[K, V]:
         """A new mapping: this one with `updates` set and `deletions` removed (never mutates)."""
         top = dict(self._top)

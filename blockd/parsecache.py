@@ -7,17 +7,18 @@
                       are not parsed again
     items             the last parse of each file (fastpolicy.Items: its verified bytes, one
                       Order per item): a new serial parses only the items whose bytes changed
-    wrote(path)       the state's copy the daemon just wrote of bytes it verified: while it is
-                      too new for its identity, a pass compares its bytes (and its signature
-                      files' bytes) with those, instead of verifying it again
+    by_bytes(path)    a file verified while too new for its identity, or the state's copy the
+                      daemon just wrote of bytes it verified: until its identity can be trusted,
+                      a pass compares its bytes (and its signature files' bytes) with those,
+                      instead of verifying it again
 
 The identity of a file is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), of the policy
 and of every signature file beside it (their set is part of it). Every write changes ctime
 (the kernel sets it; no utime call can set it back), a rename over the file changes the inode,
 a new or removed signature changes the set; a different trust store changes its digest. A
 file changed within the last RACY_NS (one timestamp tick could hide a second write) is read
-again every pass until it is older (git's "racy" rule); a copy of the daemon's own is compared
-byte for byte meanwhile, which no later write can pass unless it wrote the same bytes.
+again every pass until it is older (git's "racy" rule), compared byte for byte with what was
+verified: no later write passes that unless it wrote the same bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class ParseCache:
     items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
-    #: path -> ((trust store digest, max bytes), policy, bytes): copies this daemon wrote (`wrote`)
+    #: path -> ((trust store digest, max bytes), policy, bytes): files known by their bytes (`by_bytes`)
     _written: dict[str, tuple[tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
     racy_ns: int = RACY_NS
 
@@ -96,14 +97,16 @@ class ParseCache:
             return None
         return entry[2], entry[3]
 
-    def wrote(self, path: Path, store: trust.TrustStore, max_bytes: int, policy: Policy, signed: SignedFile) -> None:
-        """`path` (and its signature files) were just written by this daemon with `signed`'s
-        verified bytes (the state's copy of a policy it accepted). Too new for its identity to
-        be trusted, it is told apart from a later change by its bytes: until it is old enough,
-        a pass compares them with these (a read and a compare, no verify, no parse)."""
+    def by_bytes(self, path: Path, store: trust.TrustStore, max_bytes: int, policy: Policy,
+                 signed: SignedFile) -> None:
+        """`path` (and its signature files) hold `signed`'s verified bytes: a file verified while
+        too new for its identity to be trusted, or the state's copy this daemon just wrote.
+        Until its identity can be trusted, a pass compares its bytes with these (a read and a
+        compare, no verify, no parse)."""
         key = (policy.digest, str(path), signed.verified.signers)
         copy = self.same_bytes(key) or replace(policy, source=str(path))  # keeps the parse for the next serial
         self._written[str(path)] = ((store.digest, max_bytes), copy, signed)
+        self._verified.pop(str(path), None)  # an older verification of this path no longer speaks for it
 
     def _still_written(self, path: Path, store: trust.TrustStore, max_bytes: int
                        ) -> tuple[Policy, SignedFile] | None:
@@ -134,6 +137,7 @@ class ParseCache:
         it still has it (a file replaced while being read is read again next pass)."""
         if self.identity(path) == before:
             self._verified[str(path)] = (before, (store.digest, max_bytes), *result)
+            self._written.pop(str(path), None)
         else:
             self._verified.pop(str(path), None)
 
