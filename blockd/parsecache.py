@@ -33,7 +33,7 @@ from blockd import fastpolicy, trust
 from blockd.errors import InputError
 from blockd.fsutil import read_regular
 from blockd.model import Policy
-from blockd.policy import SignedFile
+from blockd.policy import MAX_SIGNATURE_BYTES, SignedFile
 
 #: a file changed more recently than this is not trusted to be unchanged by its identity
 RACY_NS = 2_000_000_000
@@ -117,8 +117,11 @@ class ParseCache:
         before = self.identity(path)
         try:
             sig_paths = trust.signature_paths(path)
+            if len(sig_paths) != len(signed.signatures):  # before reading any (refusing stays cheap)
+                self._written.pop(str(path), None)
+                return None
             data = read_regular(path, max_bytes)
-            sigs = [read_regular(p, 1 << 20, what="minisign signature") for p in sig_paths]
+            sigs = [read_regular(p, MAX_SIGNATURE_BYTES, what="minisign signature") for p in sig_paths]
         except (InputError, OSError):
             return None
         if data != signed.data or sorted(sigs) != sorted(b for _, b in signed.signatures):
