@@ -35,6 +35,7 @@ import re
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -540,13 +541,14 @@ def _batch(version: int, addrs: tuple[str, ...], lens: tuple[str, ...]) -> list[
 _BLOCK = 1 << 16
 
 
-def _common_prefix(a: bytes, ai: int, b: bytes, bi: int, limit: int) -> int:
-    """The length of the longest common prefix of a[ai:] and b[bi:], at most `limit` (memcmp of blocks)."""
+def _common_run(limit: int, same: Callable[[int, int], bool]) -> int:
+    """The longest n <= limit for which `same(0, n)` holds, found by comparing blocks (`same(n, k)`:
+    the k bytes after the first n agree), doubling while they agree, halving when they do not."""
     n = 0
     step = _BLOCK
     while n < limit:
         k = min(step, limit - n)
-        if a[ai + n:ai + n + k] == b[bi + n:bi + n + k]:
+        if same(n, k):
             n += k
             if step < _BLOCK:
                 step *= 2
@@ -555,24 +557,17 @@ def _common_prefix(a: bytes, ai: int, b: bytes, bi: int, limit: int) -> int:
         else:
             step = max(1, k // 2)
     return n
+
+
+def _common_prefix(a: bytes, ai: int, b: bytes, bi: int, limit: int) -> int:
+    """The length of the longest common prefix of a[ai:] and b[bi:], at most `limit` (memcmp of blocks)."""
+    return _common_run(limit, lambda n, k: a[ai + n:ai + n + k] == b[bi + n:bi + n + k])
 
 
 def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
     """The length of the longest common suffix of a and b, at most `limit`."""
-    n = 0
     la, lb = len(a), len(b)
-    step = _BLOCK
-    while n < limit:
-        k = min(step, limit - n)
-        if a[la - n - k:la - n] == b[lb - n - k:lb - n]:
-            n += k
-            if step < _BLOCK:
-                step *= 2
-        elif k == 1:
-            return n
-        else:
-            step = max(1, k // 2)
-    return n
+    return _common_run(limit, lambda n, k: a[la - n - k:la - n] == b[lb - n - k:lb - n])
 
 
 _WALK = 4096  # items read in the walk before the rest is matched by bytes (a change in place costs a step)

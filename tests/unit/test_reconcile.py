@@ -330,8 +330,7 @@ def test_plan_shows_what_the_daemon_will_do_when_the_catalog_breaks(settings: Se
                for f in plan["input_failures"])
 
 
-def test_a_new_serial_expands_only_the_orders_that_changed(settings: Settings, write_policy) -> None:
-    two = """\
+TWO = """\
 issuer: reg
 serial: {serial}
 issued_at: 2026-11-01T00:00:00Z
@@ -347,11 +346,14 @@ orders:
     action: block
     targets: {{domains: [{name}]}}
 """
+
+
+def test_a_new_serial_expands_only_the_orders_that_changed(settings: Settings, write_policy) -> None:
     rec = Reconciler(settings, [DryRunEnforcer("nft")])
-    write_policy(two.format(serial=1, name="a.example"), name="p-1.yaml")
+    write_policy(TWO.format(serial=1, name="a.example"), name="p-1.yaml")
     run_pass(rec)
     big1 = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)["reg/big"]  # type: ignore[arg-type]
-    write_policy(two.format(serial=2, name="b.example"), name="p-2.yaml")
+    write_policy(TWO.format(serial=2, name="b.example"), name="p-2.yaml")
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [2]
     blocks = dict(rec.select(rec.ctx, NOW).prepared[0].blocks)  # type: ignore[arg-type]
@@ -406,24 +408,6 @@ def test_a_state_that_cannot_be_written_holds_back_every_unrecorded_serial(setti
     r = run_pass(rec)
     assert [p.serial for p in r.policies] == [1] and r.compilation.ruleset.digest == before
     assert sorted(v.serial for v in r.verdicts if v.kind == "state") == [2, 3]
-
-
-TWO = """\
-issuer: reg
-serial: {serial}
-issued_at: 2026-11-01T00:00:00Z
-not_before: 2026-11-01T00:00:00Z
-not_after: 2030-01-01T00:00:00Z
-orders:
-  - id: big
-    legal_basis: {{authority: Court, reference: R1}}
-    action: block
-    targets: {{services: [telegram]}}
-  - id: small
-    legal_basis: {{authority: Court, reference: R2}}
-    action: block
-    targets: {{domains: [{name}]}}
-"""
 
 
 @pytest.mark.parametrize("first", ["signature", "file"])
