@@ -114,6 +114,9 @@ class Prepared:
     #: removed): every other order contributes exactly what it did there. None: not known.
     prior: str | None = None
     changed: frozenset[str] = frozenset()
+    #: of the `changed` orders still in the policy: what each contributes (key -> Hit), so a
+    #: merge by delta finds them without a walk of every order (None when prior is None)
+    hits: Mapping[str, Hit] | None = field(default=None, compare=False)
 
 
 Hit = tuple[str, Expanded, tuple[Finding, ...]]
@@ -150,12 +153,16 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
         blocks: list[tuple[str, Expanded]] = []
         unblocks: list[tuple[str, Expanded]] = []
         findings: list[Finding] = []
+        hits: dict[str, Hit] = {}
+        changed = step.changed
         for i, order in enumerate(policy.orders):
             got = step(i, order)
             if got is None:
                 continue
             key, hit = got
             by_key[key] = order
+            if key in changed:
+                hits[key] = hit
             if into is not None:
                 into[key] = (order, hit)
             kind, expanded, order_findings = hit
@@ -169,7 +176,7 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
         if before is not None:
             step.changed.update(before.infos.keys() - by_key.keys())  # orders the new serial dropped
             return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings),
-                            before.policy.digest, frozenset(step.changed))
+                            before.policy.digest, frozenset(step.changed), hits)
         return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings))
 
 
@@ -257,7 +264,7 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
         findings = tuple(f for key, _ in blocks
                          for f in (refreshed[key][1][2] if key in refreshed else before_entries[key][1][2]))
     return Prepared(policy, OrderInfos(policy, by_key), tuple(blocks), (), findings, before.policy.digest,
-                    frozenset(step.changed))
+                    frozenset(step.changed), {key: hit for key, hit in made.values()})
 
 
 def infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:

@@ -64,7 +64,13 @@ def read_regular(path: Path, max_bytes: int, *, what: str = "file") -> bytes:
             raise InputError(f"not a regular file ({_kind(st.st_mode)}); expected a {what}", where=where)
         if st.st_size > max_bytes:
             raise InputError(f"{what} is {st.st_size} bytes; the limit is {max_bytes} bytes", where=where)
-        chunks, size = [], 0
+        # one read of the size fstat gave (one allocation, one copy: a 170 MB registry reads in
+        # half the time of 1 MiB chunks joined), then chunks until the end of the file (it may
+        # have grown or shrunk since)
+        first = os.read(fd, min(st.st_size, max_bytes) + 1)
+        chunks, size = [first], len(first)
+        if size > max_bytes:
+            raise InputError(f"{what} grew past the limit of {max_bytes} bytes while being read", where=where)
         while True:
             chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
             if not chunk:

@@ -182,8 +182,13 @@ class Merger:
             for q in came:
                 if id(q) in replaced and q.changed:
                     ch = q.changed
-                    new_b.update((k, e) for k, e in q.blocks if k in ch)
-                    new_u.update((k, e) for k, e in q.unblocks if k in ch)
+                    if q.hits is not None:  # what prepare saw them contribute
+                        for k, hit in q.hits.items():  # in the policy's order, as the walk below
+                            if k in ch:
+                                (new_u if hit[0] == "unblock" else new_b)[k] = hit[1]
+                    else:
+                        new_b.update((k, e) for k, e in q.blocks if k in ch)
+                        new_u.update((k, e) for k, e in q.unblocks if k in ch)
                     new_info.update((k, q.infos[k]) for k in ch if k in q.infos)
         retag = {k for k, i in new_info.items() if k in old_info and answer_view(old_info[k]) != answer_view(i)}
         leave = {k: e for k, e in old_b.items() if new_b.get(k) is not e or k in retag}
@@ -302,7 +307,7 @@ class Merger:
             for q in came:  # a replaced policy's refusals differ only in its changed orders
                 g = replaced.get(id(q))
                 if g is not None and q.changed:
-                    was, now = self._refused_of(g), self._refused_of(q)
+                    was, now = self._refused_of(g), self._refused_beside(q, g)
                     for k in q.changed:
                         if k in was or k in now:
                             refused.pop(k, None)
@@ -379,6 +384,18 @@ class Merger:
         if hit is None or hit[0] is not prep:
             hit = self._refusals[id(prep)] = (prep, _refused(list(prep.findings)))
         return hit[1]
+
+    def _refused_beside(self, q: Prepared, g: Prepared) -> dict[str, int]:
+        """`_refused_of(q)` for a serial prepared beside `g`: an order's findings are its own, so
+        the two differ only in q's changed orders (a copy of g's, not a walk of every finding)."""
+        if q.hits is None:
+            return self._refused_of(q)
+        now = dict(self._refused_of(g))
+        for k in q.changed:
+            now.pop(k, None)
+        now.update(_refused([f for k in q.changed if (hit := q.hits.get(k)) is not None for f in hit[2]]))
+        self._refusals[id(q)] = (q, now)
+        return now
 
 
 def _layered(m: Mapping[str, object]) -> Layered:  # type: ignore[type-arg]
