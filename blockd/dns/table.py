@@ -31,7 +31,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
+from itertools import groupby, islice
 from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
@@ -231,6 +231,21 @@ class _FileSpecs:
         return self.blob_bytes[self.off[i]:self.off[i + 1]]
 
 
+def _by_name(doms: Iterable[DomainRule]) -> Iterator[tuple[str, frozenset[str] | None, frozenset[str] | None]]:
+    """Each name of a rule set's domains (sorted by name, then exact before subtree) with the
+    orders of its exact rule and of its subtree rule (None: no such rule); duplicates (same
+    name and kind) are merged. One pass of C-level iteration (groupby), no indexing."""
+    for name, group in groupby(doms, itemgetter(0)):
+        e_ords: frozenset[str] | None = None
+        s_ords: frozenset[str] | None = None
+        for _, sub, ords in group:
+            if sub:
+                s_ords = ords if s_ords is None else s_ords | ords
+            else:
+                e_ords = ords if e_ords is None else e_ords | ords
+        yield name, e_ords, s_ords
+
+
 def _spec_bytes(own: frozenset[str], comb: frozenset[str], orders: Mapping[str, OrderInfo | _Info]) -> bytes:
     if len(comb) == 1 and own == comb:  # the common case (one order per name), without sorting
         (oid,) = comb
@@ -298,36 +313,21 @@ class Table:
         return cls(exact, subtree, [None] * len(items), _BuiltSpecs(items), rs.orders, settings, rs.digest)
 
     @staticmethod
-    def _index(doms: tuple[DomainRule, ...], verdict: Callable[[frozenset[str], frozenset[str]], int]
+    def _index(doms: Iterable[DomainRule], verdict: Callable[[frozenset[str], frozenset[str]], int]
                ) -> tuple[dict[bytes, int], dict[bytes, int]]:
         exact: dict[bytes, int] = {}
         subtree: dict[bytes, int] = {}
         to_wire = wire.name_to_wire
-        n = len(doms)
-        i = 0
-        while i < n:
-            name, sub, ords = doms[i]
-            # domains are sorted by (name, subtree): an exact rule and a subtree rule for the same
-            # name are adjacent, exact first; duplicates (same name and kind) are merged.
-            j = i + 1
-            while j < n and doms[j][0] == name and doms[j][1] == sub:
-                ords = ords | doms[j][2]
-                j += 1
+        for name, e_ords, s_ords in _by_name(doms):
             key = to_wire(name)
-            if sub:
-                subtree[key] = verdict(ords, ords)
-                i = j
-                continue
-            s_ords: frozenset[str] | None = None
-            while j < n and doms[j][0] == name:
-                s_ords = doms[j][2] if s_ords is None else s_ords | doms[j][2]
-                j += 1
-            if s_ords is None:
-                exact[key] = verdict(ords, ords)
-            else:
-                exact[key] = verdict(ords, ords | s_ords)
+            if e_ords is None:
+                assert s_ords is not None
                 subtree[key] = verdict(s_ords, s_ords)
-            i = j
+            elif s_ords is None:
+                exact[key] = verdict(e_ords, e_ords)
+            else:
+                exact[key] = verdict(e_ords, e_ords | s_ords)
+                subtree[key] = verdict(s_ords, s_ords)
         return exact, subtree
 
     # ---- the query path -------------------------------------------------------------------
@@ -502,26 +502,20 @@ class Table:
         own = self._own
         seen = [0, 0]
         with gc_paused():
-            doms = rs.domains
-            n = len(doms)
-            i = 0
-            while i < n:
-                name, sub, ords = doms[i]
-                j = i + 1
-                while j < n and doms[j][0] == name and doms[j][1] == sub:  # duplicates: merged
-                    ords = ords | doms[j][2]
-                    j += 1
-                i = j
+            for name, e_ords, s_ords in _by_name(rs.domains):
                 key = to_wire(name)
-                over, base = (self.over_subtree, self.subtree) if sub else (self.over_exact, self.exact)
-                v = over.get(key, _MISS)
-                if v is _MISS:
-                    k = base.get(key)
-                    if k is None or own(k) != ords:
+                for sub, ords in ((0, e_ords), (1, s_ords)):
+                    if ords is None:
+                        continue
+                    over, base = (self.over_subtree, self.subtree) if sub else (self.over_exact, self.exact)
+                    v = over.get(key, _MISS)
+                    if v is _MISS:
+                        k = base.get(key)
+                        if k is None or own(k) != ords:
+                            return False
+                    elif v is None or v.own_orders != ords:  # type: ignore[union-attr]
                         return False
-                elif v is None or v.own_orders != ords:  # type: ignore[union-attr]
-                    return False
-                seen[sub] += 1
+                    seen[sub] += 1
         held_e = sum(1 for _ in self.entries(False)) if self.over_exact else len(self.exact)
         held_s = sum(1 for _ in self.entries(True)) if self.over_subtree else len(self.subtree)
         return seen == [held_e, held_s]
