@@ -93,6 +93,11 @@ class Reconciler:
     _merged: tuple[object, Compilation] | None = None
     #: the merge, carried forward by delta (blockd.incremental)
     _merger: Merger = field(default_factory=Merger)
+    #: seconds per phase of the pass in progress (`_Phases`), logged with it
+    _phases: dict[str, float] = field(default_factory=dict)
+    _phase: _Phases = field(default_factory=lambda: _Phases({}))
+    #: the digests of the files the last selection decided on (a new serial is staged once)
+    _looked_at: set[str] = field(default_factory=set)
     #: (the rule set it starts from, the change) when the last merge produced it
     _change: tuple[RuleSet, Change] | None = None
     _baseline_saved: float = float("-inf")
@@ -157,10 +162,13 @@ class Reconciler:
         t0 = time.perf_counter()
         # Verification and compilation are CPU work: off the event loop, which keeps answering
         # DNS and pinging the watchdog meanwhile.
+        self._phases = {}
         sel, comp, failures = await asyncio.to_thread(self._prepare, now)
         desired = comp.ruleset
         changed = self.desired is None or desired.digest != self.desired.digest
+        t_apply = time.perf_counter()
         applied, failed = await self.apply_all(desired)
+        self._phases["apply"] = time.perf_counter() - t_apply
         self.desired = desired
         if not failed and changed:
             await self._save_baseline(desired)
@@ -181,19 +189,23 @@ class Reconciler:
             self.clock.save()
         log.info("reconcile_pass", reason=reason, digest=desired.digest[:16], changed=changed,
                  policies=len(in_force), pending=len(pending), rejected=len(new), failed=sorted(failed),
-                 duration_s=round(time.perf_counter() - t0, 4), **desired.counts())
+                 duration_s=round(time.perf_counter() - t0, 4),
+                 phases_s={k: round(v, 4) for k, v in self._phases.items()}, **desired.counts())
         return PassResult(comp, in_force, pending, new, applied, failed, changed,
                           sel.next_boundary(now), {p.digest: self.received.get(p.digest, now) for p in in_force},
                           sel.verdicts, tuple(failures), new_failures, self.state_error)
 
     def _prepare(self, now: datetime) -> tuple[Selection, Compilation, list[InputFailure]]:
+        phase = self._phase = _Phases(self._phases)
         failures = self.refresh_context()
         assert self.ctx is not None
         ctx = self.ctx
+        phase("context")
         sel = self.select(ctx, now)
         ctx, sel = self._guard_accepted(ctx, sel, now, failures)
         try:
             self._record(ctx, sel, now)
+            phase("record")
             self.state_error = None
         except OSError as e:
             # Nothing new is applied before it is recorded (a crash would otherwise forget it):
@@ -209,6 +221,10 @@ class Reconciler:
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]
+        # a staged copy stays only for a serial that may still come into force (committed ones
+        # are gone from it already); a file is staged in the first pass that sees it, only
+        self._looked_at = {v.digest for v in sel.verdicts if v.digest is not None}
+        ctx.state.discard_staged(keep={v.digest for v in sel.with_status("pending") if v.digest is not None})
         for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
             if v.digest is not None:
                 self.received.setdefault(v.digest, now)
@@ -219,8 +235,10 @@ class Reconciler:
             return sel, self._merged[1], failures  # the same inputs: the same rule set, not merged again
         baseline = ctx.state.baseline() if self.desired is None else self.desired
         before = self._merger.comp.ruleset if self._merger.comp is not None else None
+        phase("statuses")
         comp, plan, removed, added = self._merger.update(sel.prepared, ctx.compile, baseline, statuses,
                                                          policy_statuses)
+        phase("merge")
         # The merge by delta knows the change already: no O(N) diff of the rule sets.
         self._change = (before, Change(before.digest, plan, removed, added)) \
             if before is not None and plan is not None else None
@@ -235,7 +253,13 @@ class Reconciler:
         found, bad = read_candidates(directory, ctx, self._parsed)
         if hold_back:
             found = [c for c in found if c.policy.digest not in hold_back]
+        accepted = ctx.state.accepted_serials()
+        for c in found:  # a large new serial's copy is written while it is prepared (the commit renames it)
+            if c.policy.digest not in self._looked_at and \
+                    ((a := accepted.get(c.policy.issuer)) is None or c.policy.serial > a.serial):
+                ctx.state.stage(c.policy, c.signed)
         kept, kept_bad = state_candidates(ctx, self._parsed)
+        self._phase("read")
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
 
         if self._orders_key != ctx.key:  # a new catalog or guards: every order is expanded again
@@ -271,7 +295,8 @@ class Reconciler:
             used.add(p.digest)
             return hit
 
-        sel = select([*found, *kept], [*bad, *kept_bad], ctx.state.accepted_serials(), now, prepared)
+        sel = select([*found, *kept], [*bad, *kept_bad], accepted, now, prepared)
+        self._phase("prepare")
         if hold_back:
             waiting = tuple(replace(v, status="pending", kind="state", reason=f"verified, not in force until the state "
                                     f"directory records it ({why}); retrying") for v in hold_back.values())
@@ -366,3 +391,17 @@ def latest_acceptance(settings: Settings) -> datetime | None:
     except (BlockdError, ValueError, OSError):
         return None
     return max(times, default=None)
+
+
+class _Phases:
+    """Where a pass spent its time (seconds per phase, in the pass's log line): `phase(name)`
+    records the time since the last call."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        t = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + t - self.t
+        self.t = t

@@ -11,7 +11,9 @@
 
 Writes are ordered so a crash at any point leaves a consistent state: the policy copy and its
 signatures are written (atomically) first, then `accepted.json` is replaced atomically, and
-only then are older copies removed. On restart the copies restore the last accepted policies,
+only then are older copies removed. A large new serial's copy may be written ahead, under a
+temporary name, while the pass that verified it is still preparing it (`stage`): the commit
+then only renames it into place; a staged copy that is never committed is removed. On restart the copies restore the last accepted policies,
 so enforcement resumes without waiting for the policy directory.
 """
 
@@ -22,7 +24,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,12 +36,17 @@ import structlog
 from blockd.catalog import CatalogFiles
 from blockd.compile import Baseline
 from blockd.errors import PolicyError, ReplayError
-from blockd.fsutil import atomic_write
+from blockd.fsutil import atomic_write, fsync_dir
 from blockd.model import Policy
 from blockd.policy import SignedFile
 from blockd.selection import AcceptedSerial
 
 log = structlog.get_logger("blockd.state")
+
+#: a copy at least this large is written ahead of its commit (`StateStore.stage`)
+STAGE_BYTES = 4 << 20
+#: the staged writes, one at a time (they are disk-bound; the pass is CPU-bound meanwhile)
+_stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockd-stage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,8 @@ class StateStore:
         self._index = directory / "accepted.json"
         self._baseline = directory / "baseline.json"
         self._warned = False
+        #: digest -> (the copy's temporary name, its write): copies written ahead (`stage`)
+        self._staged: dict[str, tuple[Path, Future[None]]] = {}
 
     def accepted(self) -> dict[str, Accepted]:
         """The index; if it is unreadable or malformed, rebuilt (in memory) from the copies.
@@ -150,6 +160,11 @@ class StateStore:
             raise StateLockedError(f"the state directory is held by {who}; only one blockd may use it (a second "
                                    f"daemon would drive the same kernel table and state); stop it first",
                                    where=str(self.directory)) from None
+        for orphan in self.directory.glob("policies/*/.*.staged"):  # written ahead by a holder that died
+            try:
+                orphan.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only state: the next commit of that issuer removes it
         try:
             atomic_write(self.directory / "lock", f"{holder} (pid {os.getpid()})\n".encode())
         except OSError as e:  # who holds it is a courtesy; the flock is the lock
@@ -181,8 +196,9 @@ class StateStore:
             rel = f"policies/{policy.issuer}/{policy.serial}.yaml"
             rec = Accepted(policy.issuer, policy.serial, policy.digest, now.strftime("%Y-%m-%dT%H:%M:%SZ"), rel)
             records.append((rec, self.directory / rel, signed))
-        for _, copy, signed in records:
-            atomic_write(copy, signed.data)
+        for rec, copy, signed in records:
+            if not self._place_staged(rec.digest, copy):
+                atomic_write(copy, signed.data)
             for i, (_, sig) in enumerate(signed.signatures):
                 atomic_write(copy.with_name(f"{copy.name}.{i}.minisig"), sig)
         for rec, _, _ in records:
@@ -196,6 +212,40 @@ class StateStore:
                 if old.name not in keep:
                     old.unlink()
         return [rec for rec, _, _ in records]
+
+    def stage(self, policy: Policy, signed: SignedFile) -> None:
+        """Begin writing the copy that a commit of `policy` would write, in a worker thread and
+        under a temporary name (the write and its fsync release the interpreter lock: a 170 MB
+        registry is on disk by the time the pass that verified it has prepared and merged it,
+        instead of after). Nothing is accepted by this; `commit` renames it into place."""
+        if len(signed.data) < STAGE_BYTES or policy.digest in self._staged or signed.digest != policy.digest:
+            return
+        copy = self.directory / f"policies/{policy.issuer}/{policy.serial}.yaml"
+        tmp = copy.with_name(f".{copy.name}.{policy.digest[:16]}.staged")
+        self._staged[policy.digest] = (tmp, _stager.submit(_write_synced, tmp, signed.data))
+
+    def discard_staged(self, keep: Iterable[str]) -> None:
+        """Remove the staged copies whose digest is not in `keep` (a serial refused, replaced or
+        gone before it was committed)."""
+        keep = set(keep)
+        for digest in [d for d in self._staged if d not in keep]:
+            tmp, write = self._staged.pop(digest)
+            write.exception()  # wait for it; a failed write is retried by `commit` itself
+            tmp.unlink(missing_ok=True)
+
+    def _place_staged(self, digest: str, copy: Path) -> bool:
+        """Rename the staged copy of `digest` to `copy` once its write is done (True), or remove
+        it and return False (none, or its write failed: `commit` writes the copy itself)."""
+        staged = self._staged.pop(digest, None)
+        if staged is None:
+            return False
+        tmp, write = staged
+        if write.exception() is not None or tmp.name != f".{copy.name}.{digest[:16]}.staged":
+            tmp.unlink(missing_ok=True)
+            return False
+        os.replace(tmp, copy)
+        fsync_dir(copy.parent)
+        return True
 
     # -- the growth guard's baseline ------------------------------------------------------
     def baseline(self) -> Baseline | None:
@@ -307,3 +357,20 @@ def _parse_accepted(issuer: str, rec: object) -> Accepted:
 
 def _as_json(rec: Accepted) -> dict[str, object]:
     return {"serial": rec.serial, "digest": rec.digest, "accepted_at": rec.accepted_at, "file": rec.file}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """`data` in `path` (created or truncated), on disk when this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o644)  # as atomic_write
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)

@@ -111,6 +111,25 @@ def test_the_state_records_exactly_the_verified_bytes(settings: Settings, write_
         rec.ctx.state.commit([(replace(p, serial=2), SignedFile(b"other", (), Verified("reg", ())))], NOW)  # type: ignore[union-attr]
 
 
+def test_new_serials_written_ahead_leave_exactly_the_accepted_copy(settings: Settings, write_policy,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every new serial's copy is written ahead of its commit (the threshold set to 0): an
+    accepted one is renamed into place with the verified bytes, a refused one leaves nothing."""
+    from blockd import state as state_mod
+    monkeypatch.setattr(state_mod, "STAGE_BYTES", 0)
+    rec = Reconciler(settings, [DryRunEnforcer("nft")])
+    reg = settings.state_dir / "policies" / "reg"
+    for serial, targets, accepted in [(1, "domains: [a.example]", 1), (2, "domains: [b.example]", 2),
+                                      (3, "services: [telegramm]", 2), (4, "domains: [c.example]", 4)]:
+        path = write_policy(POLICY.format(serial=serial, targets=targets), name="p.yaml")
+        r = run_pass(rec)
+        assert [p.serial for p in r.policies] == [accepted]
+        assert sorted(f.name for f in reg.iterdir()) == [f"{accepted}.yaml", f"{accepted}.yaml.0.minisig"]
+        if accepted == serial:
+            assert (reg / f"{serial}.yaml").read_bytes() == path.read_bytes()
+    assert [p.serial for p in run_pass(Reconciler(settings, [DryRunEnforcer("nft")])).policies] == [4]
+
+
 def test_growth_guard_baseline_survives_a_restart(settings: Settings, write_policy) -> None:
     s = replace(settings, guards=GuardSettings(growth_floor=2, growth_factor=2.0))
     rec = Reconciler(s, [DryRunEnforcer("nft")])

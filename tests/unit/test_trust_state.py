@@ -179,3 +179,51 @@ def test_a_broken_state_index_is_rebuilt_from_the_copies(tmp_path: Path, index: 
     keys.sign(p4)
     with pytest.raises(ReplayError, match="rollback refused"):  # replay protection survives
         StateStore(tmp_path / "state").check_replay(load_policy(p4, store))
+
+
+def _signed(tmp_path: Path, keys, store, serial: int):  # type: ignore[no-untyped-def]
+    p = _policy(tmp_path, serial, name=f"p{serial}.yaml")
+    keys.sign(p)
+    return load_signed_policy(p, store)
+
+
+@pytest.mark.parametrize("fate", ["committed", "discarded", "write failed", "crash before commit"])
+def test_a_staged_copy_is_committed_by_rename_or_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                fate: str) -> None:
+    """A large copy written ahead (`stage`) becomes the accepted copy by a rename at commit,
+    holding exactly the verified bytes; one never committed, or whose write failed, leaves
+    nothing behind, and the commit still writes the copy."""
+    from blockd import state as state_mod
+    monkeypatch.setattr(state_mod, "STAGE_BYTES", 0)
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    state = StateStore(tmp_path / "state")
+    state.record(*_signed(tmp_path, keys, store, 1), NOW)
+    pol, signed = _signed(tmp_path, keys, store, 2)
+    if fate == "write failed":
+        def fail(path: Path, data: bytes) -> None:
+            raise OSError(28, "No space left on device", str(path))
+        monkeypatch.setattr(state_mod, "_write_synced", fail)
+    state.stage(pol, signed)
+    reg = tmp_path / "state" / "policies" / "reg"
+    staged = reg / f".2.yaml.{pol.digest[:16]}.staged"
+    if fate in ("committed", "crash before commit"):
+        state._staged[pol.digest][1].result()
+        assert staged.read_bytes() == signed.data  # written ahead, not yet accepted
+        assert state.accepted()["reg"].serial == 1
+        ino = staged.stat().st_ino
+    if fate == "discarded":
+        state.discard_staged(keep=())
+        assert sorted(f.name for f in reg.iterdir()) == ["1.yaml", "1.yaml.0.minisig"]
+        return
+    if fate == "crash before commit":
+        state = StateStore(tmp_path / "state")  # a restart: the staged file is an orphan
+        assert state.accepted()["reg"].serial == 1 and [p.name for p in state.accepted_paths()] == ["1.yaml"]
+        state.lock().close()  # the next holder of the state removes it
+        assert sorted(f.name for f in reg.iterdir()) == ["1.yaml", "1.yaml.0.minisig"]
+    state.commit([(pol, signed)], NOW)
+    assert sorted(f.name for f in reg.iterdir()) == ["2.yaml", "2.yaml.0.minisig"]
+    assert (reg / "2.yaml").read_bytes() == signed.data
+    assert load_policy(reg / "2.yaml", store).serial == 2
+    if fate == "committed":
+        assert (reg / "2.yaml").stat().st_ino == ino  # renamed into place, not written again
