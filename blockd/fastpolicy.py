@@ -131,6 +131,7 @@ class Snapshot:
     indent: int
     orders: tuple[Order, ...]  # the Policy's own tuple
     nodes: tuple[int, ...]
+    node_total: int  # sum(nodes)
 
 
 @dataclass
@@ -252,7 +253,7 @@ def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items,
         return None
     if not counted and data.count(b"\n" + b" " * indent + b"- ", body) + 1 != len(policy.orders):
         return None
-    snap = Snapshot(data, policy.issuer, body, indent, policy.orders, nodes)
+    snap = Snapshot(data, policy.issuer, body, indent, policy.orders, nodes, sum(nodes))
     items.add(policy.source, snap)
     return snap
 
@@ -640,9 +641,18 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     p = _common_prefix(old, ob, data, body, min(olen, nlen))
     s = _common_suffix(old, data, min(olen, nlen) - p)
     marker = b"\n" + b" " * indent + b"- "
-    front = old.count(marker, ob, ob + p)
+    # items in the common front and back: the old body holds one marker per item but the first
+    # (`Snapshot`), so only the smaller side and the part between are counted (a change near
+    # either end costs that end, not a count of the whole file)
+    cut = len(old) - s
+    others = old.count(marker, ob + p, cut) + _straddles(old, marker, ob + p, ob) + _straddles(old, marker, cut, ob)
+    if p <= s:
+        front = old.count(marker, ob, ob + p)
+        back = len(snap.orders) - 1 - front - others
+    else:
+        back = old.count(marker, cut)
+        front = len(snap.orders) - 1 - back - others
     start = old.rfind(marker, ob, ob + p) + 1 - ob if front else 0  # body offset of the first item between
-    back = old.count(marker, len(old) - s)
     old_end = old.find(marker, len(old) - s) + 1 - ob if back else olen
     new_end = old_end - olen + nlen
     n_old = len(snap.orders)
@@ -705,7 +715,8 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
             mid_nodes[i] = k
     orders = snap.orders[:front] + tuple(mid_orders) + snap.orders[n_old - back:]  # type: ignore[operator]
     nodes = snap.nodes[:front] + tuple(mid_nodes) + snap.nodes[n_old - back:]
-    if not orders or head_nodes + 1 + sum(nodes) > max_nodes:
+    node_total = snap.node_total - sum(snap.nodes[front:n_old - back]) + sum(mid_nodes)
+    if not orders or head_nodes + 1 + node_total > max_nodes:
         raise Unsupported
     # ids: the old file's were distinct and each old order is taken at most once (by place, or
     # from the index of the rest, whose keys are distinct bytes); so a duplicate involves a
@@ -715,9 +726,16 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
         raise Unsupported  # a duplicate order id: the general path names both
     policy = Policy(issuer=header[0], serial=header[1], issued_at=header[2], not_before=header[3],
                     not_after=header[4], orders=orders, digest=digest, source=source, signers=signers)
-    new_snap = Snapshot(data, header[0], body, indent, policy.orders, nodes)
+    new_snap = Snapshot(data, header[0], body, indent, policy.orders, nodes, node_total)
     items.add(source, new_snap)
     return Parsed(policy, new_snap)
+
+
+def _straddles(data: bytes, marker: bytes, at: int, lo: int) -> int:
+    """1 if an occurrence of `marker` (which cannot overlap itself) starts before `at` and ends
+    after it (no count of either side holds it), else 0; `lo`: where the searched text begins."""
+    m = len(marker)
+    return 1 if data.find(marker, max(lo, at - m + 1), at + m - 1) >= 0 else 0
 
 
 def _nodes(o: Order) -> int:
