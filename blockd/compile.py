@@ -17,6 +17,7 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 from __future__ import annotations
 
 import operator
+from itertools import compress
 from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +28,7 @@ from blockd import ranges
 from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
-from blockd.layered import ByIssuer, Layered
+from blockd.layered import ByIssuer, Layered, as_layered
 from blockd.model import (
     Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet, gc_paused,
 )
@@ -117,6 +118,8 @@ class Prepared:
     #: of the `changed` orders still in the policy: what each contributes (key -> Hit), so a
     #: merge by delta finds them without a walk of every order (None when prior is None)
     hits: Mapping[str, Hit] | None = field(default=None, compare=False)
+    #: every order's cache entry (`OrderCache`), for the next serial prepared beside this one
+    entries: Mapping[str, tuple[Order, Hit]] | None = field(default=None, compare=False, repr=False)
 
 
 Hit = tuple[str, Expanded, tuple[Finding, ...]]
@@ -176,8 +179,8 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
         if before is not None:
             step.changed.update(before.infos.keys() - by_key.keys())  # orders the new serial dropped
             return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings),
-                            before.policy.digest, frozenset(step.changed), hits)
-        return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings))
+                            before.policy.digest, frozenset(step.changed), hits, into)
+        return Prepared(policy, infos, tuple(blocks), tuple(unblocks), tuple(findings), entries=into)
 
 
 class _Step:
@@ -226,7 +229,7 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
     if (len(new) != len(old) or before.unblocks or len(before.blocks) != len(old)
             or not isinstance(before.infos, OrderInfos) or len(before.infos) != len(old)):
         return None
-    moved = [i for i, same in enumerate(map(operator.is_, new, old)) if not same]
+    moved = list(compress(range(len(new)), map(operator.is_not, new, old)))  # C loops
     if len(moved) > max(64, len(new) // 8):
         return None  # most orders changed: the plain walk costs no more
     step = _Step(policy, catalog, guards, orders, before_entries)
@@ -238,25 +241,21 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
     raise_problems(step.problems, PolicyError)
     old_keys = {before.blocks[i][0] for i in moved}
     new_keys = [key for key, _ in made.values()]
-    by_key = dict(before.infos.orders)
+    prior_keys = before.infos.orders
     if (len(made) != len(moved) or len(set(new_keys)) != len(new_keys)
-            or any(hit[0] != "block" or (key in by_key and key not in old_keys) for key, hit in made.values())):
+            or any(hit[0] != "block" or (key in prior_keys and key not in old_keys) for key, hit in made.values())):
         return None  # an unblock now, or an id another place holds: the plain walk decides
     blocks = list(before.blocks)
     leaving = old_keys.difference(new_keys)
-    for k in leaving:
-        del by_key[k]
     step.changed.update(leaving)
     refreshed = {key: (new[i], hit) for i, (key, hit) in made.items()}
     for i, (key, hit) in made.items():
-        by_key[key] = new[i]
         blocks[i] = (key, hit[1])
+    # the prior's mappings with the changed places on top (Layered: O(change), not a copy)
+    by_key = as_layered(prior_keys).derive({key: new[i] for i, (key, _) in made.items()}, leaving)
+    entries: Mapping[str, tuple[Order, Hit]] = as_layered(before_entries).derive(refreshed, leaving)
     if into is not None:
-        if into is not orders:
-            into.update(before_entries)
-            for k in leaving:
-                into.pop(k, None)
-        into.update(refreshed)
+        into.update(refreshed)  # the cache the caller keeps beside `entries` (see `prepare`)
     findings = before.findings
     if any(e[1][2] for k in old_keys if (e := before_entries.get(k)) is not None) or \
             any(hit[2] for _, hit in made.values()):
@@ -264,7 +263,8 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
         findings = tuple(f for key, _ in blocks
                          for f in (refreshed[key][1][2] if key in refreshed else before_entries[key][1][2]))
     return Prepared(policy, OrderInfos(policy, by_key), tuple(blocks), (), findings, before.policy.digest,
-                    frozenset(step.changed), {key: hit for key, hit in made.values()})
+                    frozenset(step.changed), {key: hit for key, hit in made.values()}, entries)
+
 
 
 def infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:
@@ -295,7 +295,7 @@ class OrderInfos(Mapping[str, OrderInfo]):
 
     __slots__ = ("_policy", "_orders", "_made")
 
-    def __init__(self, policy: Policy, orders: dict[str, Order]) -> None:
+    def __init__(self, policy: Policy, orders: Mapping[str, Order]) -> None:
         self._policy, self._orders = policy, orders
         self._made: dict[str, OrderInfo] = {}
 

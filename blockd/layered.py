@@ -70,6 +70,14 @@ class Layered(Mapping[K, V], Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._top or (key not in self._gone and key in self._base)
 
+    def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
+        v = self._top.get(key, _MISSING)
+        if v is not _MISSING:
+            return v  # type: ignore[return-value]
+        if key in self._gone:
+            return default
+        return self._base.get(key, default)
+
     def __iter__(self) -> Iterator[K]:
         if not self._top and not self._gone:
             yield from self._base
@@ -84,6 +92,12 @@ class Layered(Mapping[K, V], Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"Layered({len(self)} entries)"
+
+
+def as_layered(m: Mapping[K, V]) -> Layered[K, V]:
+    """`m` itself if it is a Layered, else a Layered over it without a copy (`adopt`): for a
+    dict its maker has given up (never changed again)."""
+    return m if isinstance(m, Layered) else Layered.adopt(dict(m) if not isinstance(m, dict) else m)
 
 
 class ByIssuer(Mapping[str, V], Generic[V]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class ParseCache:
     #: path -> ((trust store digest, max bytes), policy, bytes): files known by their bytes (`by_bytes`)
     _written: dict[str, tuple[tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
     racy_ns: int = RACY_NS
+    #: called with a file's bytes once they are verified, before they are parsed (when they
+    #: are not bytes verified before): the daemon writes a large new serial's state copy ahead
+    on_verified: Callable[[SignedFile], None] | None = None
 
     def same_bytes(self, key: Key) -> Policy | None:
         """The Policy parsed from these bytes with these signers, under this file's name: the

@@ -107,6 +107,8 @@ def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = 
         same = parsed.same_data(digest)
         if same is not None and same == signed.data:  # one copy of the bytes (a registry: 170 MB)
             signed = SignedFile(same, signed.signatures, signed.verified, digest)
+        elif parsed.on_verified is not None:
+            parsed.on_verified(signed)
     key = (digest, str(path), signed.verified.signers)
     policy = parsed.same_bytes(key) if parsed is not None else None
     if policy is None:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import structlog
 
 from blockd.clock import MonotonicWallClock
-from blockd.compile import Baseline, Compilation, OrderCache, Prepared, prepare
+from blockd.compile import Baseline, Compilation, Hit, OrderCache, Prepared, prepare
 from blockd.enforcers.base import Enforcer
 from blockd.errors import BlockdError, EnforcerError
 from blockd.incremental import Merger
@@ -37,8 +37,9 @@ from blockd.intake import (
     Context, InputFailure, ParseCache, Rejected, catalog_refusal, context_from_copy, load_context, policy_files,
     read_candidates, state_candidates, unexpandable_accepted,
 )
-from blockd.model import Applied, Change, Plan, Policy, RuleDelta, RuleSet, diff, rule_delta
-from blockd.selection import Selection, Verdict, newly_accepted, select
+from blockd.model import Applied, Change, Order, Plan, Policy, RuleDelta, RuleSet, diff, rule_delta
+from blockd.policy import SignedFile
+from blockd.selection import AcceptedSerial, Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
 from blockd.state import StateStore
 
@@ -85,7 +86,7 @@ class Reconciler:
     passing: threading.Event = field(default_factory=threading.Event)
     #: each order's expansion by its content (for one context), per policy digest: a new serial
     #: that changes one order expands only that one
-    _order_entries: dict[str, tuple[str, OrderCache]] = field(default_factory=dict)
+    _order_entries: dict[str, tuple[str, Mapping[str, tuple[Order, Hit]]]] = field(default_factory=dict)
     _orders_key: str = ""
     #: parsed policies by (sha256, file, signers): an unchanged file is verified, not re-parsed
     _parsed: ParseCache = field(default_factory=ParseCache)
@@ -203,6 +204,9 @@ class Reconciler:
         phase("context")
         sel = self.select(ctx, now)
         ctx, sel = self._guard_accepted(ctx, sel, now, failures)
+        # merged before it is recorded, beside the state copy's write (`_stage`): nothing is
+        # applied before the record succeeds, and a failed record merges what is held back
+        comp = self._merge(ctx, sel)
         try:
             self._record(ctx, sel, now)
             phase("record")
@@ -221,6 +225,7 @@ class Reconciler:
             failures = [*failures, InputFailure("state", str(ctx.state.directory),
                                                 f"cannot record newly accepted policies ({self.state_error}); they "
                                                 f"are not enforced until it succeeds")]
+            comp = self._merge(ctx, sel)
         # a staged copy stays only for a serial that may still come into force (committed ones
         # are gone from it already); a file is staged in the first pass that sees it, only
         self._looked_at = {v.digest for v in sel.verdicts if v.digest is not None}
@@ -228,36 +233,47 @@ class Reconciler:
         for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
             if v.digest is not None:
                 self.received.setdefault(v.digest, now)
+        return sel, comp, failures
+
+    def _merge(self, ctx: Context, sel: Selection) -> Compilation:
+        """The rule set of a selection: by delta from the last merge (the same inputs: the same
+        one); the change is kept for the enforcers when it starts from what they hold."""
         statuses, policy_statuses = sel.order_statuses(), sel.policy_statuses()
         key = (ctx.key, tuple((p.policy.digest, p.policy.source) for p in sel.prepared),
                tuple(sorted(statuses.items())), tuple(sorted(policy_statuses.items())))
         if self._merged is not None and self._merged[0] == key:
-            return sel, self._merged[1], failures  # the same inputs: the same rule set, not merged again
+            return self._merged[1]  # the same inputs: the same rule set, not merged again
         baseline = ctx.state.baseline() if self.desired is None else self.desired
         before = self._merger.comp.ruleset if self._merger.comp is not None else None
-        phase("statuses")
+        self._phase("statuses")
         comp, plan, removed, added = self._merger.update(sel.prepared, ctx.compile, baseline, statuses,
                                                          policy_statuses)
-        phase("merge")
+        self._phase("merge")
         # The merge by delta knows the change already: no O(N) diff of the rule sets.
         self._change = (before, Change(before.digest, plan, removed, added)) \
             if before is not None and plan is not None else None
         self._merged = (key, comp)
-        return sel, comp, failures
+        return comp
+
+    def _stage(self, ctx: Context, accepted: Mapping[str, AcceptedSerial], signed: SignedFile) -> None:
+        """A directory file just verified, before it is parsed: if it is large and new (not
+        decided on by the last selection, not its issuer's accepted bytes), its state copy is
+        written ahead, beside the parse, prepare and merge (the commit renames it into place)."""
+        a = accepted.get(signed.verified.issuer)
+        if signed.digest not in self._looked_at and (a is None or a.digest != signed.digest):
+            ctx.state.stage(signed.verified.issuer, signed)
 
     def select(self, ctx: Context, now: datetime, *, hold_back: dict[str, Verdict] | None = None,
                why: str = "") -> Selection:
         """The selection over the policy directory and the state; `hold_back` (by digest) are
         verified files that cannot be recorded yet: they are pending, with `why`."""
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
+        accepted = ctx.state.accepted_serials()
+        self._parsed.on_verified = lambda signed: self._stage(ctx, accepted, signed)
         found, bad = read_candidates(directory, ctx, self._parsed)
+        self._parsed.on_verified = None
         if hold_back:
             found = [c for c in found if c.policy.digest not in hold_back]
-        accepted = ctx.state.accepted_serials()
-        for c in found:  # a large new serial's copy is written while it is prepared (the commit renames it)
-            if c.policy.digest not in self._looked_at and \
-                    ((a := accepted.get(c.policy.issuer)) is None or c.policy.serial > a.serial):
-                ctx.state.stage(c.policy, c.signed)
         kept, kept_bad = state_candidates(ctx, self._parsed)
         self._phase("read")
         cache = {k: v for k, v in self._prepared.items() if k[1] == ctx.key}
@@ -281,17 +297,16 @@ class Reconciler:
                 in_force = next((x for x in self._merger.prepared if x.policy.issuer == p.issuer), None)
                 mine = [(d, entries) for d, (issuer, entries) in self._order_entries.items() if issuer == p.issuer]
                 mine.sort(key=lambda e: in_force is not None and e[0] == in_force.policy.digest)
-                reuse: OrderCache = mine[0][1] if len(mine) == 1 else {}
+                reuse: Mapping[str, tuple[Order, Hit]] = mine[0][1] if len(mine) == 1 else {}
                 if len(mine) > 1:
-                    for _, entries in mine:
-                        reuse.update(entries)
+                    reuse = {k: v for _, entries in mine for k, v in entries.items()}
                 prior = None
                 if in_force is not None and in_force.policy.digest != p.digest and mine and \
                         mine[-1][0] == in_force.policy.digest:
                     prior = (in_force, mine[-1][1])
                 own: OrderCache = {}
                 hit = cache[key] = prepare(p, ctx.catalog, ctx.compile.guards, reuse, into=own, prior=prior)
-                self._order_entries[p.digest] = (p.issuer, own)
+                self._order_entries[p.digest] = (p.issuer, hit.entries if hit.entries is not None else own)
             used.add(p.digest)
             return hit
 

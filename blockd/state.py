@@ -213,16 +213,16 @@ class StateStore:
                     old.unlink()
         return [rec for rec, _, _ in records]
 
-    def stage(self, policy: Policy, signed: SignedFile) -> None:
-        """Begin writing the copy that a commit of `policy` would write, in a worker thread and
-        under a temporary name (the write and its fsync release the interpreter lock: a 170 MB
-        registry is on disk by the time the pass that verified it has prepared and merged it,
-        instead of after). Nothing is accepted by this; `commit` renames it into place."""
-        if len(signed.data) < STAGE_BYTES or policy.digest in self._staged or signed.digest != policy.digest:
+    def stage(self, issuer: str, signed: SignedFile) -> None:
+        """Begin writing the copy that a commit of these verified bytes of `issuer` would write,
+        in a worker thread and under a temporary name (the write and its fsync release the
+        interpreter lock: a 170 MB registry is on disk by the time the pass that verified it
+        has parsed, prepared and merged it, instead of after). Nothing is accepted by this;
+        `commit` renames it into place."""
+        if len(signed.data) < STAGE_BYTES or signed.digest in self._staged:
             return
-        copy = self.directory / f"policies/{policy.issuer}/{policy.serial}.yaml"
-        tmp = copy.with_name(f".{copy.name}.{policy.digest[:16]}.staged")
-        self._staged[policy.digest] = (tmp, _stager.submit(_write_synced, tmp, signed.data))
+        tmp = self.directory / "policies" / issuer / f".{signed.digest[:32]}.staged"
+        self._staged[signed.digest] = (tmp, _stager.submit(_write_synced, tmp, signed.data))
 
     def discard_staged(self, keep: Iterable[str]) -> None:
         """Remove the staged copies whose digest is not in `keep` (a serial refused, replaced or
@@ -240,7 +240,7 @@ class StateStore:
         if staged is None:
             return False
         tmp, write = staged
-        if write.exception() is not None or tmp.name != f".{copy.name}.{digest[:16]}.staged":
+        if write.exception() is not None or tmp.parent != copy.parent:
             tmp.unlink(missing_ok=True)
             return False
         os.replace(tmp, copy)

@@ -42,9 +42,12 @@ def run(passes: list[list], settings: CompileSettings = SETTINGS) -> Merger:
                 prepared_by_digest[p.digest] = got = prepare(p, CATALOG, settings.guards, cache, into=own, prior=prior)
                 plain = prepare(p, CATALOG, settings.guards)  # from nothing: the same contribution
                 assert (got.blocks, got.unblocks, got.findings) == (plain.blocks, plain.unblocks, plain.findings)
-                assert dict(got.infos) == dict(plain.infos) and set(own) == set(plain.infos)
-                cache.update(own)
-                entries[p.digest] = own
+                assert got.entries is not None and (got.entries is own or set(own) <= set(got.entries))
+                assert dict(got.infos) == dict(plain.infos) and set(got.entries) == set(plain.infos)
+                assert dict(got.entries) == {k: (o, h) for k, (o, h) in dict(got.entries).items()
+                                             if o is got.infos.orders[k]}  # type: ignore[attr-defined]
+                cache.update(got.entries)
+                entries[p.digest] = got.entries
             prepared.append(prepared_by_digest[p.digest])
         want = merge(prepared, settings, previous)
         got, plan, removed, added = merger.update(prepared, settings, previous, {}, {})

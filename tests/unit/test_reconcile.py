@@ -117,6 +117,10 @@ def test_new_serials_written_ahead_leave_exactly_the_accepted_copy(settings: Set
     accepted one is renamed into place with the verified bytes, a refused one leaves nothing."""
     from blockd import state as state_mod
     monkeypatch.setattr(state_mod, "STAGE_BYTES", 0)
+    placed: list[bool] = []
+    place = state_mod.StateStore._place_staged
+    monkeypatch.setattr(state_mod.StateStore, "_place_staged",
+                        lambda self, *a: placed.append(place(self, *a)) or placed[-1])
     rec = Reconciler(settings, [DryRunEnforcer("nft")])
     reg = settings.state_dir / "policies" / "reg"
     for serial, targets, accepted in [(1, "domains: [a.example]", 1), (2, "domains: [b.example]", 2),
@@ -127,6 +131,7 @@ def test_new_serials_written_ahead_leave_exactly_the_accepted_copy(settings: Set
         assert sorted(f.name for f in reg.iterdir()) == [f"{accepted}.yaml", f"{accepted}.yaml.0.minisig"]
         if accepted == serial:
             assert (reg / f"{serial}.yaml").read_bytes() == path.read_bytes()
+            assert placed[-1] is True  # the copy written ahead was renamed into place
     assert [p.serial for p in run_pass(Reconciler(settings, [DryRunEnforcer("nft")])).policies] == [4]
 
 

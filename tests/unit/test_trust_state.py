@@ -204,9 +204,9 @@ def test_a_staged_copy_is_committed_by_rename_or_leaves_nothing(tmp_path: Path, 
         def fail(path: Path, data: bytes) -> None:
             raise OSError(28, "No space left on device", str(path))
         monkeypatch.setattr(state_mod, "_write_synced", fail)
-    state.stage(pol, signed)
+    state.stage("reg", signed)
     reg = tmp_path / "state" / "policies" / "reg"
-    staged = reg / f".2.yaml.{pol.digest[:16]}.staged"
+    staged = reg / f".{pol.digest[:32]}.staged"
     if fate in ("committed", "crash before commit"):
         state._staged[pol.digest][1].result()
         assert staged.read_bytes() == signed.data  # written ahead, not yet accepted
