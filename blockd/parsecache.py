@@ -77,9 +77,9 @@ class ParseCache:
         state's copy hold the same bytes: kept once)."""
         return next((e[3].data for e in self._verified.values() if e[2].digest == digest), None)
 
-    def identity(self, path: Path) -> Identity | None:
+    def identity(self, path: Path, *, racy: bool = False) -> Identity | None:
         """The identity of a policy file and its signature files; None when it cannot be
-        trusted to show a change (not a regular file, or changed just now)."""
+        trusted to show a change (not a regular file, or changed just now, unless `racy`)."""
         try:
             paths = [path, *trust.signature_paths(path)]
             stats = [os.stat(p) for p in paths]
@@ -88,7 +88,7 @@ class ParseCache:
         if not stat.S_ISREG(stats[0].st_mode):
             return None
         now = time.time_ns()
-        if any(now - max(st.st_mtime_ns, st.st_ctime_ns) < self.racy_ns for st in stats):
+        if not racy and any(now - max(st.st_mtime_ns, st.st_ctime_ns) < self.racy_ns for st in stats):
             return None
         return tuple((str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                      for p, st in zip(paths, stats))
@@ -97,7 +97,9 @@ class ParseCache:
         entry = self._verified.get(str(path))
         if entry is None or entry[1] != (store.digest, max_bytes):
             return self._still_written(path, store, max_bytes)
-        if self.identity(path) != entry[0]:
+        # compared as it is now, however new: every write since the identity was taken changed
+        # its ctime (an identity is only taken of a file old enough, or of the state's own copy)
+        if self.identity(path, racy=True) != entry[0]:
             return None
         return entry[2], entry[3]
 
@@ -111,6 +113,28 @@ class ParseCache:
         copy = self.same_bytes(key) or replace(policy, source=str(path))  # keeps the parse for the next serial
         self._written[str(path)] = ((store.digest, max_bytes), copy, signed)
         self._verified.pop(str(path), None)  # an older verification of this path no longer speaks for it
+
+    def own_copy(self, path: Path, store: trust.TrustStore, max_bytes: int, policy: Policy,
+                 signed: SignedFile) -> None:
+        """`path` is the state's copy this daemon has just written (and synced) of `signed`'s
+        verified bytes: known by the identity it has now, though it is new (the racy rule guards
+        against a second write that an identity cannot show; the copy is the daemon's own, in
+        its own directory, and it is verified again when a restart restores it). A later change
+        of it is seen as of any file."""
+        identity = self.identity(path, racy=True)
+        if identity is None:
+            self.by_bytes(path, store, max_bytes, policy, signed)
+            return
+        key = (policy.digest, str(path), signed.verified.signers)
+        copy = self.same_bytes(key) or replace(policy, source=str(path))
+        # the signature files as the state writes them (`StateStore.commit`): <copy>.<i>.minisig
+        sigs = tuple((str(path.with_name(f"{path.name}.{i}.minisig")), b) for i, (_, b) in enumerate(signed.signatures))
+        if sorted(str(p) for p in trust.signature_paths(path)) != sorted(p for p, _ in sigs):
+            self.by_bytes(path, store, max_bytes, policy, signed)
+            return
+        self._verified[str(path)] = (identity, (store.digest, max_bytes), copy,
+                                     SignedFile(signed.data, sigs, signed.verified, signed.sha256))
+        self._written.pop(str(path), None)
 
     def _still_written(self, path: Path, store: trust.TrustStore, max_bytes: int
                        ) -> tuple[Policy, SignedFile] | None:

@@ -333,8 +333,8 @@ class Reconciler:
         entries = [(v.policy, v.signed) for v in newly_accepted(sel, ctx.state.accepted_serials())]
         if entries:
             done = ctx.state.commit(entries, now)
-            for rec, (p, signed) in zip(done, entries):  # the next pass compares them, no verify
-                self._parsed.by_bytes(ctx.state.directory / rec.file, ctx.store, ctx.settings.max_policy_bytes, p, signed)
+            for rec, (p, signed) in zip(done, entries):  # the next pass knows them, no verify
+                self._parsed.own_copy(ctx.state.directory / rec.file, ctx.store, ctx.settings.max_policy_bytes, p, signed)
             for p, _ in entries:
                 log.info("policy_accepted", issuer=p.issuer, serial=p.serial, digest=p.digest[:16],
                          orders=len(p.orders))

@@ -219,3 +219,34 @@ def test_read_signed_gives_the_sha256_of_exactly_the_verified_bytes(tmp_path: Pa
     path.write_bytes(path.read_bytes().replace(b"t1.", b"t2."))  # the signature no longer matches
     with pytest.raises(SignatureError):
         read_signed(path, store, role="policy", max_bytes=64 << 20)
+
+
+@pytest.mark.parametrize("name, change, reused", WRITTEN_CASES, ids=[c[0] for c in WRITTEN_CASES])
+def test_the_states_own_copy_is_known_by_its_identity_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              name: str, change: Callable[[Path, Keys], None],
+                                                              reused: bool) -> None:
+    """The copy the daemon has just written is not read again on the next pass (no byte
+    compare of a 170 MB registry while it is new); any later change of it shows in its
+    identity (ctime, size, inode, signature files) and it is read and verified as any file."""
+    import blockd.parsecache as pc
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path, copy = tmp_path / "p.yaml", tmp_path / "state" / "1.yaml"
+    copy.parent.mkdir()
+    write(path, keys, 1)
+    cache = ParseCache()
+    policy, signed = load_signed_policy(path, store, parsed=cache)
+    _copy_with(path, copy)
+    cache.own_copy(copy, store, MAX_POLICY_BYTES, policy, signed)
+    change(copy, keys)
+    monkeypatch.setattr(pc, "read_regular", lambda *a, **k: pytest.fail("the copy was read again"))
+    hit = cache.unchanged(copy, store, MAX_POLICY_BYTES)
+    if reused:
+        assert hit is not None and hit[0].orders is policy.orders and hit[1].data is signed.data
+        assert hit[0].source == str(copy) and [p for p, _ in hit[1].signatures] == [str(copy) + ".0.minisig"]
+    else:
+        assert hit is None
+        monkeypatch.undo()
+        if name == "its signature replaced":
+            with pytest.raises(SignatureError):
+                load_signed_policy(copy, store, parsed=cache)
