@@ -45,6 +45,7 @@ from typing import cast
 
 from blockd import fastyaml, ranges, trust
 from blockd.fastyaml import Unsupported
+from blockd.layered import Layered
 from blockd.model import DNS_ANSWERS, GUARDS, AllowCollateral, Cidr, LegalBasis, Order, Policy, Targets
 from blockd.names import MAX_NAME
 from blockd.policy import ORDER_ID, SERVICE_NAME, canonical_rule, parse_asn, parse_domain
@@ -132,6 +133,8 @@ class Snapshot:
     orders: tuple[Order, ...]  # the Policy's own tuple
     nodes: tuple[int, ...]
     node_total: int  # sum(nodes)
+    #: the orders' ids (made on the first new serial parsed beside this one, then derived)
+    ids: Layered[str, None] | None = None
 
 
 @dataclass
@@ -243,7 +246,8 @@ def _head(data: bytes, body: int, max_depth: int, max_nodes: int) -> tuple[Heade
     return header, nodes
 
 
-def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items, *, counted: bool = False) -> Snapshot | None:
+def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items, *, counted: bool = False,
+              ids: dict[str, None] | None = None) -> Snapshot | None:
     """After a parse: keep the snapshot, when the file's items are exactly the orders (one
     `<indent>- ` line at the list's indent per order: the reader took every line). `counted`:
     the recogniser read them so, one order per item line."""
@@ -253,7 +257,8 @@ def _remember(data: bytes, policy: Policy, nodes: tuple[int, ...], items: Items,
         return None
     if not counted and data.count(b"\n" + b" " * indent + b"- ", body) + 1 != len(policy.orders):
         return None
-    snap = Snapshot(data, policy.issuer, body, indent, policy.orders, nodes, sum(nodes))
+    snap = Snapshot(data, policy.issuer, body, indent, policy.orders, nodes, sum(nodes),
+                    Layered.adopt(ids) if ids is not None else None)
     items.add(policy.source, snap)
     return snap
 
@@ -331,10 +336,11 @@ def _registry(data: bytes, source: str, *, signers: tuple[str, ...], digest: str
     orders, nodes = _recognise(_body_text(data[body:]), indent, max_depth)
     if head_nodes + 1 + sum(nodes) > max_nodes:
         raise Unsupported
-    if len(set(map(_order_id, orders))) != len(orders):
+    ids = dict.fromkeys(map(_order_id, orders))  # kept for the next serial (`Snapshot.ids`)
+    if len(ids) != len(orders):
         raise Unsupported  # a duplicate order id: the general path names both
     policy = _policy(header, orders, digest, source, signers)
-    snap = _remember(data, policy, nodes, items, counted=True) if items is not None else None
+    snap = _remember(data, policy, nodes, items, counted=True, ids=ids) if items is not None else None
     return Parsed(policy, snap)
 
 
@@ -721,12 +727,18 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     # ids: the old file's were distinct and each old order is taken at most once (by place, or
     # from the index of the rest, whose keys are distinct bytes); so a duplicate involves a
     # fresh order or one taken twice, and each id of those must be met exactly once
+    # fresh order, and no fresh id is the id of an old order kept (the ids of the old file are
+    # held per snapshot, derived from the last one's in proportion to the change)
     fresh_ids = set(map(_order_id, fresh))
-    if len(fresh_ids) != len(fresh) or sum(map(fresh_ids.__contains__, map(_order_id, orders))) != len(fresh):
+    ids = snap.ids if snap.ids is not None else Layered.adopt(dict.fromkeys(map(_order_id, snap.orders)))
+    kept = set(map(id, mid_orders))
+    dropped = {o.id for o in old_orders if id(o) not in kept}
+    if len(fresh_ids) != len(fresh) or any(f in ids and f not in dropped for f in fresh_ids):
         raise Unsupported  # a duplicate order id: the general path names both
     policy = Policy(issuer=header[0], serial=header[1], issued_at=header[2], not_before=header[3],
                     not_after=header[4], orders=orders, digest=digest, source=source, signers=signers)
-    new_snap = Snapshot(data, header[0], body, indent, policy.orders, nodes, node_total)
+    new_snap = Snapshot(data, header[0], body, indent, policy.orders, nodes, node_total,
+                        ids.derive(dict.fromkeys(fresh_ids), dropped))
     items.add(source, new_snap)
     return Parsed(policy, new_snap)
 
