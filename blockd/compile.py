@@ -305,6 +305,16 @@ class OrderInfos(Mapping[str, OrderInfo]):
             info = self._made[key] = _info(self._policy, self._orders[key])
         return info
 
+    def peek(self, key: str) -> OrderInfo | None:
+        """The info of `key` (None: not an order of this policy), not kept: for a reader of
+        every order once (a dump of the sinkhole's table), which would otherwise leave a
+        million infos behind."""
+        info = self._made.get(key)
+        if info is None:
+            order = self._orders.get(key)
+            return _info(self._policy, order) if order is not None else None
+        return info
+
     def __contains__(self, key: object) -> bool:
         return key in self._orders
 

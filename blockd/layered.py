@@ -117,6 +117,15 @@ class ByIssuer(Mapping[str, V], Generic[V]):
             raise KeyError(key)
         return part[key]
 
+    def peek(self, key: str) -> V | None:
+        """`get`, through a part's own `peek` when it has one (it makes the value without
+        keeping it: see `compile.OrderInfos.peek`)."""
+        part = self._parts.get(key.split("/", 1)[0])
+        if part is None:
+            return None
+        peek = getattr(part, "peek", None)
+        return peek(key) if peek is not None else part.get(key)
+
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False

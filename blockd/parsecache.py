@@ -53,9 +53,9 @@ class ParseCache:
     #: path -> ((trust store digest, max bytes), policy, bytes): files known by their bytes (`by_bytes`)
     _written: dict[str, tuple[tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
     racy_ns: int = RACY_NS
-    #: called with a file's bytes once they are verified, before they are parsed (when they
-    #: are not bytes verified before): the daemon writes a large new serial's state copy ahead
-    on_verified: Callable[[SignedFile], None] | None = None
+    #: called with a file's bytes as soon as they are read, before they are verified (the
+    #: daemon begins writing a large file's state copy, renamed into place only if recorded)
+    on_read: Callable[[bytes], None] | None = None
 
     def same_bytes(self, key: Key) -> Policy | None:
         """The Policy parsed from these bytes with these signers, under this file's name: the

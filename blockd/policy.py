@@ -9,6 +9,7 @@ The format is documented in docs/policy-format.md. `check_window` and the replay
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,8 +61,9 @@ class SignedFile:
 
 
 def read_signed(path: Path, store: trust.TrustStore, *, role: str, max_bytes: int,
-                what: str = "policy file") -> SignedFile:
-    """Read a file and verify its detached signatures; nothing is parsed before this returns."""
+                what: str = "policy file", on_read: Callable[[bytes], None] | None = None) -> SignedFile:
+    """Read a file and verify its detached signatures; nothing is parsed before this returns.
+    `on_read` is given the bytes once read, before they are verified (to write them aside)."""
     where = str(path)
     paths = trust.signature_paths(path)
     if len(paths) > trust.MAX_SIGNATURES:  # before reading any: refusing must stay cheap
@@ -71,6 +73,8 @@ def read_signed(path: Path, store: trust.TrustStore, *, role: str, max_bytes: in
         sigs = tuple((str(p), read_regular(p, MAX_SIGNATURE_BYTES, what="minisign signature")) for p in paths)
     except InputError as e:
         raise PolicyError(e.message, where=e.where) from None
+    if on_read is not None:
+        on_read(data)
     texts = [(name, raw.decode("utf-8", errors="replace")) for name, raw in sigs]
     if len(data) < PARALLEL_HASH_BYTES:
         return SignedFile(data, sigs, trust.verify(data, texts, store, role=role, where=where))
@@ -101,14 +105,13 @@ def load_signed_policy(path: Path, store: trust.TrustStore, *, max_bytes: int = 
         if hit is not None:
             return hit
         identity = parsed.identity(path)
-    signed = read_signed(path, store, role="policy", max_bytes=max_bytes)
+    signed = read_signed(path, store, role="policy", max_bytes=max_bytes,
+                         on_read=parsed.on_read if parsed is not None else None)
     digest = signed.digest
     if parsed is not None:
         same = parsed.same_data(digest)
         if same is not None and same == signed.data:  # one copy of the bytes (a registry: 170 MB)
             signed = SignedFile(same, signed.signatures, signed.verified, digest)
-        elif parsed.on_verified is not None:
-            parsed.on_verified(signed)
     key = (digest, str(path), signed.verified.signers)
     policy = parsed.same_bytes(key) if parsed is not None else None
     if policy is None:

@@ -38,8 +38,7 @@ from blockd.intake import (
     read_candidates, state_candidates, unexpandable_accepted,
 )
 from blockd.model import Applied, Change, Order, Plan, Policy, RuleDelta, RuleSet, diff, rule_delta
-from blockd.policy import SignedFile
-from blockd.selection import AcceptedSerial, Selection, Verdict, newly_accepted, select
+from blockd.selection import Selection, Verdict, newly_accepted, select
 from blockd.settings import Settings
 from blockd.state import StateStore
 
@@ -97,8 +96,8 @@ class Reconciler:
     #: seconds per phase of the pass in progress (`_Phases`), logged with it
     _phases: dict[str, float] = field(default_factory=dict)
     _phase: _Phases = field(default_factory=lambda: _Phases({}))
-    #: the digests of the files the last selection decided on (a new serial is staged once)
-    _looked_at: set[str] = field(default_factory=set)
+    #: the bytes of the directory's verified files in this pass, by digest (staged copies kept)
+    _found_data: dict[str, bytes] = field(default_factory=dict)
     #: (the rule set it starts from, the change) when the last merge produced it
     _change: tuple[RuleSet, Change] | None = None
     _baseline_saved: float = float("-inf")
@@ -227,9 +226,9 @@ class Reconciler:
                                                 f"are not enforced until it succeeds")]
             comp = self._merge(ctx, sel)
         # a staged copy stays only for a serial that may still come into force (committed ones
-        # are gone from it already); a file is staged in the first pass that sees it, only
-        self._looked_at = {v.digest for v in sel.verdicts if v.digest is not None}
-        ctx.state.discard_staged(keep={v.digest for v in sel.with_status("pending") if v.digest is not None})
+        # are gone from it already; a file is read, and so staged, when it is new or changed)
+        ctx.state.discard_staged(keep=[self._found_data[v.digest] for v in sel.with_status("pending")
+                                       if v.digest in self._found_data])
         for v in sel.with_status("active", "pending"):  # first seen: time-to-enforce counts from here
             if v.digest is not None:
                 self.received.setdefault(v.digest, now)
@@ -255,23 +254,18 @@ class Reconciler:
         self._merged = (key, comp)
         return comp
 
-    def _stage(self, ctx: Context, accepted: Mapping[str, AcceptedSerial], signed: SignedFile) -> None:
-        """A directory file just verified, before it is parsed: if it is large and new (not
-        decided on by the last selection, not its issuer's accepted bytes), its state copy is
-        written ahead, beside the parse, prepare and merge (the commit renames it into place)."""
-        a = accepted.get(signed.verified.issuer)
-        if signed.digest not in self._looked_at and (a is None or a.digest != signed.digest):
-            ctx.state.stage(signed.verified.issuer, signed)
-
     def select(self, ctx: Context, now: datetime, *, hold_back: dict[str, Verdict] | None = None,
                why: str = "") -> Selection:
         """The selection over the policy directory and the state; `hold_back` (by digest) are
         verified files that cannot be recorded yet: they are pending, with `why`."""
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
         accepted = ctx.state.accepted_serials()
-        self._parsed.on_verified = lambda signed: self._stage(ctx, accepted, signed)
-        found, bad = read_candidates(directory, ctx, self._parsed)
-        self._parsed.on_verified = None
+        self._parsed.on_read = ctx.state.stage  # a large file read (new or changed) is written aside at once
+        try:
+            found, bad = read_candidates(directory, ctx, self._parsed)
+        finally:
+            self._parsed.on_read = None
+        self._found_data = {c.policy.digest: c.signed.data for c in found}
         if hold_back:
             found = [c for c in found if c.policy.digest not in hold_back]
         kept, kept_bad = state_candidates(ctx, self._parsed)

@@ -11,9 +11,10 @@
 
 Writes are ordered so a crash at any point leaves a consistent state: the policy copy and its
 signatures are written (atomically) first, then `accepted.json` is replaced atomically, and
-only then are older copies removed. A large new serial's copy may be written ahead, under a
-temporary name, while the pass that verified it is still preparing it (`stage`): the commit
-then only renames it into place; a staged copy that is never committed is removed. On restart the copies restore the last accepted policies,
+only then are older copies removed. A large file's copy is written ahead, under a temporary
+name in `staging/`, from the moment its bytes are read, while the pass verifies, parses and
+merges them (`stage`): the commit of those bytes (verified ones) only renames it into place;
+a staged copy that is never committed is removed. On restart the copies restore the last accepted policies,
 so enforcement resumes without waiting for the policy directory.
 """
 
@@ -85,7 +86,8 @@ class StateStore:
         self._baseline = directory / "baseline.json"
         self._warned = False
         #: digest -> (the copy's temporary name, its write): copies written ahead (`stage`)
-        self._staged: dict[str, tuple[Path, Future[None]]] = {}
+        self._staged: list[tuple[bytes, Path, Future[None]]] = []  # (bytes, temporary name, its write)
+        self._stage_seq = 0
 
     def accepted(self) -> dict[str, Accepted]:
         """The index; if it is unreadable or malformed, rebuilt (in memory) from the copies.
@@ -160,7 +162,7 @@ class StateStore:
             raise StateLockedError(f"the state directory is held by {who}; only one blockd may use it (a second "
                                    f"daemon would drive the same kernel table and state); stop it first",
                                    where=str(self.directory)) from None
-        for orphan in self.directory.glob("policies/*/.*.staged"):  # written ahead by a holder that died
+        for orphan in self.directory.glob("staging/*.tmp"):  # written ahead by a holder that died
             try:
                 orphan.unlink(missing_ok=True)
             except OSError:
@@ -197,7 +199,7 @@ class StateStore:
             rec = Accepted(policy.issuer, policy.serial, policy.digest, now.strftime("%Y-%m-%dT%H:%M:%SZ"), rel)
             records.append((rec, self.directory / rel, signed))
         for rec, copy, signed in records:
-            if not self._place_staged(rec.digest, copy):
+            if not self._place_staged(signed.data, copy):
                 atomic_write(copy, signed.data)
             for i, (_, sig) in enumerate(signed.signatures):
                 atomic_write(copy.with_name(f"{copy.name}.{i}.minisig"), sig)
@@ -213,38 +215,46 @@ class StateStore:
                     old.unlink()
         return [rec for rec, _, _ in records]
 
-    def stage(self, issuer: str, signed: SignedFile) -> None:
-        """Begin writing the copy that a commit of these verified bytes of `issuer` would write,
-        in a worker thread and under a temporary name (the write and its fsync release the
-        interpreter lock: a 170 MB registry is on disk by the time the pass that verified it
-        has parsed, prepared and merged it, instead of after). Nothing is accepted by this;
-        `commit` renames it into place."""
-        if len(signed.data) < STAGE_BYTES or signed.digest in self._staged:
+    def stage(self, data: bytes) -> None:
+        """Begin writing a copy of a large policy file's bytes, as soon as they are read: in a
+        worker thread (the write and its fsync release the interpreter lock, so a 170 MB
+        registry is on disk by the time the pass has verified, parsed, prepared and merged
+        it, instead of after) and under a temporary name in `staging/`. Nothing is accepted
+        by this: `commit` renames the copy into place only for bytes it records, which are
+        verified ones; the rest are removed (`discard_staged`)."""
+        if len(data) < STAGE_BYTES or any(d is data for d, _, _ in self._staged):
             return
-        tmp = self.directory / "policies" / issuer / f".{signed.digest[:32]}.staged"
-        self._staged[signed.digest] = (tmp, _stager.submit(_write_synced, tmp, signed.data))
+        self._stage_seq += 1
+        tmp = self.directory / "staging" / f"{os.getpid()}-{self._stage_seq}.tmp"
+        self._staged.append((data, tmp, _stager.submit(_write_synced, tmp, data)))
 
-    def discard_staged(self, keep: Iterable[str]) -> None:
-        """Remove the staged copies whose digest is not in `keep` (a serial refused, replaced or
-        gone before it was committed)."""
-        keep = set(keep)
-        for digest in [d for d in self._staged if d not in keep]:
-            tmp, write = self._staged.pop(digest)
-            write.exception()  # wait for it; a failed write is retried by `commit` itself
-            tmp.unlink(missing_ok=True)
+    def discard_staged(self, keep: Iterable[bytes] = ()) -> None:
+        """Remove the staged copies, but those of the bytes in `keep` (a serial that may still
+        come into force: pending)."""
+        held = list(keep)
+        for entry in list(self._staged):
+            data, tmp, write = entry
+            if not any(data is k for k in held):
+                self._staged.remove(entry)
+                write.exception()  # wait for it; a failed write is retried by `commit` itself
+                tmp.unlink(missing_ok=True)
 
-    def _place_staged(self, digest: str, copy: Path) -> bool:
-        """Rename the staged copy of `digest` to `copy` once its write is done (True), or remove
-        it and return False (none, or its write failed: `commit` writes the copy itself)."""
-        staged = self._staged.pop(digest, None)
-        if staged is None:
+    def _place_staged(self, data: bytes, copy: Path) -> bool:
+        """Rename the staged copy of `data` to `copy` once its write is done (True), or return
+        False (none, or its write failed: `commit` writes the copy itself)."""
+        entry = next((e for e in self._staged if e[0] is data), None) or \
+            next((e for e in self._staged if len(e[0]) == len(data) and e[0] == data), None)
+        if entry is None:
             return False
-        tmp, write = staged
-        if write.exception() is not None or tmp.parent != copy.parent:
+        self._staged.remove(entry)
+        _, tmp, write = entry
+        if write.exception() is not None:
             tmp.unlink(missing_ok=True)
             return False
+        copy.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, copy)
         fsync_dir(copy.parent)
+        fsync_dir(tmp.parent)
         return True
 
     # -- the growth guard's baseline ------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine
 from blockd.dns import sde, wire
+from blockd.layered import ByIssuer
 from blockd.model import DNS_ANSWERS, DomainRule, OrderInfo, RuleSet
 
 MODE_RANK = {m: i for i, m in enumerate(("nxdomain", "nodata", "sinkhole", "refused", "drop", "log"))}
@@ -247,13 +248,14 @@ def _by_name(doms: Iterable[DomainRule]) -> Iterator[tuple[str, frozenset[str] |
 
 
 def _spec_bytes(own: frozenset[str], comb: frozenset[str], orders: Mapping[str, OrderInfo | _Info]) -> bytes:
+    get = orders.peek if isinstance(orders, ByIssuer) else orders.get  # a dump reads each once: not kept
     if len(comb) == 1 and own == comb:  # the common case (one order per name), without sorting
         (oid,) = comb
-        i = orders.get(oid)
+        i = get(oid)
         t = (oid,)
         return marshal.dumps((t, t, ((oid, i.authority, i.reference, i.url, i.dns_answer),) if i is not None else ()))
     infos = tuple((oid, i.authority, i.reference, i.url, i.dns_answer)
-                  for oid in sorted(comb) if (i := orders.get(oid)) is not None)
+                  for oid in sorted(comb) if (i := get(oid)) is not None)
     return marshal.dumps((tuple(sorted(own)), tuple(sorted(comb)), infos))
 
 

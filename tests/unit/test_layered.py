@@ -61,3 +61,20 @@ def test_order_infos_are_the_infos_made_up_front() -> None:
     assert dict(prep.infos) == eager and set(prep.infos.keys()) == set(eager)
     assert deadlines_of([prep]) == {k: i.deadline for k, i in eager.items() if i.deadline is not None} != {}
     assert dict(infos_of([prep])) == eager
+
+
+def test_peek_gives_an_order_info_without_keeping_it() -> None:
+    """A dump of the sinkhole's table reads every order's info once: `peek` makes it as `[]`
+    does, without keeping a million of them behind."""
+    from blockd.compile import OrderInfos, order_key
+    from blockd.layered import ByIssuer
+    from tests.unit.test_incremental import REG2 as policy
+
+    orders = {order_key(policy, o): o for o in policy.orders}
+    reference = OrderInfos(policy, orders)
+    fresh = OrderInfos(policy, dict(orders))
+    both = ByIssuer({policy.issuer: fresh, "other": {"other/x": "plain"}})
+    assert [both.peek(k) for k in orders] == [reference[k] for k in orders] and len(orders) == 3
+    assert fresh._made == {}  # nothing kept
+    assert both.peek("other/x") == "plain" and both.peek("nobody/x") is None
+    assert both.peek(f"{policy.issuer}/zz") is None

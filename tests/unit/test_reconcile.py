@@ -132,6 +132,7 @@ def test_new_serials_written_ahead_leave_exactly_the_accepted_copy(settings: Set
         if accepted == serial:
             assert (reg / f"{serial}.yaml").read_bytes() == path.read_bytes()
             assert placed[-1] is True  # the copy written ahead was renamed into place
+        assert list((settings.state_dir / "staging").iterdir()) == []  # a refused one's is gone
     assert [p.serial for p in run_pass(Reconciler(settings, [DryRunEnforcer("nft")])).policies] == [4]
 
 

@@ -204,26 +204,30 @@ def test_a_staged_copy_is_committed_by_rename_or_leaves_nothing(tmp_path: Path, 
         def fail(path: Path, data: bytes) -> None:
             raise OSError(28, "No space left on device", str(path))
         monkeypatch.setattr(state_mod, "_write_synced", fail)
-    state.stage("reg", signed)
+    state.stage(signed.data)
     reg = tmp_path / "state" / "policies" / "reg"
-    staged = reg / f".{pol.digest[:32]}.staged"
+    staging = tmp_path / "state" / "staging"
     if fate in ("committed", "crash before commit"):
-        state._staged[pol.digest][1].result()
+        state._staged[0][2].result()
+        (staged,) = staging.iterdir()
         assert staged.read_bytes() == signed.data  # written ahead, not yet accepted
         assert state.accepted()["reg"].serial == 1
         ino = staged.stat().st_ino
     if fate == "discarded":
         state.discard_staged(keep=())
         assert sorted(f.name for f in reg.iterdir()) == ["1.yaml", "1.yaml.0.minisig"]
+        assert list(staging.iterdir()) == []
         return
     if fate == "crash before commit":
         state = StateStore(tmp_path / "state")  # a restart: the staged file is an orphan
         assert state.accepted()["reg"].serial == 1 and [p.name for p in state.accepted_paths()] == ["1.yaml"]
         state.lock().close()  # the next holder of the state removes it
         assert sorted(f.name for f in reg.iterdir()) == ["1.yaml", "1.yaml.0.minisig"]
+        assert list(staging.iterdir()) == []
     state.commit([(pol, signed)], NOW)
     assert sorted(f.name for f in reg.iterdir()) == ["2.yaml", "2.yaml.0.minisig"]
     assert (reg / "2.yaml").read_bytes() == signed.data
     assert load_policy(reg / "2.yaml", store).serial == 2
     if fate == "committed":
         assert (reg / "2.yaml").stat().st_ino == ino  # renamed into place, not written again
+    assert not staging.exists() or list(staging.iterdir()) == []
