@@ -17,6 +17,8 @@ same digest from what it dumped (`PartDigest.of`).
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ TAG = b"blockd-ruleset-v2\n"
 #: the four parts, in digest order
 NAMES_EXACT, NAMES_SUBTREE, ADDR4, ADDR6 = b"D", b"S", b"4", b"6"
 _WIDTH = {ADDR4: 32, ADDR6: 128}
+_LITTLE = sys.byteorder == "little"
 
 
 def pack(kind: bytes, first: int, last: int) -> int:
@@ -46,7 +49,12 @@ def _bucket(kind: bytes, element: str | int) -> int:
 
 def _bucket_digest(kind: bytes, elements: tuple[str | int, ...]) -> bytes:
     h = hashlib.sha256(kind)
-    if kind in _WIDTH:
+    if kind == ADDR4:  # 64-bit packed intervals: big-endian words, packed in C
+        words = array("Q", elements)  # type: ignore[arg-type]
+        if _LITTLE:
+            words.byteswap()
+        h.update(words.tobytes())
+    elif kind in _WIDTH:
         size = 2 * _WIDTH[kind] // 8
         h.update(b"".join(e.to_bytes(size, "big") for e in elements))  # type: ignore[union-attr]
     else:
@@ -90,31 +98,34 @@ class PartDigest:
     def patched(self, removed: Iterable[str | int], added: Iterable[str | int]) -> PartDigest:
         """This set minus `removed` (each must be held) plus `added` (each must not be, after
         the removals): re-hashes only the buckets touched. Raises ValueError otherwise."""
-        out: dict[int, set[str | int]] = {}
+        # a touched bucket is edited in its sorted order (bisect), not rebuilt and sorted: at
+        # 1M elements a bucket holds about 61, and a 1,000-rule change touches 2,000 buckets
+        out: dict[int, list[str | int]] = {}
         for e in removed:
             b = _bucket(self.kind, e)
             els = out.get(b)
             if els is None:
-                els = out[b] = set(self.buckets.get(b, ()))
-            try:
-                els.remove(e)
-            except KeyError:
-                raise ValueError(f"digest patch removes {e!r}, which is not held") from None
+                els = out[b] = list(self.buckets.get(b, ()))
+            i = bisect_left(els, e)  # type: ignore[arg-type]
+            if i == len(els) or els[i] != e:
+                raise ValueError(f"digest patch removes {e!r}, which is not held")
+            del els[i]
         for e in added:
             b = _bucket(self.kind, e)
             els = out.get(b)
             if els is None:
-                els = out[b] = set(self.buckets.get(b, ()))
-            if e in els:
+                els = out[b] = list(self.buckets.get(b, ()))
+            i = bisect_left(els, e)  # type: ignore[arg-type]
+            if i < len(els) and els[i] == e:
                 raise ValueError(f"digest patch adds {e!r}, which is already held")
-            els.add(e)
+            els.insert(i, e)
         if not out:
             return self
         buckets = dict(self.buckets)
         digests = dict(self.digests)
         for b, els in out.items():
             if els:
-                buckets[b] = tuple(sorted(els))
+                buckets[b] = tuple(els)
                 digests[b] = _bucket_digest(self.kind, buckets[b])
             else:
                 buckets.pop(b, None)

@@ -102,3 +102,50 @@ def test_part_digest_patch_touches_only_its_buckets() -> None:
         part.patched(["absent.example"], [])
     four = PartDigest.of(ADDR4, [(i << 40) | (i << 8) for i in range(1000)])  # /24-aligned: spread out
     assert len(four.buckets) > 500
+
+
+def _reference_part(kind: bytes, elements: list) -> bytes:  # type: ignore[type-arg]
+    """The part digest as blockd-ruleset-v2 defines it (digests.py's docstring), written from
+    the definition: bucket by CRC-32 of a name or the multiplicative hash of a packed
+    interval's first address, SHA-256 over each bucket's sorted elements, SHA-256 over the
+    (bucket, digest) pairs."""
+    import hashlib
+    from zlib import crc32
+
+    width = {b"4": 32, b"6": 128}.get(kind)
+    buckets: dict[int, list] = {}  # type: ignore[type-arg]
+    for e in elements:
+        b = crc32(e.encode()) & 16383 if width is None else ((e >> width) * 0x9E3779B97F4A7C15 >> 40) & 16383
+        buckets.setdefault(b, []).append(e)
+    joined = b""
+    for b in sorted(buckets):
+        els = sorted(buckets[b])
+        body = "\n".join(els).encode() if width is None else b"".join(e.to_bytes(2 * width // 8, "big") for e in els)
+        joined += b.to_bytes(2, "big") + hashlib.sha256(kind + body).digest()
+    return hashlib.sha256(kind + joined).digest()
+
+
+@pytest.mark.parametrize("kind", [b"D", b"S", b"4", b"6"])
+def test_the_digest_format_is_the_documented_one_from_scratch_and_patched(kind: bytes) -> None:
+    import random
+
+    from blockd.digests import PartDigest, pack
+
+    rng = random.Random(kind[0])
+    if kind in (b"D", b"S"):
+        pool = [f"n{rng.getrandbits(40):x}.example" for _ in range(3000)]
+    else:
+        bits = 32 if kind == b"4" else 128
+        firsts = [rng.getrandbits(bits - 8) << 8 for _ in range(3000)]
+        pool = [pack(kind, f, f | 255) for f in firsts]
+    pool = sorted(set(pool))
+    base, gone, came = pool[:2000], pool[:300], pool[2000:2600]
+    part = PartDigest.of(kind, base)
+    assert part.value == _reference_part(kind, base)
+    patched = part.patched(gone, came)
+    want = sorted(set(base) - set(gone) | set(came))
+    assert patched.value == _reference_part(kind, want) == PartDigest.of(kind, want).value
+    with pytest.raises(ValueError, match="not held"):
+        patched.patched([pool[0]], [])
+    with pytest.raises(ValueError, match="already held"):
+        patched.patched([], [pool[2000]])
