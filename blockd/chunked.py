@@ -21,7 +21,7 @@ CHUNK = 512
 
 
 class Chunked(Sequence[Any]):
-    __slots__ = ("_chunks", "_starts", "_len")
+    __slots__ = ("_chunks", "_starts", "_len", "_firsts")
 
     def __init__(self, items: Iterable[Any] = ()) -> None:
         data = items if isinstance(items, tuple) else tuple(items)
@@ -32,6 +32,7 @@ class Chunked(Sequence[Any]):
         self._chunks = chunks
         self._starts = [0, *accumulate(len(c) for c in chunks)]  # start offset of each chunk, then len
         self._len = self._starts[-1]
+        self._firsts: dict[Callable[[Any], Any], list[Any]] = {}  # key -> each chunk's first key
 
     @classmethod
     def _of(cls, chunks: list[tuple[Any, ...]]) -> Chunked:
@@ -94,16 +95,13 @@ class Chunked(Sequence[Any]):
         return f"Chunked({self._len} items in {len(self._chunks)} chunks)"
 
     def bisect(self, value: Any, key: Callable[[Any], Any]) -> int:
-        """The first index whose element's key is >= value (as `bisect_left(self, value, key=key)`)."""
-        firsts = self._chunks
-        lo, hi = 0, len(firsts)
-        while lo < hi:  # the last chunk whose first key is < value
-            mid = (lo + hi) // 2
-            if key(firsts[mid][0]) < value:
-                lo = mid + 1
-            else:
-                hi = mid
-        c = lo - 1
+        """The first index whose element's key is >= value (as `bisect_left(self, value, key=key)`).
+        Each chunk's first key is taken once per key function (a module-level one: the cache is
+        by identity), so a bisection is two C-level ones."""
+        firsts = self._firsts.get(key)
+        if firsts is None:
+            firsts = self._firsts[key] = [key(c[0]) for c in self._chunks]
+        c = bisect_left(firsts, value) - 1  # the last chunk whose first key is < value
         if c < 0:
             return 0
         return self._starts[c] + bisect_left(self._chunks[c], value, key=key)

@@ -203,7 +203,7 @@ class Reconciler:
         phase("context")
         sel = self.select(ctx, now)
         ctx, sel = self._guard_accepted(ctx, sel, now, failures)
-        # merged before it is recorded, beside the state copy's write (`_stage`): nothing is
+        # merged before it is recorded, beside the state copy's write (`StateStore.stage`): nothing is
         # applied before the record succeeds, and a failed record merges what is held back
         comp = self._merge(ctx, sel)
         try:
