@@ -291,8 +291,9 @@ def config(work: Path) -> None:
         "daemon:\n  drift_check_s: 86400\n  attest_period_s: 86400\n")
 
 
-def inside(log: Path, ks: list[int], changes: int) -> dict[int, dict[str, list[float]]]:
-    """From the daemon's log, for the change passes in order: the whole pass and each kernel
+def change_passes(log: Path) -> list[dict[str, float]]:
+    """From the daemon's log, every change pass that changed the rule set, in order: the whole
+    pass, its phases (`phases_s`: read, prepare, merge, record, apply...) and each kernel
     enforcer's apply by plan (commit + read-back of what it touched), in seconds."""
     passes: list[dict[str, float]] = []
     current: dict[str, float] = {}
@@ -303,10 +304,16 @@ def inside(log: Path, ks: list[int], changes: int) -> dict[int, dict[str, list[f
         if e.get("event") == "ruleset_applied" and e.get("path") == "plan":
             current[str(e["enforcer"])] = float(e["duration_s"])
         elif e.get("event") == "reconcile_pass":
-            if e.get("reason") == "change":
-                passes.append({**current, "pass": float(e["duration_s"])})
+            if e.get("reason") == "change" and e.get("changed"):
+                passes.append({**current, **{f"phase:{k}": v for k, v in (e.get("phases_s") or {}).items()},
+                               "pass": float(e["duration_s"])})
             current = {}
-    passes = passes[-len(ks) * changes:]
+    return passes
+
+
+def inside(log: Path, ks: list[int], changes: int) -> dict[int, dict[str, list[float]]]:
+    """`change_passes` of the ticket changes, per k."""
+    passes = change_passes(log)[-len(ks) * changes:]
     out: dict[int, dict[str, list[float]]] = {}
     for i, k in enumerate(ks):
         chunk = passes[i * changes:(i + 1) * changes]
@@ -424,6 +431,7 @@ def measure(n: int, ks: list[int], changes: int, reissues: int = 3) -> dict[str,
             for key, v in done.items():
                 got[key].append(v)
         result["reissue"] = got
+        result["reissue_passes"] = change_passes(d.log)[-reissues:]
         d.stop()
         result["references"] = references(ref_ns, base4, ks, changes)
     finally:
@@ -459,6 +467,15 @@ def report(results: list[dict[str, object]], ks: list[int], changes: int) -> Non
         re_ = r.get("reissue") or {}
         cells = [f"{pct(re_[e], 0.5):.2f} / {max(re_[e]):.2f}" if re_.get(e) else "-" for e in ("nft", "ipset", "dns")]
         print(f"| {r['n']:,} | " + " | ".join(cells) + " |")
+    print("\nWhere a re-issue's pass spends its time (the daemon's log, `phases_s`; p50 over the re-issues, seconds):\n")
+    for r in results:
+        rp = r.get("reissue_passes") or []
+        assert isinstance(rp, list)
+        names = sorted({k for p in rp for k in p if k.startswith("phase:")}, key=lambda k: -statistics.median(
+            [p.get(k, 0.0) for p in rp]))
+        cells = ", ".join(f"{k[6:]} {statistics.median([p.get(k, 0.0) for p in rp]):.3f}" for k in names)
+        if rp:
+            print(f"- N={r['n']:,}: pass {statistics.median([p['pass'] for p in rp]):.3f} = {cells}")
     print("\nInside the daemon (its log), per change pass, p50: the whole pass / nft apply by plan / ipset apply by plan\n")
     print("| N | k | pass | nft plan apply | ipset plan apply |")
     print("|---|---|---|---|---|")

@@ -237,3 +237,29 @@ def test_the_serial_a_policy_replaced_gives_its_dropped_orders_the_same_results(
     assert set(listed) == dropped
     got, want = merge([new], SETTINGS, None, listed), merge([new], SETTINGS, None, every)
     assert dict(got.orders) == dict(want.orders) and dict(got.tally) == dict(want.tally)
+
+
+@pytest.mark.parametrize("first, then, beside, path", [
+    (1, 20000, 0, "reference"),  # one prefix, then 20,000 of them: the whole set changes
+    (20000, 1, 0, "reference"),
+    (1, 10, 6000, "delta"),  # an order of 10 beside one of 6,000: a small change of a large set
+])
+def test_a_change_of_most_of_the_set_is_merged_by_the_reference(first: int, then: int, beside: int, path: str) -> None:
+    """The delta path costs what changed; when that is most of the set (a policy that grows
+    from one prefix to 20,000, as kill -9 tests do) the reference merge is no dearer, and the
+    delta path's windows would be thousands: it merges by the reference, with the same result."""
+    def nets(n: int, at: int = 10) -> str:
+        return "{domains: [x.example], cidrs: [" + ", ".join(f"{at}.{i >> 8 & 255}.{i & 255}.0/24"
+                                                            for i in range(0, 2 * n, 2)) + "]}"
+    cache: OrderCache = {}
+
+    def serial(s: int, n: int, prior=None):  # type: ignore[no-untyped-def]
+        orders = [order("a", nets(n))] + ([order("b", nets(beside, at=11))] if beside else [])
+        return prepare(policy(*orders, serial=s), CATALOG, SETTINGS.guards, cache, prior=prior)
+    merger = Merger()
+    a = serial(1, first)
+    merger.update((a,), SETTINGS, None, {}, {})
+    b = serial(2, then, prior=(a, a.entries))  # as the reconciler does: beside the one in force
+    got = merger.update((b,), SETTINGS, merger.comp.ruleset, {}, {})[0]  # type: ignore[union-attr]
+    assert merger.path == path
+    assert got.ruleset == merge([b], SETTINGS, None).ruleset and len(got.ruleset.v4) == then + beside
