@@ -17,10 +17,10 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 from __future__ import annotations
 
 import operator
-from itertools import compress
 from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import compress
 from types import MappingProxyType
 from typing import Literal
 
@@ -264,7 +264,6 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
                          for f in (refreshed[key][1][2] if key in refreshed else before_entries[key][1][2]))
     return Prepared(policy, OrderInfos(policy, by_key), tuple(blocks), (), findings, before.policy.digest,
                     frozenset(step.changed), {key: hit for key, hit in made.values()}, entries)
-
 
 
 def infos_of(prepared: Sequence[Prepared]) -> Mapping[str, OrderInfo]:

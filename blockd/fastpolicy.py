@@ -725,10 +725,9 @@ def incremental(data: bytes, source: str, *, signers: tuple[str, ...], digest: s
     if not orders or head_nodes + 1 + node_total > max_nodes:
         raise Unsupported
     # ids: the old file's were distinct and each old order is taken at most once (by place, or
-    # from the index of the rest, whose keys are distinct bytes); so a duplicate involves a
-    # fresh order or one taken twice, and each id of those must be met exactly once
-    # fresh order, and no fresh id is the id of an old order kept (the ids of the old file are
-    # held per snapshot, derived from the last one's in proportion to the change)
+    # from the index of the rest, whose keys are distinct bytes); so the new ids are distinct
+    # when the fresh orders' are and none of them is the id of an old order kept (the old
+    # file's ids are held per snapshot, derived from the last one's in proportion to the change)
     fresh_ids = set(map(_order_id, fresh))
     ids = snap.ids if snap.ids is not None else Layered.adopt(dict.fromkeys(map(_order_id, snap.orders)))
     kept = set(map(id, mid_orders))

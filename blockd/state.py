@@ -14,8 +14,8 @@ signatures are written (atomically) first, then `accepted.json` is replaced atom
 only then are older copies removed. A large file's copy is written ahead, under a temporary
 name in `staging/`, from the moment its bytes are read, while the pass verifies, parses and
 merges them (`stage`): the commit of those bytes (verified ones) only renames it into place;
-a staged copy that is never committed is removed. On restart the copies restore the last accepted policies,
-so enforcement resumes without waiting for the policy directory.
+a staged copy that is never committed is removed. On restart the copies restore the last
+accepted policies, so enforcement resumes without waiting for the policy directory.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class StateStore:
         self._index = directory / "accepted.json"
         self._baseline = directory / "baseline.json"
         self._warned = False
-        #: digest -> (the copy's temporary name, its write): copies written ahead (`stage`)
-        self._staged: list[tuple[bytes, Path, Future[None]]] = []  # (bytes, temporary name, its write)
+        #: copies written ahead (`stage`): (the bytes, the temporary name, its write)
+        self._staged: list[tuple[bytes, Path, Future[None]]] = []
         self._stage_seq = 0
 
     def accepted(self) -> dict[str, Accepted]:
@@ -166,7 +166,7 @@ class StateStore:
             try:
                 orphan.unlink(missing_ok=True)
             except OSError:
-                pass  # a read-only state: the next commit of that issuer removes it
+                pass  # a read-only state: a later holder removes it
         try:
             atomic_write(self.directory / "lock", f"{holder} (pid {os.getpid()})\n".encode())
         except OSError as e:  # who holds it is a courtesy; the flock is the lock
