@@ -50,8 +50,11 @@ class ParseCache:
     items: fastpolicy.Items = field(default_factory=fastpolicy.Items)
     #: path -> (identity, (trust store digest, max bytes), policy, bytes verified)
     _verified: dict[str, tuple[Identity, tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
-    #: path -> ((trust store digest, max bytes), policy, bytes): files known by their bytes (`by_bytes`)
-    _written: dict[str, tuple[tuple[str, int], Policy, SignedFile]] = field(default_factory=dict)
+    #: path -> ((trust store digest, max bytes), policy, bytes, where it lay): files known by
+    #: their bytes (`by_bytes`); where it lay: (path, device, inode, size) of it and its signature
+    #: files then, for a file replaced or resized since (surely changed: not read to be compared)
+    _written: dict[str, tuple[tuple[str, int], Policy, SignedFile, tuple[tuple[str, int, int, int], ...] | None]] = \
+        field(default_factory=dict)
     racy_ns: int = RACY_NS
     #: called with a file's bytes as soon as they are read, before they are verified (the
     #: daemon begins writing a large file's state copy, renamed into place only if recorded)
@@ -111,7 +114,7 @@ class ParseCache:
         compare, no verify, no parse)."""
         key = (policy.digest, str(path), signed.verified.signers)
         copy = self.same_bytes(key) or replace(policy, source=str(path))  # keeps the parse for the next serial
-        self._written[str(path)] = ((store.digest, max_bytes), copy, signed)
+        self._written[str(path)] = ((store.digest, max_bytes), copy, signed, _place(self.identity(path, racy=True)))
         self._verified.pop(str(path), None)  # an older verification of this path no longer speaks for it
 
     def own_copy(self, path: Path, store: trust.TrustStore, max_bytes: int, policy: Policy,
@@ -141,7 +144,10 @@ class ParseCache:
         w = self._written.get(str(path))
         if w is None or w[0] != (store.digest, max_bytes):
             return None
-        _, policy, signed = w
+        _, policy, signed, place = w
+        if place is None or _place(self.identity(path, racy=True)) != place:
+            self._written.pop(str(path), None)
+            return None  # replaced (a new inode) or resized since: changed, read and verified as any file
         before = self.identity(path)
         try:
             sig_paths = trust.signature_paths(path)
@@ -184,3 +190,9 @@ class ParseCache:
         self._verified = {path: e for path, e in self._verified.items() if (e[2].digest, path) in present}
         self._written = {path: w for path, w in self._written.items() if (w[1].digest, path) in present}
         self.items.keep(list(self.files.values()))
+
+
+def _place(identity: Identity | None) -> tuple[tuple[str, int, int, int], ...] | None:
+    """Where a file and its signature files lie: (path, device, inode, size) of each. A file
+    whose place changed has surely changed (its timestamps may not show it while it is new)."""
+    return None if identity is None else tuple(i[:4] for i in identity)

@@ -250,3 +250,28 @@ def test_the_states_own_copy_is_known_by_its_identity_at_once(tmp_path: Path, mo
         if name == "its signature replaced":
             with pytest.raises(SignatureError):
                 load_signed_policy(copy, store, parsed=cache)
+
+
+@pytest.mark.parametrize("how", ["renamed over", "resized in place"])
+def test_a_file_known_by_its_bytes_then_replaced_is_not_read_to_be_compared(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           how: str) -> None:
+    """A file verified while too new for its identity is compared by its bytes on the next
+    pass; once it lies elsewhere (a rename over it: a new inode) or has another size, it has
+    surely changed: it is read and verified as any file, not read a first time to be compared
+    (a re-issued registry was read twice: 173 MB compared, then verified)."""
+    import blockd.parsecache as pc
+    keys = make_trust(tmp_path)
+    store = trust.load_trust_store(keys.trust)
+    path = tmp_path / "p.yaml"
+    write(path, keys, 1)
+    cache = ParseCache()  # two seconds: the file is too new for its identity
+    load_signed_policy(path, store, parsed=cache)
+    if how == "renamed over":
+        rename_over(path, keys)
+    else:
+        write(path, keys, 10)  # serial 10: one byte longer, same inode
+    monkeypatch.setattr(pc, "read_regular", lambda *a, **k: pytest.fail("read to be compared"))
+    assert cache.unchanged(path, store, MAX_POLICY_BYTES) is None
+    monkeypatch.undo()
+    assert load_signed_policy(path, store, parsed=cache)[0].serial == (2 if how == "renamed over" else 10)
