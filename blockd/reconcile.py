@@ -260,7 +260,9 @@ class Reconciler:
         verified files that cannot be recorded yet: they are pending, with `why`."""
         directory = policy_files(self.settings.policy_dir) if self.settings.policy_dir.is_dir() else []
         accepted = ctx.state.accepted_serials()
-        self._parsed.on_read = ctx.state.stage  # a large file read (new or changed) is written aside at once
+        # a large file read (new or changed) is written aside at once; not on the first pass,
+        # which reads every file (most of them the accepted ones: written for nothing)
+        self._parsed.on_read = ctx.state.stage if self.desired is not None else None
         try:
             found, bad = read_candidates(directory, ctx, self._parsed)
         finally:

@@ -236,8 +236,9 @@ class StateStore:
             data, tmp, write = entry
             if not any(data is k for k in held):
                 self._staged.remove(entry)
-                write.exception()  # wait for it; a failed write is retried by `commit` itself
-                tmp.unlink(missing_ok=True)
+                # not waited for (the pass goes on): removed once written, or never begun
+                if not write.cancel():
+                    write.add_done_callback(lambda _, tmp=tmp: tmp.unlink(missing_ok=True))
 
     def _place_staged(self, data: bytes, copy: Path) -> bool:
         """Rename the staged copy of `data` to `copy` once its write is done (True), or return
