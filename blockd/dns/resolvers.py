@@ -10,6 +10,7 @@ appended to <dir>/log.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -28,18 +29,38 @@ PDNS = shutil.which("pdns_recursor") or "/usr/sbin/pdns_recursor"
 KRESD = shutil.which("kresd") or "/usr/sbin/kresd"
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(*hosts: str) -> int:
+    """A port free for both UDP and TCP on each of `hosts` (127.0.0.1 by default) right now, taken
+    below the kernel's ephemeral range: a port from that range, released to be bound later by a
+    resolver, can meanwhile be taken by any client socket's implicit bind (a NOTIFY, a query, an
+    outgoing resolver query), and the resolver then fails with "Address already in use". Never the
+    same port twice in one process."""
+    hosts = hosts or ("127.0.0.1",)
+    low = max(1025, _ephemeral_low() - 12000)
+    high = max(low + 1000, _ephemeral_low())
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        try:
+            for host in hosts:
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
     raise RuntimeError("no free port")
 
 

@@ -88,7 +88,7 @@ class Fleet:
         self.lt = LoopThread()
         self.up = Upstream("example.net")
         self.lt.run(self.up.start())
-        self.pdns_port, self.kresd_port, self.ub_port = free_port(), free_port(), free_port()
+        self.pdns_port, self.kresd_port, self.ub_port = free_port(PDNS_HOST), free_port(), free_port()
         (tmp / "zones").mkdir()
         self.settings = rpz.RpzSettings(
             listen=(("127.0.0.1", 0),), layout="authority", tsig=tsig,
@@ -259,7 +259,7 @@ def test_powerdns_seed_file_filters_before_any_transfer(fleet: Fleet, tmp_path: 
     dead = free_port()  # nothing listens there: no transfer can happen
     lua = (d / "rpz.lua").read_text().replace(f'"127.0.0.1:{fleet.primary.addresses[0][1]}"', f'"127.0.0.1:{dead}"')
     assert f"127.0.0.1:{dead}" in lua
-    d2, port = tmp_path / "pdns-seed", free_port()
+    d2, port = tmp_path / "pdns-seed", free_port(PDNS_HOST)
     d2.mkdir()
     conf = pdns_conf(d2, (PDNS_HOST, port), fleet.up.port, lua, extra=[f"query-local-address={PDNS_HOST}"])
     p = start("pdns", d2, conf, lua=lua)

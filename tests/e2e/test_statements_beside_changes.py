@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import textwrap
 import threading
 from pathlib import Path
@@ -17,23 +16,10 @@ import dns.query
 import dns.rcode
 
 from blockd.daemon import Daemon
+from blockd.dns.resolvers import free_port
 from blockd.settings import load_settings
 from tests.conftest import ROOT, drop_policy, repo_config
 from tests.e2e.test_daemon import policy_text
-
-
-def free_port() -> int:
-    """A loopback port free for UDP and TCP alike (the sinkhole binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
 
 
 def test_a_change_is_enforced_while_a_statement_is_still_being_written(tmp_path: Path) -> None:
