@@ -32,7 +32,7 @@ class Chunked(Sequence[Any]):
         self._chunks = chunks
         self._starts = [0, *accumulate(len(c) for c in chunks)]  # start offset of each chunk, then len
         self._len = self._starts[-1]
-        self._firsts: dict[Callable[[Any], Any], list[Any]] = {}  # key -> each chunk's first key
+        self._firsts: dict[Callable[[Any], Any] | None, list[Any]] = {}  # key -> each chunk's first key
 
     @classmethod
     def _of(cls, chunks: list[tuple[Any, ...]]) -> Chunked:
@@ -94,13 +94,14 @@ class Chunked(Sequence[Any]):
     def __repr__(self) -> str:
         return f"Chunked({self._len} items in {len(self._chunks)} chunks)"
 
-    def bisect(self, value: Any, key: Callable[[Any], Any]) -> int:
-        """The first index whose element's key is >= value (as `bisect_left(self, value, key=key)`).
-        Each chunk's first key is taken once per key function (a module-level one: the cache is
-        by identity), so a bisection is two C-level ones."""
+    def bisect(self, value: Any, key: Callable[[Any], Any] | None = None) -> int:
+        """The first index whose element's key is >= value (as `bisect_left(self, value, key=key)`;
+        `key=None`: the elements themselves). Each chunk's first key is taken once per key
+        function (a module-level one: the cache is by identity), so a bisection is two C-level
+        ones, where `bisect_left` on the sequence itself would index it from Python."""
         firsts = self._firsts.get(key)
         if firsts is None:
-            firsts = self._firsts[key] = [key(c[0]) for c in self._chunks]
+            firsts = self._firsts[key] = [c[0] if key is None else key(c[0]) for c in self._chunks]
         c = bisect_left(firsts, value) - 1  # the last chunk whose first key is < value
         if c < 0:
             return 0

@@ -350,8 +350,8 @@ def _last(r: NetRule) -> int:
     return r.last
 
 
-def seq_bisect(seq: Sequence, value: object, key) -> int:  # type: ignore[type-arg]
-    """`bisect_left(seq, value, key=key)`, fast on a Chunked."""
+def seq_bisect(seq: Sequence, value: object, key=None) -> int:  # type: ignore[type-arg]
+    """`bisect_left(seq, value, key=key)`, fast on a Chunked (see `Chunked.bisect`)."""
     return seq.bisect(value, key) if isinstance(seq, Chunked) else bisect_left(seq, value, key=key)
 
 

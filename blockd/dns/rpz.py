@@ -20,14 +20,13 @@ import os
 import struct
 import tempfile
 import zlib
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from blockd.dns import wire
-from blockd.model import DomainRule, NetRule, OrderInfo, Plan, RuleSet, gc_paused
+from blockd.model import DomainRule, NetRule, OrderInfo, Plan, RuleSet, gc_paused, seq_bisect
 from blockd.ranges import to_cidrs
 
 MAX_MESSAGE = 60_000  # bytes of RRs per AXFR/IXFR message (TCP messages may be up to 65535)
@@ -309,7 +308,7 @@ def holds(rs: RuleSet, name: str, subtree: bool) -> bool:
     """Whether `rs` has the rule (name, subtree): one bisection, compared in C (a 2-tuple sorts
     just before the DomainRule it is a prefix of, and the orders are never compared)."""
     d = rs.domains
-    i = bisect_left(d, (name, subtree))
+    i = seq_bisect(d, (name, subtree))
     return i < len(d) and d[i].name == name and d[i].subtree == subtree
 
 

@@ -27,7 +27,6 @@ import marshal
 import os
 import struct
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import NamedTuple
 from blockd.digests import ADDR4, ADDR6, EMPTY, NAMES_EXACT, NAMES_SUBTREE, PartDigest, combine
 from blockd.dns import sde, wire
 from blockd.layered import ByIssuer
-from blockd.model import DNS_ANSWERS, DomainRule, OrderInfo, RuleSet
+from blockd.model import DNS_ANSWERS, DomainRule, OrderInfo, RuleSet, seq_bisect
 
 MODE_RANK = {m: i for i, m in enumerate(("nxdomain", "nodata", "sinkhole", "refused", "drop", "log"))}
 assert set(MODE_RANK) == set(DNS_ANSWERS)
@@ -424,7 +423,7 @@ class Table:
         for name in names:
             e_ords: frozenset[str] | None = None
             s_ords: frozenset[str] | None = None
-            i = bisect_left(doms, name, key=_name)
+            i = seq_bisect(doms, name, _name)
             while i < n and doms[i][0] == name:
                 r = doms[i]
                 if r[1]:

@@ -42,7 +42,6 @@ import errno
 import hashlib
 import json
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,7 +55,7 @@ from blockd.dns import wire
 from blockd.dns.server import SinkholeServer
 from blockd.dns.table import JournalPos, Table, TableFileError, Verdict, append_journal, load_table
 from blockd.errors import BlockdError, EnforcerError
-from blockd.model import Applied, Change, RuleSet
+from blockd.model import Applied, Change, RuleSet, seq_bisect
 
 log = structlog.get_logger("blockd.enforcers.dns")
 
@@ -505,7 +504,7 @@ def _read_touched(served: Table, before: Table, want: RuleSet, names: set[str]
     added: tuple[list[str], list[str]] = ([], [])
     for name in names:
         own: list[frozenset[str] | None] = [None, None]
-        i = bisect_left(doms, name, key=_name)
+        i = seq_bisect(doms, name, _name)
         while i < n and doms[i][0] == name:
             k = 1 if doms[i][1] else 0
             own[k] = doms[i][2] if own[k] is None else own[k] | doms[i][2]  # type: ignore[operator]

@@ -35,3 +35,17 @@ def test_splice_bisect_and_slices_match_a_list(size: int, monkeypatch: pytest.Mo
             assert s[0] == want[0] and s[-1] == want[-1] and s[len(want) // 2] == want[len(want) // 2]
             assert s[1:len(want) - 1] == tuple(want[1:len(want) - 1]) and s[3:3] == ()
     assert Chunked([1, 2]) != Chunked([1, 3]) and Chunked([1, 2]) != (1,)
+
+
+@pytest.mark.parametrize("probe", [("a", False), ("b", False), ("b", True), ("bb", False), ("", False), ("z", True)])
+def test_bisect_without_a_key_compares_the_elements(probe: tuple[str, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """key=None bisects the elements themselves: a (name, subtree) pair finds the first rule at or
+    after it (a 2-tuple sorts just before the 3-tuple it begins), as bisect_left does, chunk by
+    chunk; the per-chunk first elements are cached apart from any key function's."""
+    monkeypatch.setattr(chunked, "CHUNK", 2)
+    rules = sorted((n, sub, frozenset({n})) for n in ("a", "b", "ba", "bb", "c", "d") for sub in (False, True))
+    seq = Chunked(rules)
+    want = sum(1 for r in rules if r < probe)
+    assert seq.bisect(probe) == want == seq.bisect(probe, None)
+    assert seq.bisect(probe[0], lambda r: r[0]) == sum(1 for r in rules if r[0] < probe[0])
+    assert seq.bisect(probe) == want  # the keyed cache did not replace the element one
