@@ -23,6 +23,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 from zlib import crc32
 
 BUCKETS = 16384
@@ -45,6 +46,12 @@ def _bucket(kind: bytes, element: str | int) -> int:
     if isinstance(element, str):
         return crc32(element.encode()) & _MASK
     return ((element >> _WIDTH[kind]) * _GOLDEN >> 40) & _MASK
+
+
+def _copy(m: Mapping[int, Any]) -> dict[int, Any]:
+    """A dict of `m`: a read-only view copies its dict at C speed (dict(view) goes key by key,
+    20 times slower: 1.7 ms for 16,384 buckets, on every patch)."""
+    return m.copy() if isinstance(m, (dict, MappingProxyType)) else dict(m)
 
 
 def _bucket_digest(kind: bytes, elements: tuple[str | int, ...]) -> bytes:
@@ -73,6 +80,8 @@ class PartDigest:
     #: the non-empty buckets in order, and the bytes hashed into `value` (34 per bucket)
     order: tuple[int, ...] = ()
     joined: bytes = b""
+    #: how many elements the buckets hold (len: constant time, not a walk of every bucket)
+    size: int = 0
 
     @classmethod
     def of(cls, kind: bytes, elements: Iterable[str | int]) -> PartDigest:
@@ -86,14 +95,16 @@ class PartDigest:
             for e in elements:
                 groups.setdefault(crc32(e.encode()) & _MASK, []).append(e)  # type: ignore[union-attr]
         buckets = {b: tuple(sorted(g)) for b, g in groups.items()}
-        return cls._from(kind, buckets, {b: _bucket_digest(kind, els) for b, els in buckets.items()})
+        return cls._from(kind, buckets, {b: _bucket_digest(kind, els) for b, els in buckets.items()},
+                         sum(map(len, buckets.values())))
 
     @classmethod
-    def _from(cls, kind: bytes, buckets: dict[int, tuple[str | int, ...]], digests: dict[int, bytes]) -> PartDigest:
+    def _from(cls, kind: bytes, buckets: dict[int, tuple[str | int, ...]], digests: dict[int, bytes],
+              size: int) -> PartDigest:
         order = tuple(sorted(digests))
         joined = b"".join(b.to_bytes(2, "big") + digests[b] for b in order)
         return cls(kind, MappingProxyType(buckets), MappingProxyType(digests), hashlib.sha256(kind + joined).digest(),
-                   order, joined)
+                   order, joined, size)
 
     def patched(self, removed: Iterable[str | int], added: Iterable[str | int]) -> PartDigest:
         """This set minus `removed` (each must be held) plus `added` (each must not be, after
@@ -101,6 +112,7 @@ class PartDigest:
         # a touched bucket is edited in its sorted order (bisect), not rebuilt and sorted: at
         # 1M elements a bucket holds about 61, and a 1,000-rule change touches 2,000 buckets
         out: dict[int, list[str | int]] = {}
+        size = self.size
         for e in removed:
             b = _bucket(self.kind, e)
             els = out.get(b)
@@ -110,6 +122,7 @@ class PartDigest:
             if i == len(els) or els[i] != e:
                 raise ValueError(f"digest patch removes {e!r}, which is not held")
             del els[i]
+            size -= 1
         for e in added:
             b = _bucket(self.kind, e)
             els = out.get(b)
@@ -119,10 +132,10 @@ class PartDigest:
             if i < len(els) and els[i] == e:
                 raise ValueError(f"digest patch adds {e!r}, which is already held")
             els.insert(i, e)
+            size += 1
         if not out:
             return self
-        buckets = dict(self.buckets)
-        digests = dict(self.digests)
+        buckets, digests = _copy(self.buckets), _copy(self.digests)
         for b, els in out.items():
             if els:
                 buckets[b] = tuple(els)
@@ -131,17 +144,17 @@ class PartDigest:
                 buckets.pop(b, None)
                 digests.pop(b, None)
         if len(digests) != len(self.order) or any(b not in self.digests for b in out if b in digests):
-            return PartDigest._from(self.kind, buckets, digests)  # a bucket came or went: re-join
+            return PartDigest._from(self.kind, buckets, digests, size)  # a bucket came or went: re-join
         joined = bytearray(self.joined)  # the same buckets: overwrite the changed digests in place
         for b in out:
             at = bisect_left(self.order, b) * 34 + 2
             joined[at:at + 32] = digests[b]
         data = bytes(joined)
         return PartDigest(self.kind, MappingProxyType(buckets), MappingProxyType(digests),
-                          hashlib.sha256(self.kind + data).digest(), self.order, data)
+                          hashlib.sha256(self.kind + data).digest(), self.order, data, size)
 
     def __len__(self) -> int:
-        return sum(len(e) for e in self.buckets.values())
+        return self.size
 
 
 EMPTY = {kind: PartDigest.of(kind, ()) for kind in (NAMES_EXACT, NAMES_SUBTREE, ADDR4, ADDR6)}

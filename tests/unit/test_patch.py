@@ -98,6 +98,9 @@ def test_part_digest_patch_touches_only_its_buckets() -> None:
     assert patched.value == PartDigest.of(NAMES_EXACT, [*names[:1], *names[2:], "new.example"]).value
     changed = {b for b in patched.buckets if patched.buckets[b] is not part.buckets.get(b)}
     assert 1 <= len(changed) <= 2  # the buckets of the two names, nothing else re-hashed
+    assert len(part) == len(patched) == 20_000 and len(part.patched([], ["x.example", "y.example"])) == 20_002
+    small = PartDigest.of(NAMES_EXACT, ["a.example"])  # its one bucket goes, another comes (re-joined)
+    assert len(small.patched(["a.example"], [])) == 0 and len(small.patched(["a.example"], ["b.example", "c.example"])) == 2
     with pytest.raises(ValueError):
         part.patched(["absent.example"], [])
     four = PartDigest.of(ADDR4, [(i << 40) | (i << 8) for i in range(1000)])  # /24-aligned: spread out
