@@ -121,6 +121,9 @@ class Chunked(Sequence[Any]):
             base = self._starts[c] if nchunks else 0
             by_chunk.setdefault(c, (set(), {}))[1][i - base] = items
         chunks = list(self._chunks) if nchunks else [()]
+        # each cached first key carried over, edited as the chunks are: a bisection of the result
+        # does not take the first key of every chunk again (N / CHUNK Python calls per key)
+        firsts = {key: list(f) for key, f in self._firsts.items()} if nchunks else {}
         for c in sorted(by_chunk, reverse=True):  # from the end: a split shifts only later chunks
             dropped, ins = by_chunk[c]
             old = chunks[c]
@@ -130,5 +133,10 @@ class Chunked(Sequence[Any]):
                     new.extend(ins[j])
                 if j < len(old) and j not in dropped:
                     new.append(old[j])
-            chunks[c:c + 1] = [tuple(new[k:k + CHUNK]) for k in range(0, len(new), CHUNK)] or [()]
-        return Chunked._of(chunks)
+            pieces = [tuple(new[k:k + CHUNK]) for k in range(0, len(new), CHUNK)]
+            chunks[c:c + 1] = pieces or [()]  # an emptied chunk: dropped by _of, as its first key here
+            for key, f in firsts.items():
+                f[c:c + 1] = [p[0] if key is None else key(p[0]) for p in pieces]
+        out = Chunked._of(chunks)
+        out._firsts = {key: f for key, f in firsts.items() if len(f) == len(out._chunks)}
+        return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 from types import MappingProxyType
 
 from blockd import ranges
@@ -293,7 +294,7 @@ class Merger:
                         counts[k] = left
                     else:
                         counts.pop(k, None)
-        findings = [f for p in prepared for f in p.findings]
+        findings = list(chain.from_iterable(p.findings for p in prepared))  # C level: a registry has many
         warnings = _name_warnings(exact, subtree, unblocks, settings)
         # Refusals come from each order's own policy: only the policies that came or went change them.
         refused = self._refused

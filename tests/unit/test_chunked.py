@@ -49,3 +49,34 @@ def test_bisect_without_a_key_compares_the_elements(probe: tuple[str, bool], mon
     assert seq.bisect(probe) == want == seq.bisect(probe, None)
     assert seq.bisect(probe[0], lambda r: r[0]) == sum(1 for r in rules if r[0] < probe[0])
     assert seq.bisect(probe) == want  # the keyed cache did not replace the element one
+
+
+def _key(v: int) -> int:  # module-level: Chunked caches first keys by the key's identity
+    return v // 3
+
+
+@pytest.mark.parametrize("size", [1, 40, 3000])
+def test_first_keys_carried_through_splices_stay_true(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A splice carries the cached first keys of the chunks it did not touch and takes those of
+    the chunks it made (emptied chunks dropped): every later bisection by a cached key, or by
+    the elements, equals a bisection of the plain list."""
+    monkeypatch.setattr(chunked, "CHUNK", 8)
+    rng = random.Random(size)
+    ref = sorted(rng.sample(range(20 * size + 20), size))
+    seq = Chunked(ref)
+    for _ in range(80):
+        for probe in (0, *rng.sample(range(20 * size + 25), 5)):  # fills both caches before the splice
+            assert seq.bisect(probe) == sum(1 for x in ref if x < probe)
+            assert seq.bisect(probe // 3, _key) == sum(1 for x in ref if x // 3 < probe // 3)
+        # sometimes empties a whole chunk, sometimes grows one past CHUNK
+        drop = set(rng.sample(range(len(ref)), min(len(ref), rng.choice([0, 1, 9, 12])))) if ref else set()
+        kept = [x for i, x in enumerate(ref) if i not in drop]
+        fresh = sorted(set(rng.sample(range(20 * size + 20), rng.choice([0, 3, 20]))) - set(ref))
+        inserts: dict[int, list[int]] = {}
+        for x in fresh:
+            inserts.setdefault(seq.bisect(x), []).append(x)
+        seq = seq.splice(drop, inserts)
+        ref = sorted(kept + fresh)
+        assert list(seq) == ref
+        for key, firsts in seq._firsts.items():
+            assert firsts == [c[0] if key is None else key(c[0]) for c in seq._chunks]
