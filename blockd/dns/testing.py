@@ -119,8 +119,6 @@ class Upstream:
 
                 up._held.add(asyncio.get_running_loop().create_task(later()))
 
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, 0))  # type: ignore[assignment]
-        self.port = self._udp.get_extra_info("sockname")[1]  # type: ignore[union-attr]
 
         async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -138,7 +136,18 @@ class Upstream:
             finally:
                 writer.close()
 
-        self._tcp = await asyncio.start_server(tcp, self.host, self.port)
+        # UDP on a port the kernel picks, then TCP on the same one, which another socket may
+        # hold already (an outgoing connection, a flood test's sockets): then another pair
+        for attempt in range(50):
+            self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, 0))  # type: ignore[assignment]
+            self.port = self._udp.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+            try:
+                self._tcp = await asyncio.start_server(tcp, self.host, self.port)
+                return
+            except OSError:
+                self._udp.close()  # type: ignore[union-attr]
+                if attempt == 49:
+                    raise
 
     async def aclose(self) -> None:
         if self._udp is not None:
