@@ -302,6 +302,7 @@ def inside(log: Path) -> list[dict[str, float]]:
 
 def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix=f"blockd-rpz-scale-{n}-"))
+    cons = consumers(work)
     ports = {k: resolvers.free_port() for k in ("rpz", "unbound", "metrics", "bind", "ref_unbound")}
     res: dict[str, object] = {"n": n}
     lt = LoopThread()
@@ -325,7 +326,7 @@ def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, ob
         probe = next(x for x in names if x.endswith(".com"))
         ub = work / "unbound"
         conf = resolvers.unbound_conf(ub, ("127.0.0.1", ports["unbound"]), up.port, primary=("127.0.0.1", ports["rpz"]),
-                                      zone_file=consumers(work) / f"unbound.{ZONE}zone")
+                                      zone_file=cons / f"unbound.{ZONE}zone")
         procs.append(resolvers.start("unbound", ub, conf))
         res["unbound_axfr_s"] = wait_until(lambda: blocked(ports["unbound"], [probe, t_names[0]]), "Unbound AXFR")
         ref_port = ports["ref_unbound"]
@@ -336,7 +337,7 @@ def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, ob
             procs.append(resolvers.start("named", bd, bind_conf(bd, ports["bind"], bd / "rpz.zone", ref_port)))
             rd = work / "ref-unbound"
             conf = resolvers.unbound_conf(rd, ("127.0.0.1", ref_port), up.port, primary=("127.0.0.1", ports["bind"]),
-                                          zone_file=consumers(work) / f"ref-unbound.{ZONE}zone")
+                                          zone_file=cons / f"ref-unbound.{ZONE}zone")
             procs.append(resolvers.start("unbound", rd, conf))
             res["ref_axfr_s"] = wait_until(lambda: blocked(ref_port, [probe, t_names[0]]), "reference Unbound AXFR")
         prev = (t_names, t_ip)
@@ -387,7 +388,7 @@ def measure(n: int, ks: list[int], changes: int, with_ref: bool) -> dict[str, ob
             resolvers.stop(p, timeout=60)
         lt.run(up.aclose())
         lt.close()
-        shutil.rmtree(consumers(work), ignore_errors=True)
+        shutil.rmtree(cons, ignore_errors=True)
         if os.environ.get("KEEP"):
             print(f"  kept {work}")
         else:
@@ -405,6 +406,7 @@ def measure_inprocess(n: int, ks: list[int], changes: int, with_ref: bool) -> di
     from blockd.model import Change, DomainRule, NetRule, RuleDelta, RuleSet
 
     work = Path(tempfile.mkdtemp(prefix=f"blockd-rpz-inproc-{n}-"))
+    cons = consumers(work)
     ports = {k: resolvers.free_port() for k in ("unbound", "bind", "ref_unbound")}
     res: dict[str, object] = {"n": n}
     lt = LoopThread()
@@ -438,7 +440,7 @@ def measure_inprocess(n: int, ks: list[int], changes: int, with_ref: bool) -> di
         probe = next(x for x in names if x.endswith(".com"))
         ub = work / "unbound"
         conf = resolvers.unbound_conf(ub, ("127.0.0.1", ports["unbound"]), up.port, primary=srv.addresses[0],
-                                      zone_file=consumers(work) / f"unbound.{ZONE}zone")
+                                      zone_file=cons / f"unbound.{ZONE}zone")
         procs.append(resolvers.start("unbound", ub, conf))
         res["unbound_axfr_s"] = wait_until(lambda: blocked(ports["unbound"], [probe, t_names[0]]), "Unbound AXFR")
         ref_port = ports["ref_unbound"]
@@ -449,7 +451,7 @@ def measure_inprocess(n: int, ks: list[int], changes: int, with_ref: bool) -> di
             procs.append(resolvers.start("named", bd, bind_conf(bd, ports["bind"], bd / "rpz.zone", ref_port)))
             rd = work / "ref-unbound"
             conf = resolvers.unbound_conf(rd, ("127.0.0.1", ref_port), up.port, primary=("127.0.0.1", ports["bind"]),
-                                          zone_file=consumers(work) / f"ref-unbound.{ZONE}zone")
+                                          zone_file=cons / f"ref-unbound.{ZONE}zone")
             procs.append(resolvers.start("unbound", rd, conf))
             res["ref_axfr_s"] = wait_until(lambda: blocked(ref_port, [probe, t_names[0]]), "reference Unbound AXFR")
         del names, ip_owners
@@ -491,7 +493,7 @@ def measure_inprocess(n: int, ks: list[int], changes: int, with_ref: bool) -> di
         lt.run(srv.aclose())
         lt.run(up.aclose())
         lt.close()
-        shutil.rmtree(consumers(work), ignore_errors=True)
+        shutil.rmtree(cons, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     return res
 

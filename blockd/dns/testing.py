@@ -119,7 +119,6 @@ class Upstream:
 
                 up._held.add(asyncio.get_running_loop().create_task(later()))
 
-
         async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 while True:
