@@ -165,8 +165,14 @@ class Box:
         return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True, check=check,
                               timeout=30)
 
-    def dig(self, name: str) -> str:
-        return self.run("dig", "@127.0.0.1", name, "A", "+tries=1", "+time=1").stdout
+    def dig(self, name: str, timeout: float = 20) -> str:
+        """The sinkhole's answer for `name`. A query that gets no answer in time (a loaded machine, a
+        daemon busy writing its statement) is asked again: no answer is neither blocked nor open."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.run("dig", "@127.0.0.1", name, "A", "+tries=1", "+time=1").stdout
+            if "status: " in out or time.monotonic() > deadline:
+                return out
 
     def blocked(self, name: str) -> bool:
         return "status: NXDOMAIN" in self.dig(name)

@@ -71,8 +71,13 @@ def test_a_change_is_enforced_while_a_statement_is_still_being_written(tmp_path:
             assert not run.done(), f"the daemon stopped: {run.result() if not run.cancelled() else 'cancelled'}"
             return daemon.ready
 
-        await until(ready, "READY with the start's statement held at the gate")
-        assert held.is_set() and not list(attest_dir.glob("*.json"))
+        await until(ready, "READY")
+
+        async def statement_held() -> bool:
+            return held.is_set()
+
+        await until(statement_held, "the start's statement held at the gate")  # it is written beside, after READY
+        assert not list(attest_dir.glob("*.json"))
         port = daemon.enforcers[0].server.addresses[0][1]  # type: ignore[attr-defined]
 
         async def live(name: str) -> bool:
