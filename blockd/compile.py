@@ -17,10 +17,11 @@ Pure: no clock, no files, no logging; the same input gives the same digest. Step
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import compress
+from itertools import chain, compress, repeat
 from types import MappingProxyType
 from typing import Literal
 
@@ -385,7 +386,12 @@ class Merged:
     compilation: Compilation
     coverage: Mapping[int, list[NetRule]]
     provenance: Provenance
-    counts: Mapping[str, int]
+    counts: dict[str, int]  # handed over: the merge keeps no reference to it
+    #: order key -> result, for every order in `compilation.orders` (handed over likewise)
+    results: dict[str, OrderResult]
+    #: name -> order key(s), exact and subtree, of every block order, before unblocks and the
+    #: allowlist removed any (None when some were removed: the caller derives them itself)
+    names: tuple[dict[str, str | set[str]], dict[str, str | set[str]]] | None
 
 
 def merge_with_parts(
@@ -420,7 +426,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
     active = [prep.policy for prep in prepared]
 
     block_keys = [key for key, _ in blocks]
-    blocks = _growth(blocks, order_lookup(active), previous, settings, findings)
+    blocks = _growth(blocks, lambda: order_lookup(active), previous, settings, findings)
 
     # name -> order key, or a set of keys once a second order names it (most names have one).
     exact: dict[str, str | set[str]] = {}
@@ -444,6 +450,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
 
     removed_names = [(d, f"unblock order {key}") for key, exp in unblocks for d in exp.domains]
     removed_names += [(d, "operator allowlist") for d in settings.allow_domains]
+    held = None if removed_names else (exact, subtree)
     warnings += _remove_names(exact, subtree, removed_names)
     remove = {v: ranges.merge((c.first, c.last) for _, exp in unblocks for c in exp.cidrs if c.version == v)
               for v in (4, 6)}
@@ -452,14 +459,22 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
         remove[v] = ranges.merge(remove[v] + allow)
 
     provenance = Provenance()
-    domain_rules = [DomainRule(n, False, provenance.of(k)) for n, k in exact.items()]
-    domain_rules += [DomainRule(n, True, provenance.of(k)) for n, k in subtree.items()]
-    coverage = {4: segment(nets[4], provenance), 6: segment(nets[6], provenance)}
+    # rules per order, counted as the rules are made (a walk of 2M rules' order sets after is
+    # seconds of cache misses); recounted only where unblocks or the allowlist cut some out
+    counts: dict[str, int] = {}
+    # in the rule set's order (name, then exact before subtree): its sort is then one pass
+    names = sorted(exact)
+    domain_rules = list(map(DomainRule._make, zip(names, repeat(False), _owners(names, exact, provenance, counts))))
+    if subtree:
+        subs = sorted(subtree)
+        domain_rules += map(DomainRule._make, zip(subs, repeat(True), _owners(subs, subtree, provenance, counts)))
+        domain_rules.sort()
+    coverage = {4: segment(nets[4], provenance, counts), 6: segment(nets[6], provenance, counts)}
     v4 = subtract_rules(coverage[4], remove[4])
     v6 = subtract_rules(coverage[6], remove[6])
     ruleset = RuleSet.build(domain_rules, v4, v6, infos)
-
-    counts = _rule_counts(ruleset)
+    if remove[4] or remove[6]:
+        counts = _rule_counts(ruleset)
     refused_by_order: dict[str, int] = {}
     for order_id, _ in {(f.order_id, f.rule) for f in findings if not f.allowed}:
         refused_by_order[order_id] = refused_by_order.get(order_id, 0) + 1
@@ -472,7 +487,21 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
                        MappingProxyType(deadlines_of(prepared)),
                        tuple(sorted({key for key, _ in unblocks})))
-    return Merged(comp, coverage, provenance, counts)
+    return Merged(comp, coverage, provenance, counts, results, held)
+
+
+def _owners(names: list[str], table: Mapping[str, str | set[str]], provenance: Provenance,
+            counts: dict[str, int]) -> Iterator[frozenset[str]]:
+    """Each name's orders (interned), counted into `counts` on the way."""
+    of, get = provenance.of, counts.get
+    for n in names:
+        keys = table[n]
+        if isinstance(keys, str):
+            counts[keys] = get(keys, 0) + 1
+        else:
+            for k in keys:
+                counts[k] = get(k, 0) + 1
+        yield of(keys)
 
 
 def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:
@@ -524,8 +553,9 @@ def _guard(key: str, order: Order, exp: Expanded, guards: Guards) -> tuple[Expan
     return Expanded(tuple(domains), tuple(cidrs), exp.via), findings
 
 
-def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], previous: Baseline | None,
+def _growth(blocks: list[tuple[str, Expanded]], lookup: Callable[[], Mapping[str, Order]], previous: Baseline | None,
             settings: CompileSettings, findings: list[Finding]) -> list[tuple[str, Expanded]]:
+    """`lookup` gives key -> order; called only when the set would grow past the limit."""
     if previous is None or previous.size < settings.growth_floor:
         return blocks
     limit = int(previous.size * settings.growth_factor)
@@ -533,6 +563,7 @@ def _growth(blocks: list[tuple[str, Expanded]], orders: Mapping[str, Order], pre
     total = sum(size(exp) for _, exp in blocks)
     if total <= limit:
         return blocks
+    orders = lookup()
     kept = []
     # Orders already enforced keep their place; new ones are admitted in id order while they fit.
     old = [(k, e) for k, e in blocks if k in previous.orders]
@@ -590,11 +621,14 @@ class Provenance:
         if isinstance(keys, str):
             found = self._single.get(keys)
             if found is None:
-                found = self._single[keys] = self.intern(frozenset((keys,)))
+                found = self._single[keys] = frozenset((keys,))
             return found
         return self.intern(frozenset(keys))
 
     def intern(self, value: frozenset[str]) -> frozenset[str]:
+        if len(value) == 1:  # a registry's million singletons: one table, keyed by the string
+            (key,) = value
+            return self._single.setdefault(key, value)
         return self._sets.setdefault(value, value)
 
     def step(self, current: frozenset[str], key: str, delta: int) -> frozenset[str]:
@@ -606,38 +640,51 @@ class Provenance:
         return found
 
 
-def segment(entries: list[tuple[int, int, str]], provenance: Provenance) -> list[NetRule]:
-    """(first, last, order) triples -> disjoint NetRules with exactly the orders covering each.
+def segment(entries: list[tuple[int, int, str]], provenance: Provenance,
+            counts: dict[str, int] | None = None) -> list[NetRule]:
+    """(first, last, order) triples -> disjoint NetRules with exactly the orders covering each;
+    with `counts`, each order's number of pieces is added to it.
 
-    Adjacent pieces with the same orders are joined. One order (the common bulk case) is a
-    plain sort-and-merge; several orders use a sweep over interval boundaries.
+    Adjacent pieces with the same orders are joined. Most intervals of a registry touch no
+    other (one order per decision): one sort, and each such run is a piece as it is; only a
+    cluster of touching intervals of several orders goes through the sweep.
     """
-    by_key: dict[str, list[tuple[int, int]]] = {}
-    for first, last, key in entries:
-        by_key.setdefault(key, []).append((first, last))
-    if not by_key:
-        return []
-    if len(by_key) == 1:
-        key, intervals = next(iter(by_key.items()))
-        orders = provenance.of(key)
-        return [NetRule(a, b, orders) for a, b in ranges.merge(intervals)]
-    # Most intervals of a registry overlap no other order's: those are pieces as they are;
-    # only clusters of overlapping intervals go through the sweep.
-    flat = sorted((a, b, key) for key, ivs in by_key.items() for a, b in ranges.merge(ivs))
+    flat = sorted(entries)
     out: list[NetRule] = []
+    single = provenance.of
+    tally: dict[str, int] = {} if counts is None else counts
+    get = tally.get
     i, n = 0, len(flat)
     while i < n:
         a, end, key = flat[i]
         j = i + 1
-        while j < n and flat[j][0] <= end:
-            end = max(end, flat[j][1])
+        mixed = False
+        while j < n and flat[j][0] <= end + 1:  # overlapping or adjacent: one cluster
+            _, last, other = flat[j]
+            if last > end:
+                end = last
+            if other != key:
+                mixed = True
             j += 1
-        if j == i + 1:
-            out.append(NetRule(a, end, provenance.of(key)))
+        if mixed:
+            pieces = _sweep(_merged_per_key(flat[i:j]), provenance)
+            for piece in pieces:
+                for k in piece.orders:
+                    tally[k] = get(k, 0) + 1
+            out.extend(pieces)
         else:
-            out.extend(_sweep(flat[i:j], provenance))
+            out.append(NetRule(a, end, single(key)))
+            tally[key] = get(key, 0) + 1
         i = j
     return out
+
+
+def _merged_per_key(cluster: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Each key's intervals of a cluster merged (the sweep counts one start per key)."""
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for first, last, key in cluster:
+        by_key.setdefault(key, []).append((first, last))
+    return sorted((a, b, key) for key, ivs in by_key.items() for a, b in ranges.merge(ivs))
 
 
 def _sweep(flat: list[tuple[int, int, str]], provenance: Provenance) -> list[NetRule]:
@@ -695,9 +742,11 @@ def _group_runs(rules: list[NetRule]) -> Iterable[tuple[frozenset[str], list[tup
 
 
 def _rule_counts(ruleset: RuleSet) -> dict[str, int]:
-    counts: dict[str, int] = {}
+    """Order key -> how many rules name it (counted at C level: a rule's orders are its field 2)."""
+    counts: Counter[str] = Counter()
     for rules in (ruleset.domains, ruleset.v4, ruleset.v6):
-        for r in rules:
-            for key in r.orders:
-                counts[key] = counts.get(key, 0) + 1
+        counts.update(chain.from_iterable(map(_ORDERS, rules)))
     return counts
+
+
+_ORDERS = operator.itemgetter(2)  # DomainRule.orders, NetRule.orders

@@ -119,16 +119,23 @@ class Merger:
             self.comp = None  # an order refused for growth: the next pass merges in full again
             return
         self._size = sum(_size(e) for e in self._blocks.values())
-        self._exact, self._subtree = {}, {}
-        for key, exp in self._blocks.items():
-            _add_names_to(self._exact, self._subtree, key, exp, None)
+        if merged.names is not None:  # the merge's own (no unblock or allowlist took a name away)
+            self._exact, self._subtree = merged.names
+        else:
+            self._exact, self._subtree = {}, {}
+            for key, exp in self._blocks.items():
+                _add_names_to(self._exact, self._subtree, key, exp, None)
         self._cov = {v: Chunked(merged.coverage[v]) for v in (4, 6)}
         self._statuses = dict(statuses)
         self._waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
-        self._active = {k: comp.orders[k] for p in prepared for k in (*(k for k, _ in p.blocks),
-                                                                     *(k for k, _ in p.unblocks))}
+        # the orders of the policies in force: every result but those only waiting (copied at C
+        # level: comp.orders is a view of the merge's dict, which this one then departs from)
+        self._active = dict(merged.results)
+        for k in statuses:
+            if k not in self._blocks and k not in self._unblocks:
+                del self._active[k]
         self._refused = _refused(list(comp.findings))
-        self._counts = dict(merged.counts)
+        self._counts = merged.counts
 
     # -- the delta path --------------------------------------------------------------------------
 

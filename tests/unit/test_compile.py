@@ -200,6 +200,8 @@ def test_segment_keeps_exact_provenance(entries) -> None:
         covered = netaddr.IPSet(netaddr.IPRange(a, b) for a, b, o in rules if key in o)
         assert covered == _netaddr(mine)
     assert all(a.last < b.first for a, b in zip(rules, rules[1:]))
+    # the fewest pieces: two that touch never carry the same orders
+    assert all(a.last + 1 < b.first or a.orders != b.orders for a, b in zip(rules, rules[1:]))
 
 
 def test_public_suffix_sets_agree_with_publicsuffixlist() -> None:
