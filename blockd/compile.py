@@ -549,6 +549,8 @@ def _guard(key: str, order: Order, exp: Expanded, guards: Guards) -> tuple[Expan
         text = str(cidr)
         if not all([verdict(text, g, r) for g, r in problems]):
             refused.add(cidr)
+    if not refused and len(domains) == len(exp.domains):
+        return exp, findings  # all kept: the same object (a million orders, a million fewer copies)
     cidrs = [c for c in exp.cidrs if c not in refused] if refused else exp.cidrs
     return Expanded(tuple(domains), tuple(cidrs), exp.via), findings
 
@@ -649,7 +651,7 @@ def segment(entries: list[tuple[int, int, str]], provenance: Provenance,
     other (one order per decision): one sort, and each such run is a piece as it is; only a
     cluster of touching intervals of several orders goes through the sweep.
     """
-    flat = sorted(entries)
+    flat = sorted(entries, key=_FIRST)  # by first address only: int keys sort several times faster
     out: list[NetRule] = []
     single = provenance.of
     tally: dict[str, int] = {} if counts is None else counts
@@ -750,3 +752,4 @@ def _rule_counts(ruleset: RuleSet) -> dict[str, int]:
 
 
 _ORDERS = operator.itemgetter(2)  # DomainRule.orders, NetRule.orders
+_FIRST = operator.itemgetter(0)

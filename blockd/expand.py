@@ -6,10 +6,15 @@ blockd cannot know), reported together with the order and path that named them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeVar
 
 from blockd.errors import PolicyError, Problem, raise_problems
 from blockd.model import Catalog, Cidr, Order, Policy
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,10 +23,16 @@ class Expanded:
 
     domains: tuple[str, ...]  # display form: `*.name` marks a subtree
     cidrs: tuple[Cidr, ...]
-    via: dict[str, str]  # rule text -> "service telegram" / "AS62041" (only for indirect rules)
+    via: Mapping[str, str]  # rule text -> "service telegram" / "AS62041" (only for indirect rules)
+
+
+_DIRECT: Mapping[str, str] = MappingProxyType({})  # the `via` of an order that names only names and prefixes
 
 
 def expand_order(policy: Policy, index: int, order: Order, catalog: Catalog) -> Expanded:
+    t = order.targets
+    if not t.services and not t.asns:  # a registry's decisions: its own tuples, nothing shared with others
+        return Expanded(_distinct(t.domains), _distinct(t.cidrs), _DIRECT)
     problems: list[Problem] = []
     domains = list(order.targets.domains)
     cidrs = list(order.targets.cidrs)
@@ -52,3 +63,11 @@ def expand_order(policy: Policy, index: int, order: Order, catalog: Catalog) -> 
         cidrs.extend(prefixes)
     raise_problems(problems, PolicyError)
     return Expanded(tuple(dict.fromkeys(domains)), tuple(dict.fromkeys(cidrs)), via)
+
+
+def _distinct(items: tuple[_T, ...]) -> tuple[_T, ...]:
+    """`items` without repeats, in order: the tuple itself when it has none."""
+    if len(items) < 2:
+        return items
+    once = tuple(dict.fromkeys(items))
+    return items if len(once) == len(items) else once
