@@ -450,7 +450,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
 
     removed_names = [(d, f"unblock order {key}") for key, exp in unblocks for d in exp.domains]
     removed_names += [(d, "operator allowlist") for d in settings.allow_domains]
-    held = None if removed_names else (exact, subtree)
+    tables = None if removed_names else (exact, subtree)  # handed over before any removal
     warnings += _remove_names(exact, subtree, removed_names)
     remove = {v: ranges.merge((c.first, c.last) for _, exp in unblocks for c in exp.cidrs if c.version == v)
               for v in (4, 6)}
@@ -487,7 +487,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
                        MappingProxyType(deadlines_of(prepared)),
                        tuple(sorted({key for key, _ in unblocks})))
-    return Merged(comp, coverage, provenance, counts, results, held)
+    return Merged(comp, coverage, provenance, counts, results, tables)
 
 
 def _owners(names: list[str], table: Mapping[str, str | set[str]], provenance: Provenance,
