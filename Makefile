@@ -34,6 +34,7 @@ bench: deps venv
 	$(PY) bench/rpz_fleet.py
 	$(PY) bench/scaleout.py
 	$(PY) bench/scale.py
+	$(PY) bench/memory.py
 	$(PY) bench/pass_latency.py
 
 clean:
