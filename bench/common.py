@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from blockd.model import NetRule, RuleSet
 from blockd.ranges import format_cidr
@@ -65,3 +66,13 @@ def ruleset(v4: Iterable[tuple[int, int]] = (), v6: Iterable[tuple[int, int]] = 
 def cidr_text(version: int, prefixes: Iterable[tuple[int, int]]) -> Iterator[str]:
     for net, plen in prefixes:
         yield format_cidr(version, net, plen)
+
+
+def memory_mib(pid: int | str = "self") -> dict[str, float]:
+    """A process's memory lines of /proc/<pid>/status (VmRSS, VmHWM, ...) in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            out[name] = int(value.split()[0]) / 1024
+    return out

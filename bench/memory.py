@@ -28,16 +28,10 @@ if sys.path[0] == str(Path(__file__).resolve().parent):
     sys.path.pop(0)  # bench/dns.py must not shadow dnspython
 sys.path.append(str(Path(__file__).resolve().parent))
 import scale  # noqa: E402
+from common import memory_mib  # noqa: E402
 
 from blockd.reconcile import Reconciler  # noqa: E402
 from blockd.settings import load_settings  # noqa: E402
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def reachable(root: object, seen: set[int]) -> tuple[Counter[str], Counter[str]]:
@@ -47,7 +41,7 @@ def reachable(root: object, seen: set[int]) -> tuple[Counter[str], Counter[str]]
     count: Counter[str] = Counter()
     size: Counter[str] = Counter()
     stack = [root]
-    skip = (type, type(sys), type(rss_mib))
+    skip = (type, type(sys), type(memory_mib))
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
@@ -87,7 +81,7 @@ def main() -> None:
     del text
     reconciler = Reconciler(load_settings(work / "blockd.yaml"), [])
     gc.collect()
-    before = rss_mib()
+    before = memory_mib()["VmRSS"]
     t0 = time.perf_counter()
     gc.disable()  # as the daemon runs a pass (blockd.daemon: the collector is off, then frozen)
     sel, comp, failures = reconciler._prepare(reconciler.now())
@@ -97,7 +91,7 @@ def main() -> None:
     took = time.perf_counter() - t0
     if failures:
         raise SystemExit(f"the pass refused inputs: {failures}")
-    after = rss_mib()
+    after = memory_mib()["VmRSS"]
     del sel, comp
     seen: set[int] = set()
     parts = [(label, *reachable(getattr(reconciler, attr), seen)) for label, attr in HOLDERS]

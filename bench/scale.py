@@ -50,7 +50,7 @@ from pathlib import Path
 if sys.path[0] == str(Path(__file__).resolve().parent):
     sys.path.pop(0)  # bench/dns.py must not shadow dnspython
 sys.path.append(str(Path(__file__).resolve().parent))
-from common import cidr_text, v4_prefixes, v6_prefixes  # noqa: E402
+from common import cidr_text, memory_mib, v4_prefixes, v6_prefixes  # noqa: E402
 
 import dns.exception  # noqa: E402
 import dns.message  # noqa: E402
@@ -261,8 +261,8 @@ class Daemon:
 
     def rss_mib(self) -> tuple[float, float]:
         assert self.proc is not None
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+        mem = memory_mib(self.proc.pid)
+        return mem["VmRSS"], mem["VmHWM"]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

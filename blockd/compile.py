@@ -19,8 +19,7 @@ from __future__ import annotations
 import operator
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, Sequence
-from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from itertools import chain, compress, repeat
 from types import MappingProxyType
@@ -508,8 +507,8 @@ def _order_results(keys: list[str], statuses: Iterable[Status], rules: Iterable[
 
 
 _new = object.__new__
-_RESULT_SETTERS = tuple(getattr(OrderResult, f.name).__set__ for f in dataclass_fields(OrderResult))
-assert [f.name for f in dataclass_fields(OrderResult)] == ["key", "status", "rules", "refused"]
+_RESULT_SETTERS = tuple(getattr(OrderResult, f.name).__set__ for f in fields(OrderResult))
+assert [f.name for f in fields(OrderResult)] == ["key", "status", "rules", "refused"]
 
 
 def tally_of(results: Mapping[str, OrderResult]) -> dict[tuple[str, str], int]:
