@@ -7,7 +7,7 @@ docs/kernel.md). pyroute2 is used only to enter a named network namespace.
 
     attr/nest/msg            pack netlink attributes and nfnetlink messages
     attrs(buf)               walk attributes -> {type: payload}
-    NetlinkSocket.transact   send messages in one datagram, return (seq, errno, text) of failures
+    NetlinkSocket.transact   send messages (a batch in one datagram), return the failures
     NetlinkSocket.dump       one NLM_F_DUMP request -> iterator of message payloads
     KernelStats              element and counter figures the metrics collector reads
     held_ruleset             intervals read back from the kernel -> RuleSet
@@ -47,6 +47,10 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian value)
 _ATTR = struct.Struct("=HH")
 _RECV = 1 << 20
+#: requests sent per datagram where no transaction binds them (queries, ipset TESTs): the
+#: kernel queues every answer before it is read, and a socket's receive buffer stops at 1 GiB
+#: (INT_MAX / 2), so a read-back of a million points sent at once ends in ENOBUFS
+QUERY_CHUNK = 16384
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -335,12 +339,19 @@ class NetlinkSocket:
         return bytes(out), first
 
     def transact(self, msgs: list[bytes], batch_subsys: int | None = None) -> list[Failure]:
-        """Send `msgs` in ONE datagram, each with NLM_F_ACK, and collect every ACK.
+        """Send `msgs`, each with NLM_F_ACK, and collect every ACK.
 
-        With `batch_subsys`, the messages are wrapped in BATCH_BEGIN/END: nfnetlink applies
-        them as one transaction and, if any fails, aborts all of them. Returns the failures
+        With `batch_subsys`, the messages are wrapped in BATCH_BEGIN/END, in ONE datagram:
+        nfnetlink applies them as one transaction and, if any fails, aborts all of them.
+        Without, nothing binds them, and they go QUERY_CHUNK at a time. Returns the failures
         in message order (empty on success).
         """
+        if batch_subsys is None and len(msgs) > QUERY_CHUNK:  # no transaction: in chunks (QUERY_CHUNK)
+            out: list[Failure] = []
+            for start in range(0, len(msgs), QUERY_CHUNK):
+                out += [Failure(f.index + start, f.errno, f.text)
+                        for f in self.transact(msgs[start:start + QUERY_CHUNK])]
+            return out
         if batch_subsys is not None:
             begin = msg(NFNL_MSG_BATCH_BEGIN, 0, socket.AF_UNSPEC, b"", res_id=batch_subsys)
             end = msg(NFNL_MSG_BATCH_END, 0, socket.AF_UNSPEC, b"", res_id=batch_subsys)
@@ -369,13 +380,17 @@ class NetlinkSocket:
         return sorted(failures, key=lambda f: f.index)
 
     def query(self, requests: list[bytes]) -> list[tuple[int, list[bytes]]]:
-        """Send non-dump requests (e.g. GETSETELEM of given keys, ipset TEST) in ONE datagram,
-        each with NLM_F_ACK; per request, in order: (errno, reply payloads after nfgenmsg).
+        """Send non-dump requests (e.g. GETSETELEM of given keys, ipset TEST), QUERY_CHUNK to a
+        datagram, each with NLM_F_ACK; per request, in order: (errno, reply payloads after
+        nfgenmsg).
 
         errno 0 with replies: found; ENOENT (or a subsystem code): the kernel says no.
         """
         if not requests:
             return []
+        if len(requests) > QUERY_CHUNK:
+            return [answer for start in range(0, len(requests), QUERY_CHUNK)
+                    for answer in self.query(requests[start:start + QUERY_CHUNK])]
         data, first = self._number(requests, range(len(requests)))
         self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 20))
         # each answer: the reply (<= ~200 B for one element) plus the ACK
