@@ -31,7 +31,7 @@ from blockd.expand import Expanded, expand_order
 from blockd.guards import Guards
 from blockd.layered import ByIssuer, Layered, as_layered
 from blockd.model import (
-    Catalog, Cidr, DomainRule, Finding, NetRule, Order, OrderInfo, Policy, RuleSet, gc_paused,
+    Catalog, Cidr, DomainRule, Finding, NetRule, One, Order, OrderInfo, Policy, RuleSet, gc_paused,
 )
 from blockd.names import display, parents
 from blockd.ranges import HOST4, HOST6
@@ -618,7 +618,8 @@ def _remove_names(exact: dict[str, str | set[str]], subtree: dict[str, str | set
 
 
 class Provenance:
-    """Hands out one shared frozenset per distinct set of order keys (a million rules share a few)."""
+    """Hands out one shared order set per distinct set of order keys: a `One` for a single
+    key (a registry's million rules each carry their own), a frozenset for several."""
 
     def __init__(self) -> None:
         self._single: dict[str, frozenset[str]] = {}
@@ -630,14 +631,17 @@ class Provenance:
         if isinstance(keys, str):
             found = self._single.get(keys)
             if found is None:
-                found = self._single[keys] = frozenset((keys,))
+                found = self._single[keys] = One((keys,))  # type: ignore[assignment]
             return found
         return self.intern(frozenset(keys))
 
     def intern(self, value: frozenset[str]) -> frozenset[str]:
-        if len(value) == 1:  # a registry's million singletons: one table, keyed by the string
+        if len(value) == 1:  # one table, keyed by the string
             (key,) = value
-            return self._single.setdefault(key, value)
+            found = self._single.get(key)
+            if found is None:
+                found = self._single[key] = value if type(value) is One else One((key,))  # type: ignore[assignment]
+            return found
         return self._sets.setdefault(value, value)
 
     def step(self, current: frozenset[str], key: str, delta: int) -> frozenset[str]:
