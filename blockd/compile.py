@@ -144,6 +144,9 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
     re-issued with decisions changed in place), only the places whose Order is not the prior's
     own object are looked at (the parser hands out the same object for unchanged bytes).
     """
+    # an `into` given empty becomes this policy's own entries, which its infos read as they
+    # are (the reconciler gives each policy its own); else the infos get a dict of their own
+    fresh = into if into is not None and not into else None
     if into is None and orders is not None:
         into = orders  # type: ignore[assignment]
     before, before_entries = prior if prior is not None and prior[0].policy.issuer == policy.issuer else (None, None)
@@ -153,7 +156,7 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
             if fast is not None:
                 return fast
         step = _Step(policy, catalog, guards, orders, before_entries)
-        by_key: dict[str, Order] = {}
+        by_key: OrderCache = fresh if fresh is not None else {}
         blocks: list[tuple[str, Expanded]] = []
         unblocks: list[tuple[str, Expanded]] = []
         findings: list[Finding] = []
@@ -164,10 +167,10 @@ def prepare(policy: Policy, catalog: Catalog, guards: Guards, orders: Mapping[st
             if got is None:
                 continue
             key, hit = got
-            by_key[key] = order
+            by_key[key] = (order, hit)
             if key in changed:
                 hits[key] = hit
-            if into is not None:
+            if into is not None and into is not by_key:
                 into[key] = (order, hit)
             kind, expanded, order_findings = hit
             if kind == "unblock":
@@ -242,7 +245,7 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
     raise_problems(step.problems, PolicyError)
     old_keys = {before.blocks[i][0] for i in moved}
     new_keys = [key for key, _ in made.values()]
-    prior_keys = before.infos.orders
+    prior_keys = before.infos
     if (len(made) != len(moved) or len(set(new_keys)) != len(new_keys)
             or any(hit[0] != "block" or (key in prior_keys and key not in old_keys) for key, hit in made.values())):
         return None  # an unblock now, or an id another place holds: the plain walk decides
@@ -252,8 +255,7 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
     refreshed = {key: (new[i], hit) for i, (key, hit) in made.items()}
     for i, (key, hit) in made.items():
         blocks[i] = (key, hit[1])
-    # the prior's mappings with the changed places on top (Layered: O(change), not a copy)
-    by_key = as_layered(prior_keys).derive({key: new[i] for i, (key, _) in made.items()}, leaving)
+    # the prior's entries with the changed places on top (Layered: O(change), not a copy)
     entries: Mapping[str, tuple[Order, Hit]] = as_layered(before_entries).derive(refreshed, leaving)
     if into is not None:
         into.update(refreshed)  # the cache the caller keeps beside `entries` (see `prepare`)
@@ -263,7 +265,7 @@ def _prepare_in_place(policy: Policy, catalog: Catalog, guards: Guards,
         # a changed place has findings: all of them again, in the order of the orders
         findings = tuple(f for key, _ in blocks
                          for f in (refreshed[key][1][2] if key in refreshed else before_entries[key][1][2]))
-    return Prepared(policy, OrderInfos(policy, by_key), tuple(blocks), (), findings, before.policy.digest,
+    return Prepared(policy, OrderInfos(policy, entries), tuple(blocks), (), findings, before.policy.digest,
                     frozenset(step.changed), {key: hit for key, hit in made.values()}, entries)
 
 
@@ -291,18 +293,19 @@ def deadlines_of(prepared: Sequence[Prepared]) -> dict[str, datetime]:
 class OrderInfos(Mapping[str, OrderInfo]):
     """`Prepared.infos`: each order's OrderInfo by its key, made when first read. A new serial
     of a registry changes every order's serial, so making a million of them up front would
-    cost what the whole policy costs; most are read only when a statement lists them."""
+    cost what the whole policy costs; most are read only when a statement lists them. Read
+    from the policy's order entries (key -> (order, what it contributes)), not a copy."""
 
     __slots__ = ("_policy", "_orders", "_made")
 
-    def __init__(self, policy: Policy, orders: Mapping[str, Order]) -> None:
-        self._policy, self._orders = policy, orders
+    def __init__(self, policy: Policy, entries: Mapping[str, tuple[Order, Hit]]) -> None:
+        self._policy, self._orders = policy, entries
         self._made: dict[str, OrderInfo] = {}
 
     def __getitem__(self, key: str) -> OrderInfo:
         info = self._made.get(key)
         if info is None:
-            info = self._made[key] = _info(self._policy, self._orders[key])
+            info = self._made[key] = _info(self._policy, self._orders[key][0])
         return info
 
     def peek(self, key: str) -> OrderInfo | None:
@@ -311,8 +314,8 @@ class OrderInfos(Mapping[str, OrderInfo]):
         million infos behind."""
         info = self._made.get(key)
         if info is None:
-            order = self._orders.get(key)
-            return _info(self._policy, order) if order is not None else None
+            entry = self._orders.get(key)
+            return _info(self._policy, entry[0]) if entry is not None else None
         return info
 
     def __contains__(self, key: object) -> bool:
@@ -327,13 +330,8 @@ class OrderInfos(Mapping[str, OrderInfo]):
     def keys(self) -> KeysView[str]:
         return self._orders.keys()
 
-    @property
-    def orders(self) -> Mapping[str, Order]:
-        """Order key -> the order (read-only use)."""
-        return self._orders
-
     def deadlines(self) -> dict[str, datetime]:
-        return {k: o.deadline for k, o in self._orders.items() if o.deadline is not None}
+        return {k: e[0].deadline for k, e in self._orders.items() if e[0].deadline is not None}
 
     def __repr__(self) -> str:
         return f"OrderInfos({self._policy.issuer} serial {self._policy.serial}, {len(self._orders)} orders)"

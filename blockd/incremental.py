@@ -40,7 +40,7 @@ from blockd.compile import (
 )
 from blockd.chunked import Chunked
 from blockd.expand import Expanded
-from blockd.layered import Layered
+from blockd.layered import Layered, Overlay
 from blockd.model import (
     DomainRule, NetRule, OrderInfo, Plan, RuleDelta, RuleSet, _first, _last, _name_key, answer_view, gc_paused,
     seq_bisect,
@@ -64,7 +64,7 @@ class Merger:
         self._unblocks: dict[str, Expanded] = {}
         self._infos: Layered[str, OrderInfo] = Layered()
         self._counts: dict[str, int] = {}
-        self._active: dict[str, OrderResult] = {}  # results of the orders of policies in force
+        self._active: Overlay[str, OrderResult] = Overlay({})  # results of the orders of policies in force
         self._waiting: dict[str, OrderResult] = {}  # of orders of policies not in force
         self._statuses: dict[str, Status] = {}
         self._refused: dict[str, int] = {}
@@ -128,12 +128,9 @@ class Merger:
         self._cov = {v: Chunked(merged.coverage[v]) for v in (4, 6)}
         self._statuses = dict(statuses)
         self._waiting = {k: OrderResult(k, v) for k, v in statuses.items()}
-        # the orders of the policies in force: every result but those only waiting (copied at C
-        # level: comp.orders is a view of the merge's dict, which this one then departs from)
-        self._active = dict(merged.results)
-        for k in statuses:
-            if k not in self._blocks and k not in self._unblocks:
-                del self._active[k]
+        # the orders of the policies in force: every result but those only waiting (over the
+        # merge's dict, not a copy: comp.orders is a view of it, which this one departs from)
+        self._active = Overlay(merged.results, (k for k in statuses if k not in self._blocks and k not in self._unblocks))
         self._refused = _refused(list(comp.findings))
         self._counts = merged.counts
 

@@ -94,6 +94,56 @@ class Layered(Mapping[K, V], Generic[K, V]):
         return f"Layered({len(self)} entries)"
 
 
+class Overlay(Generic[K, V]):
+    """A dict over a base that must not change (another holder shares it, e.g. a Compilation's
+    results): writes and deletions go on top, and the top is folded into a base of its own once
+    it has grown past a quarter of it. Only lookups and writes (no iteration): what the merge by
+    delta's results need, without a copy of a million entries."""
+
+    __slots__ = ("_base", "_top", "_gone")
+
+    def __init__(self, base: Mapping[K, V], gone: Iterable[K] = ()) -> None:
+        self._base: Mapping[K, V] = base
+        self._top: dict[K, V] = {}
+        self._gone: set[K] = {k for k in gone if k in base}
+
+    def get(self, key: K, default: V | None = None) -> V | None:
+        v = self._top.get(key, _MISSING)
+        if v is not _MISSING:
+            return v  # type: ignore[return-value]
+        if key in self._gone:
+            return default
+        return self._base.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._top or (key not in self._gone and key in self._base)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._top[key] = value
+        self._gone.discard(key)
+        self._fold()
+
+    def pop(self, key: K, default: V | None = None) -> V | None:
+        if key not in self:
+            return default
+        v = self._top.pop(key, _MISSING)
+        if key in self._base:
+            if v is _MISSING:
+                v = self._base[key]
+            self._gone.add(key)
+        self._fold()
+        return v  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._base) - len(self._gone) + sum(1 for k in self._top if k not in self._base)
+
+    def _fold(self) -> None:
+        if len(self._top) + len(self._gone) > max(1024, len(self._base) // 4):
+            base = {k: v for k, v in self._base.items() if k not in self._gone}
+            base.update(self._top)
+            self._base, self._top, self._gone = base, {}, set()
+
+
 def as_layered(m: Mapping[K, V]) -> Layered[K, V]:
     """`m` itself if it is a Layered, else a Layered over it without a copy (`adopt`): for a
     dict its maker has given up (never changed again)."""

@@ -157,12 +157,21 @@ class TableFileError(Exception):
         self.detail = detail
 
 
+#: a verdict index's orders: (own, combined), or the one set where they are the same (a name
+#: only one rule names: nearly every name of a registry, 56 bytes each kept)
+Spec = tuple[frozenset[str], frozenset[str]] | frozenset[str]
+
+
+def _pair(spec: Spec) -> tuple[frozenset[str], frozenset[str]]:
+    return spec if type(spec) is tuple else (spec, spec)  # type: ignore[return-value]
+
+
 class _BuiltSpecs:
-    """The (own orders, combined orders) of each verdict index of a built table."""
+    """The orders (`Spec`) of each verdict index of a built table."""
 
     __slots__ = ("items", "_blob")
 
-    def __init__(self, items: list[tuple[frozenset[str], frozenset[str]]]) -> None:
+    def __init__(self, items: list[Spec]) -> None:
         self.items = items
         self._blob: tuple[bytes, array] | None = None  # type: ignore[type-arg]
 
@@ -177,7 +186,7 @@ class _BuiltSpecs:
             for i in range(0, len(items), _SLICE):
                 if pause is not None:
                     pause()
-                parts.extend(_spec_bytes(own, comb, orders) for own, comb in items[i:i + _SLICE])
+                parts.extend(_spec_bytes(*_pair(spec), orders) for spec in items[i:i + _SLICE])
             off = array("Q", [0])
             total = 0
             for b in parts:
@@ -190,18 +199,17 @@ class _BuiltSpecs:
         return len(self.items)
 
     def get(self, i: int) -> tuple[frozenset[str], frozenset[str], Mapping[str, _Info] | None]:
-        own, comb = self.items[i]
+        own, comb = _pair(self.items[i])
         return own, comb, None
 
     def own(self, i: int) -> frozenset[str]:
-        return self.items[i][0]
+        return _pair(self.items[i])[0]
 
     def raw(self, i: int, orders: Mapping[str, OrderInfo]) -> bytes:
         if self._blob is not None:  # what a dump wrote for this index (the base's specs are frozen with it)
             blob, off = self._blob
             return blob[off[i]:off[i + 1]]
-        own, comb = self.items[i]
-        return _spec_bytes(own, comb, orders)
+        return _spec_bytes(*_pair(self.items[i]), orders)
 
 
 class _FileSpecs:
@@ -298,11 +306,11 @@ class Table:
 
     @classmethod
     def build(cls, rs: RuleSet, settings: AnswerSettings) -> Table:
-        items: list[tuple[frozenset[str], frozenset[str]]] = []
-        cache: dict[tuple[frozenset[str], frozenset[str]], int] = {}
+        items: list[Spec] = []
+        cache: dict[Spec, int] = {}
 
         def verdict(own: frozenset[str], combined: frozenset[str]) -> int:
-            k = (own, combined)
+            k = own if own is combined else (own, combined)
             v = cache.get(k)
             if v is None:
                 v = cache[k] = len(items)

@@ -123,3 +123,17 @@ def test_cache_counts_ttl_down_and_expires() -> None:
     for i in range(5):  # bounded
         c.put(bytes([i]), _resp(100), 0)
     assert len(c) == 2
+
+
+def test_a_name_one_rule_names_keeps_its_one_set_of_orders_not_a_pair() -> None:
+    """Memory at registry scale: a verdict index whose own and combined orders are the same
+    set keeps that set (not an (own, combined) pair, 56 bytes a name); a name with both an
+    exact and a subtree rule keeps the pair. Lookups, the dump and the reload agree either way."""
+    t = Table.build(RS, AnswerSettings())
+    items = t.specs.items  # type: ignore[union-attr]
+    pairs = [s for s in items if type(s) is tuple]
+    assert [tuple(sorted(x) for x in p) for p in pairs] == [(["e"], ["e", "t"])]  # both.example alone
+    assert len(items) == len(pairs) + sum(1 for s in items if type(s) is not tuple)
+    for i in range(len(items)):
+        own, comb, _ = t.specs.get(i)
+        assert own <= comb and (own == comb) == (type(items[i]) is not tuple)

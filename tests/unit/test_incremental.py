@@ -13,7 +13,7 @@ import random
 import pytest
 
 from blockd import ranges
-from blockd.compile import CompileSettings, OrderCache, merge, prepare
+from blockd.compile import CompileSettings, OrderCache, merge, order_key, prepare
 from blockd.guards import Guards
 from blockd.incremental import Merger
 from blockd.model import diff, rule_delta
@@ -44,8 +44,8 @@ def run(passes: list[list], settings: CompileSettings = SETTINGS) -> Merger:
                 assert (got.blocks, got.unblocks, got.findings) == (plain.blocks, plain.unblocks, plain.findings)
                 assert got.entries is not None and (got.entries is own or set(own) <= set(got.entries))
                 assert dict(got.infos) == dict(plain.infos) and set(got.entries) == set(plain.infos)
-                assert dict(got.entries) == {k: (o, h) for k, (o, h) in dict(got.entries).items()
-                                             if o is got.infos.orders[k]}  # type: ignore[attr-defined]
+                order_of = {order_key(p, o): o for o in p.orders}
+                assert all(o is order_of[k] for k, (o, _) in got.entries.items())
                 cache.update(got.entries)
                 entries[p.digest] = got.entries
             prepared.append(prepared_by_digest[p.digest])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from blockd.layered import Layered
+import pytest
+
+from blockd.layered import Layered, Overlay
 
 
 def test_derive_matches_a_dict_and_leaves_the_original_alone() -> None:
@@ -70,11 +72,36 @@ def test_peek_gives_an_order_info_without_keeping_it() -> None:
     from blockd.layered import ByIssuer
     from tests.unit.test_incremental import REG2 as policy
 
-    orders = {order_key(policy, o): o for o in policy.orders}
-    reference = OrderInfos(policy, orders)
-    fresh = OrderInfos(policy, dict(orders))
+    orders = {order_key(policy, o): (o, ("block", None, ())) for o in policy.orders}  # (order, hit) entries
+    reference = OrderInfos(policy, orders)  # type: ignore[arg-type]
+    fresh = OrderInfos(policy, dict(orders))  # type: ignore[arg-type]
     both = ByIssuer({policy.issuer: fresh, "other": {"other/x": "plain"}})
     assert [both.peek(k) for k in orders] == [reference[k] for k in orders] and len(orders) == 3
     assert fresh._made == {}  # nothing kept
     assert both.peek("other/x") == "plain" and both.peek("nobody/x") is None
     assert both.peek(f"{policy.issuer}/zz") is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_overlay_behaves_as_a_copy_and_never_changes_its_base(seed: int) -> None:
+    """The merge by delta's results sit over the merge's own dict, which a Compilation shares:
+    every write and deletion answers as on a copy, across folds, and the base stays as it was."""
+    rng = random.Random(seed)
+    base = {k: rng.randrange(100) for k in range(rng.choice([10, 3000, 20000]))}
+    frozen = dict(base)
+    gone = rng.sample(sorted(base), min(5, len(base)))
+    over, model = Overlay(base, gone), {k: v for k, v in base.items() if k not in gone}
+    for _ in range(6000):
+        k = rng.randrange(len(base) + 50)
+        op = rng.random()
+        if op < 0.4:
+            v = rng.randrange(100)
+            over[k] = v
+            model[k] = v
+        elif op < 0.7:
+            assert over.pop(k, None) == model.pop(k, None)
+        else:
+            assert over.get(k) == model.get(k) and (k in over) == (k in model)
+    assert len(over) == len(model)
+    assert all(over.get(k) == model.get(k) for k in range(len(base) + 50))
+    assert base == frozen  # the shared base was never written
