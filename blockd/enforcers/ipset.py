@@ -28,7 +28,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -39,7 +39,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, Plan, RuleSet
+from blockd.model import Applied, NetRule, Plan, RuleSet
 from blockd.ranges import BITS, interval_to_cidrs
 
 log = structlog.get_logger("blockd.enforcers.ipset")
@@ -128,6 +128,15 @@ def cidr_keys(version: int, rules: Iterable[tuple[int, int, object]]) -> set[int
     return _no_slash0(bits, out)
 
 
+def cidr_held(version: int, rules: Sequence[NetRule], key: int) -> bool:
+    """Whether `key` is one of `cidr_keys(version, rules)`, in O(log N): a CIDR of the union
+    interval holding its network address."""
+    union = nl.union_at(rules, key >> 8)
+    if union is None:
+        return False
+    return key in _no_slash0(BITS[version], {n << 8 | p for n, p in interval_to_cidrs(version, *union)})
+
+
 def plan_cidr_keys(version: int, intervals: Iterable[tuple[int, int]]) -> set[int]:
     """A plan's union intervals -> CIDR keys, as `cidr_keys` splits them."""
     out: set[int] = set()
@@ -172,7 +181,9 @@ class IpsetEnforcer(nl.KernelEnforcer):
         self.settings = settings or IpsetSettings()
         # CIDR keys (network << 8 | prefixlen) per family after our last successful change or
         # readback; None: unknown.
-        self._held: dict[int, set[int]] | None = None
+        #: what the sets hold, {4: CIDR keys, 6: CIDR keys}, as nft's `_held` (nl.ProvenKeys
+        #: once a read-back proved the kernel holds a share)
+        self._held: dict[int, set[int] | nl.ProvenKeys] | None = None
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
         #: when both sets were last dumped in full; when `_held` was last read in any part
         #: (a full dump, or a TEST of each entry a change touched) and how
@@ -188,7 +199,7 @@ class IpsetEnforcer(nl.KernelEnforcer):
         want = {4: cidr_keys(4, desired.v4), 6: cidr_keys(6, desired.v6)}
         if self._held is None:
             self._read_kernel()
-        held = self._held or {4: set(), 6: set()}
+        held = nl.as_sets(self._held or {4: set(), 6: set()})
         adds = {v: want[v] - held[v] for v in (4, 6)}
         dels = {v: held[v] - want[v] for v in (4, 6)}
         added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
@@ -213,6 +224,8 @@ class IpsetEnforcer(nl.KernelEnforcer):
             self._read_kernel()
         self.last_readback_s = time.perf_counter() - t_read
         equal = self._held is want or all(self._held[v] == want[v] for v in (4, 6))
+        if equal:
+            self._held = self._proven(desired, {v: len(want[v]) for v in (4, 6)})
         applied = Applied(
             enforcer=self.name, digest=desired.digest if equal else self._held_ruleset().digest,
             desired_digest=desired.digest, added=added, removed=removed, duration_s=time.perf_counter() - t0,
@@ -241,9 +254,8 @@ class IpsetEnforcer(nl.KernelEnforcer):
                 log.debug("ipset_plan_does_not_fit", enforcer=self.name, family=v)
                 return None
         self._incremental(adds, dels, exclusive=True)
-        for v in (4, 6):  # in place: O(change), not a copy of 1M keys
-            held[v] -= dels[v]
-            held[v] |= adds[v]
+        # what it holds now: the desired share (the plan is the diff to it from what it held)
+        self._held = self._proven(nl.addresses(desired), {v: len(held[v]) - len(dels[v]) + len(adds[v]) for v in (4, 6)})
         added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
         t_read = time.perf_counter()
         equal = not (added + removed) or self._entries_hold(adds, dels)
@@ -345,10 +357,19 @@ class IpsetEnforcer(nl.KernelEnforcer):
 
     def _readback(self, full: bool = True) -> RuleSet:  # ipset has no generation: always a dump
         self._read_kernel()
-        return self._held_ruleset()
+        held = self._held_ruleset()
+        if self._share is not None and held.digest == self._share.digest and self._held is not None:
+            held = self._share  # as applied: kept as its rules again, not as a million keys
+            self._held = self._proven(held, {v: len(self._held[v]) for v in (4, 6)})
+        return held
+
+    def _proven(self, share: RuleSet, counts: dict[int, int]) -> dict[int, set[int] | nl.ProvenKeys]:
+        return {v: nl.ProvenKeys(share, v, counts[v], cidr_keys, cidr_held) for v in (4, 6)}
 
     def _held_ruleset(self) -> RuleSet:
         held = self._held or {4: set(), 6: set()}
+        if isinstance(held[4], nl.ProvenKeys) and isinstance(held[6], nl.ProvenKeys) and held[4].share is held[6].share:
+            return held[4].share
         return nl.held_ruleset(_spans(4, held[4]), _spans(6, held[6]))
 
     def _read_kernel(self) -> None:

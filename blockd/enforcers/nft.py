@@ -31,7 +31,7 @@ import socket
 import time
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -42,7 +42,7 @@ import structlog
 from blockd.enforcers import netlink as nl
 from blockd.enforcers.netlink import attr, attr_be32, attr_str, nest
 from blockd.errors import ConfigError, EnforcerError
-from blockd.model import Applied, Plan, RuleSet
+from blockd.model import Applied, NetRule, Plan, RuleSet
 
 log = structlog.get_logger("blockd.enforcers.nft")
 
@@ -127,6 +127,18 @@ def plan_keys(version: int, intervals: Iterable[tuple[int, int]]) -> set[int]:
     return out
 
 
+def piece_held(version: int, rules: Sequence[NetRule], key: int) -> bool:
+    """Whether `key` is one of `piece_keys(version, rules)`, in O(log N): the piece of the union
+    interval holding its first address, cut at that address's shard."""
+    first, last = split_key(version, key)
+    union = nl.union_at(rules, first)
+    if union is None:
+        return False
+    shift = FAMILY[version][2]
+    shard = first >> shift
+    return (max(union[0], shard << shift), min(union[1], ((shard + 1) << shift) - 1)) == (first, last)
+
+
 def split_key(version: int, key: int) -> tuple[int, int]:
     bits = FAMILY[version][0]
     return key >> bits, key & ((1 << bits) - 1)
@@ -177,9 +189,10 @@ class NftEnforcer(nl.KernelEnforcer):
         super().__init__(name, netns)
         self.settings = settings or NftSettings()
         # What the kernel holds, {4: piece keys, 6: piece keys}: the last full read-back, changed
-        # by each commit since (ACKed, and its elements read back one by one right after it).
+        # by each commit since (ACKed, and its elements read back one by one right after it);
+        # kept as the rules (nl.ProvenKeys) once a read-back proved the kernel holds a share.
         # None = unknown (read it before diffing); `_layout_ok` False = rebuild.
-        self._held: dict[int, set[int]] | None = None
+        self._held: dict[int, set[int] | nl.ProvenKeys] | None = None
         self._layout_ok = False
         self._full_at: datetime | None = None
         self._read_at: datetime | None = None
@@ -202,7 +215,7 @@ class NftEnforcer(nl.KernelEnforcer):
         want = {4: piece_keys(4, desired.v4), 6: piece_keys(6, desired.v6)}
         if self._held is None:
             self._read_kernel()
-        held = self._held if self._layout_ok and self._held is not None else None
+        held = nl.as_sets(self._held) if self._layout_ok and self._held is not None else None
         if held is None:  # the rebuild deletes the table, and with it whatever it still held
             msgs = self._layout_msgs()
             stale = self._held or {4: set(), 6: set()}
@@ -236,8 +249,10 @@ class NftEnforcer(nl.KernelEnforcer):
         assert self._held is not None
         equal = self._held is want or self._held == want
         digest = desired.digest if equal else self._held_ruleset().digest
-        if equal and self._clean_gen is not None:
-            self._clean_share = (self._clean_gen, desired)
+        if equal:
+            self._held = self._proven(desired, {v: len(want[v]) for v in (4, 6)})
+            if self._clean_gen is not None:
+                self._clean_share = (self._clean_gen, desired)
         applied = Applied(
             enforcer=self.name,
             digest=digest,
@@ -278,13 +293,15 @@ class NftEnforcer(nl.KernelEnforcer):
         added, removed = len(adds[4]) + len(adds[6]), len(dels[4]) + len(dels[6])
         if msgs:
             self._commit(msgs, added + removed)
-            for v in (4, 6):  # in place: O(change), not a copy of 1M keys
-                held[v] -= dels[v]
-                held[v] |= adds[v]
+            # what it holds now: the desired share (the plan is the diff to it from what it held)
+            self._held = held = self._proven(nl.addresses(desired),
+                                             {v: len(held[v]) - len(dels[v]) + len(adds[v]) for v in (4, 6)})
         t_read = time.perf_counter()
         if msgs and self._dump_is_cheaper(added + removed):
             self._read_kernel()
             equal = self._held == held
+            if equal:
+                self._held = held
         else:
             equal = not msgs or self._elements_hold(adds, dels)
         if not equal:
@@ -351,6 +368,9 @@ class NftEnforcer(nl.KernelEnforcer):
         self._read_at, self._scope = at, "touched"
         return True
 
+    def _proven(self, share: RuleSet, counts: dict[int, int]) -> dict[int, set[int] | nl.ProvenKeys]:
+        return {v: nl.ProvenKeys(share, v, counts[v], piece_keys, piece_held) for v in (4, 6)}
+
     def _dump_is_cheaper(self, touched: int) -> bool:
         """Whether reading the whole table back costs less than asking for each of `touched`
         pieces: a point read is two GETSETELEM round trips in the kernel's interval set (about
@@ -402,6 +422,9 @@ class NftEnforcer(nl.KernelEnforcer):
             return self._clean_share[1]
         self._read_kernel()
         held = self._held_ruleset()
+        if self._share is not None and held.digest == self._share.digest and self._held is not None and self._layout_ok:
+            held = self._share  # as applied: kept as its rules again, not as a million keys
+            self._held = self._proven(held, {v: len(self._held[v]) for v in (4, 6)})
         if self._clean_gen is not None:
             self._clean_share = (self._clean_gen, held)
         return held
@@ -424,6 +447,8 @@ class NftEnforcer(nl.KernelEnforcer):
 
     def _held_ruleset(self) -> RuleSet:
         held = self._held if self._layout_ok and self._held is not None else {4: set(), 6: set()}
+        if isinstance(held[4], nl.ProvenKeys) and isinstance(held[6], nl.ProvenKeys) and held[4].share is held[6].share:
+            return held[4].share
         spans = {}
         for v in (4, 6):
             bits = FAMILY[v][0]

@@ -230,3 +230,39 @@ def test_nft_reads_the_whole_table_back_after_a_change_of_most_of_it(
         assert small.in_sync and small.readback_scope == "touched"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_a_read_back_proved_is_kept_as_its_rules_not_a_set_of_keys(
+        netns: str, kind: str, closing: Callable[[Any], Any]) -> None:
+    """Memory at registry scale: once a read-back proves the kernel holds the share applied, the
+    enforcer keeps that share's rules (nl.ProvenKeys), not a set of a million keys; a read-back
+    that finds something else keeps the keys it read, and the next apply diffs against those."""
+    from blockd.enforcers import netlink as nl
+
+    async def scenario() -> None:
+        enf = closing(make(kind, netns))
+        a, b = base_and_next(3000, 5)
+        assert (await enf.apply(a)).in_sync
+        assert all(isinstance(h, nl.ProvenKeys) and h.share.digest == nl.addresses(a).digest
+                   for h in enf._held.values())
+        assert (await enf.apply(b, Change(a.digest, diff(a, b)))).in_sync and enf.last_path == "plan"
+        assert all(isinstance(h, nl.ProvenKeys) for h in enf._held.values())
+        assert (await enf.readback_full()).digest == b.digest
+        assert all(isinstance(h, nl.ProvenKeys) for h in enf._held.values())  # proved again
+        victim = intervals_of(b)[4][7]
+        from blockd.ranges import format_cidr, interval_to_cidrs
+        if kind == "nft":
+            from blockd.enforcers.nft import shard
+            cidr = ", ".join(format_cidr(4, n, p) for n, p in interval_to_cidrs(4, *victim))
+            sh("nft", "delete", "element", "inet", "blockd", f"v4_{shard(4, victim[0]):02x}", f"{{ {cidr} }}", ns=netns)
+        else:
+            for n, p in interval_to_cidrs(4, *victim):
+                sh("ipset", "del", "blockd4", format_cidr(4, n, p), ns=netns)
+        assert (await enf.readback_full()).digest != b.digest
+        assert isinstance(enf._held[4], set)  # what the kernel holds now: not a share of blockd's
+        repaired = await enf.apply(b, Change(b.digest, diff(b, b)))
+        assert repaired.in_sync and enf.last_path == "full" and native(kind, netns) == intervals_of(b)
+        assert all(isinstance(h, nl.ProvenKeys) for h in enf._held.values())
+
+    asyncio.run(scenario())

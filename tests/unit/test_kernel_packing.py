@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockd.enforcers import netlink as nl
-from blockd.enforcers.ipset import IpsetSettings, cidr_keys, pack_entries, parse_entries
-from blockd.enforcers.nft import FAMILY, NftSettings, piece_keys, shard, split_key
+from blockd.enforcers.ipset import IpsetSettings, cidr_held, cidr_keys, pack_entries, parse_entries
+from blockd.enforcers.nft import FAMILY, NftSettings, piece_held, piece_keys, shard, split_key
 from blockd.errors import ConfigError
+from blockd.model import NetRule, RuleSet
 from blockd.ranges import merge, to_cidrs
 
 intervals4 = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**20)), max_size=60).map(
@@ -73,3 +74,42 @@ def test_settings_say_what_is_valid(make: Callable[[], object], message: str) ->
 
 def test_ipset_holds_everything_as_two_halves() -> None:
     assert sorted(cidr_keys(4, [(0, 2**32 - 1, None)])) == [1, (2**31) << 8 | 1]
+
+
+def _touching_rules(ivs: list[tuple[int, int]], cuts: list[int]) -> list[NetRule]:
+    """Disjoint union intervals as rules, some cut into touching pieces (of other orders: the
+    kernel holds one interval where blockd has several rules)."""
+    rules = []
+    for i, (a, b) in enumerate(ivs):
+        cut = a + cuts[i % len(cuts)] % (b - a + 1) if cuts else a
+        if a < cut <= b:
+            rules += [NetRule(a, cut - 1, frozenset({"x/1"})), NetRule(cut, b, frozenset({"x/2"}))]
+        else:
+            rules.append(NetRule(a, b, frozenset({"x/1"})))
+    return rules
+
+
+@pytest.mark.parametrize("keys_of, holds", [(piece_keys, piece_held), (cidr_keys, cidr_held)],
+                         ids=["nft pieces", "ipset cidrs"])
+@given(st.sampled_from([4, 6]).flatmap(lambda v: st.tuples(st.just(v), intervals4 if v == 4 else intervals6,
+                                                          intervals4 if v == 4 else intervals6,
+                                                          st.lists(st.integers(0, 2**20), max_size=5))))
+def test_a_key_is_held_exactly_when_the_rules_make_it(
+        keys_of: Callable[..., set[int]], holds: Callable[..., bool],
+        case: tuple[int, list[tuple[int, int]], list[tuple[int, int]], list[int]]) -> None:
+    """What ProvenKeys answers from the rules (no set of a million keys) is what the set of their
+    keys would: every key they make is held, and no key of other intervals that they do not make."""
+    version, ivs, others, cuts = case
+    if version == 6:
+        others = [(a >> 10, b >> 10) for a, b in others]  # some within reach of the rules too
+    rules = _touching_rules(ivs, cuts)
+    made = keys_of(version, rules)
+    assert all(holds(version, rules, k) for k in made)
+    strangers = keys_of(version, _touching_rules(others, cuts)) | {k + 1 for k in made} | {k - 1 for k in made if k}
+    for rule in rules:  # each rule's keys as if it stood alone: not held where it touches another
+        strangers |= keys_of(version, [rule])
+    assert all(holds(version, rules, k) == (k in made) for k in strangers)
+    proven = nl.ProvenKeys(RuleSet.build(v4=rules) if version == 4 else RuleSet.build(v6=rules), version,
+                           len(made), keys_of, holds)
+    assert proven == made and len(proven) == len(made) and set(proven) == made
+    assert made - proven == set() and proven - set() == made and set(made) <= proven  # type: ignore[operator]
