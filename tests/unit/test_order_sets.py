@@ -64,3 +64,16 @@ def test_a_registrys_pieces_carry_ones_a_fifth_of_a_frozensets_size() -> None:
         (10, 20, ["r/1"]), (30, 34, ["r/2"]), (35, 40, ["r/2", "r/3"]), (41, 50, ["r/3"])]
     assert [type(r.orders) for r in pieces] == [One, One, frozenset, One]
     assert sys.getsizeof(pieces[0].orders) * 4 < sys.getsizeof(frozenset(pieces[0].orders))
+
+
+def test_a_policys_blocks_are_pairs_held_as_two_columns() -> None:
+    """`Prepared.blocks` (a million block orders for a registry) is two tuples, read as the
+    (key, expansion) pairs it stands for: iterated, indexed, sliced, given to dict(), compared."""
+    from blockd.compile import Pairs
+
+    pairs = [("r/1", "e1"), ("r/2", "e2"), ("r/3", "e3")]
+    got = Pairs.of(pairs)  # type: ignore[arg-type]
+    assert list(got) == pairs and len(got) == 3 and got[1] == ("r/2", "e2") and list(got[1:]) == pairs[1:]
+    assert dict(got) == dict(pairs) and {}.update(got) is None
+    assert got == tuple(pairs) and got == Pairs.of(pairs) and got != tuple(pairs[:2])  # type: ignore[arg-type]
+    assert hash(got) == hash(Pairs.of(pairs))  # type: ignore[arg-type]
