@@ -180,9 +180,7 @@ class IpsetEnforcer(nl.KernelEnforcer):
         super().__init__(name, netns)
         self.settings = settings or IpsetSettings()
         # CIDR keys (network << 8 | prefixlen) per family after our last successful change or
-        # readback; None: unknown.
-        #: what the sets hold, {4: CIDR keys, 6: CIDR keys}, as nft's `_held` (nl.ProvenKeys
-        #: once a read-back proved the kernel holds a share)
+        # readback (nl.ProvenKeys once a read-back proved the kernel holds a share); None: unknown.
         self._held: dict[int, set[int] | nl.ProvenKeys] | None = None
         self._maxelem: dict[int, int] = {}  # 0 = set missing or not hash:net of that family
         #: when both sets were last dumped in full; when `_held` was last read in any part

@@ -43,6 +43,18 @@ def native(kind: str, ns: str) -> dict[int, list[tuple[int, int]]]:
     return nft_intervals(ns) if kind == "nft" else ipset_intervals(ns)
 
 
+def steal(kind: str, ns: str, victim: tuple[int, int]) -> None:
+    """Someone deletes one of blockd's v4 intervals behind its back, with the native tool."""
+    from blockd.ranges import format_cidr, interval_to_cidrs
+    cidrs = [format_cidr(4, n, p) for n, p in interval_to_cidrs(4, *victim)]
+    if kind == "nft":
+        from blockd.enforcers.nft import shard
+        sh("nft", "delete", "element", "inet", "blockd", f"v4_{shard(4, victim[0]):02x}", f"{{ {', '.join(cidrs)} }}", ns=ns)
+    else:
+        for cidr in cidrs:
+            sh("ipset", "del", "blockd4", cidr, ns=ns)
+
+
 def base_and_next(n: int, k: int) -> tuple[RuleSet, RuleSet]:
     """A base of `n` v4 + n/10 v6 prefixes; the next drops `k` of each and adds `k` new ones."""
     v4, v6 = v4_prefixes(n + k, 11), v6_prefixes(n // 10 + k, 11)
@@ -103,16 +115,7 @@ def test_sets_changed_behind_blockds_back_end_the_plans(netns: str, kind: str,
         a, b = base_and_next(3000, 5)
         await enf.apply(a)
         # someone deletes one of blockd's elements; the (drift check's) full read-back sees it
-        victim = intervals_of(a)[4][100]
-        if kind == "nft":
-            from blockd.enforcers.nft import shard
-            from blockd.ranges import format_cidr, interval_to_cidrs
-            cidr = ", ".join(format_cidr(4, n, p) for n, p in interval_to_cidrs(4, *victim))
-            sh("nft", "delete", "element", "inet", "blockd", f"v4_{shard(4, victim[0]):02x}", f"{{ {cidr} }}", ns=netns)
-        else:
-            from blockd.ranges import format_cidr, interval_to_cidrs
-            for n, p in interval_to_cidrs(4, *victim):
-                sh("ipset", "del", "blockd4", format_cidr(4, n, p), ns=netns)
+        steal(kind, netns, intervals_of(a)[4][100])
         assert (await enf.readback()).digest != a.digest
         applied = await enf.apply(b, Change(a.digest, diff(a, b)))
         assert enf.last_path == "full" and applied.in_sync  # and the stolen element is back
@@ -250,15 +253,7 @@ def test_what_a_read_back_proved_is_kept_as_its_rules_not_a_set_of_keys(
         assert all(isinstance(h, nl.ProvenKeys) for h in enf._held.values())
         assert (await enf.readback_full()).digest == b.digest
         assert all(isinstance(h, nl.ProvenKeys) for h in enf._held.values())  # proved again
-        victim = intervals_of(b)[4][7]
-        from blockd.ranges import format_cidr, interval_to_cidrs
-        if kind == "nft":
-            from blockd.enforcers.nft import shard
-            cidr = ", ".join(format_cidr(4, n, p) for n, p in interval_to_cidrs(4, *victim))
-            sh("nft", "delete", "element", "inet", "blockd", f"v4_{shard(4, victim[0]):02x}", f"{{ {cidr} }}", ns=netns)
-        else:
-            for n, p in interval_to_cidrs(4, *victim):
-                sh("ipset", "del", "blockd4", format_cidr(4, n, p), ns=netns)
+        steal(kind, netns, intervals_of(b)[4][7])
         assert (await enf.readback_full()).digest != b.digest
         assert isinstance(enf._held[4], set)  # what the kernel holds now: not a share of blockd's
         repaired = await enf.apply(b, Change(b.digest, diff(b, b)))
