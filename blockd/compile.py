@@ -423,13 +423,13 @@ def merge(
 class Merged:
     """`merge`'s result with the parts it was made from, for a caller that carries them forward
     (incremental.Merger): the coverage before unblocks and the allowlist were cut out of it,
-    the provenance sets interned, and the rules per order."""
+    the provenance sets interned, and the results per order."""
 
     compilation: Compilation
     coverage: Mapping[int, list[NetRule]]
     provenance: Provenance
-    counts: dict[str, int]  # handed over: the merge keeps no reference to it
-    #: order key -> result, for every order in `compilation.orders` (handed over likewise)
+    #: order key -> result (its rule count too), for every order in `compilation.orders`
+    #: (handed over: the merge keeps no reference to it)
     results: dict[str, OrderResult]
     #: name -> order key(s), exact and subtree, of every block order, before unblocks and the
     #: allowlist removed any (None when some were removed: the caller derives them itself)
@@ -535,7 +535,7 @@ def _merge(prepared: Sequence[Prepared], settings: CompileSettings, previous: Ba
                        MappingProxyType(policy_status), MappingProxyType(tally_of(results)),
                        MappingProxyType(deadlines_of(prepared)),
                        tuple(sorted({key for key, _ in unblocks})))
-    return Merged(comp, coverage, provenance, counts, results, tables)
+    return Merged(comp, coverage, provenance, results, tables)
 
 
 def _order_results(keys: list[str], statuses: Iterable[Status], rules: Iterable[int],

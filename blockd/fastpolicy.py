@@ -430,6 +430,7 @@ def _columns(found: list[tuple[str, ...]]) -> tuple[list[Order], tuple[int, ...]
     ids, auths, refs, actions, doms, cids = zip(*found)
     memo: dict[str, str] = {}
     auths = tuple(map(memo.setdefault, auths, auths))  # one string per authority (they repeat)
+    refs = tuple(map(_same_text, refs, ids))  # a reference that is its order's id: one string
     actions = tuple(map(_ACTION_STR.__getitem__, actions))
     names = _names(doms)
     cidrs = _cidrs(cids)
@@ -454,6 +455,12 @@ def _columns(found: list[tuple[str, ...]]) -> tuple[list[Order], tuple[int, ...]
 
 
 _ACTION_STR = {"block": "block", "unblock": "unblock"}
+
+
+def _same_text(text: str, other: str) -> str:
+    """`other` when the two are equal: a registry's reference is often its decision's id, and
+    one string serves both (56 bytes an order at 1M)."""
+    return other if text == other else text
 
 
 def _flatten(column: tuple[str, ...]) -> tuple[list[str], list[int] | None]:
@@ -836,7 +843,7 @@ def order(m: object, seen: list[int], times: dict[str, datetime]) -> Order:
             raise Unsupported
         if url in _NULLS:
             url = None
-    basis = _make_basis(_text(lb["authority"]), _text(lb["reference"]), url)
+    basis = _make_basis(_text(lb["authority"]), _same_text(_text(lb["reference"]), oid), url)
     action = m["action"]
     if type(action) is not str or action not in _ACTIONS:
         raise Unsupported

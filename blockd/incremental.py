@@ -63,7 +63,6 @@ class Merger:
         self._blocks: dict[str, Expanded] = {}
         self._unblocks: dict[str, Expanded] = {}
         self._infos: Layered[str, OrderInfo] = Layered()
-        self._counts: dict[str, int] = {}
         self._active: Overlay[str, OrderResult] = Overlay({})  # results of the orders of policies in force
         self._waiting: dict[str, OrderResult] = {}  # of orders of policies not in force
         self._statuses: dict[str, Status] = {}
@@ -106,7 +105,7 @@ class Merger:
     def _reset(self, prepared: tuple[Prepared, ...], settings: CompileSettings, merged: Merged,
                statuses: Mapping[str, Status]) -> None:
         """Take the reference merge's result and the parts it was made from (its coverage,
-        interned provenance and rule counts: not computed a second time)."""
+        interned provenance and per-order results: not computed a second time)."""
         comp = merged.compilation
         self._settings, self._prepared, self.comp = settings, prepared, comp
         self._provenance = merged.provenance
@@ -132,7 +131,6 @@ class Merger:
         # merge's dict, not a copy: comp.orders is a view of it, which this one departs from)
         self._active = Overlay(merged.results, (k for k in statuses if k not in self._blocks and k not in self._unblocks))
         self._refused = _refused(list(comp.findings))
-        self._counts = merged.counts
 
     # -- the delta path --------------------------------------------------------------------------
 
@@ -288,16 +286,20 @@ class Merger:
         except ValueError as e:
             raise _Unfit(str(e)) from None
 
-        # Per-order results: only the orders whose rules or refusals changed are recounted.
-        counts = self._counts
+        # Per-order results: only the orders whose rules or refusals changed are recounted,
+        # from the rule count their result holds (no second million-entry table beside it).
+        active = self._active
+        counts: dict[str, int] = {}
         for delta, sign in ((removed, -1), (added, 1)):
             for orders in _orders_of(delta):
                 for k in orders:
-                    left = counts.get(k, 0) + sign
-                    if left:
-                        counts[k] = left
-                    else:
-                        counts.pop(k, None)
+                    n = counts.get(k)
+                    if n is None:
+                        n = r.rules if (r := active.get(k)) is not None else 0
+                    counts[k] = n + sign
+        for k, n in counts.items():
+            if n < 0:
+                raise _Unfit(f"order {k}: {n} rules after the delta")  # the results were not the rules'
         findings = list(chain.from_iterable(p.findings for p in prepared))  # C level: a registry has many
         warnings = _name_warnings(exact, subtree, unblocks, settings)
         # Refusals come from each order's own policy: only the policies that came or went change them.
@@ -323,7 +325,6 @@ class Merger:
                             if k in now:
                                 refused[k] = now[k]
                             changed_refusals.add(k)
-        active = self._active
         # the order keys of what came and went (of a replaced policy: its changed orders only)
         gone_keys = {k for p in whole_gone for k in p.infos} | scope
         came_keys = {k for p in whole_came for k in p.infos} | {k for k in scope if k in new_info}
@@ -339,7 +340,8 @@ class Merger:
         touch.update(k for k in new_b if k not in was_active)
         for k in touch:
             if k in blocks:
-                rules_n, bad = counts.get(k, 0), refused.get(k, 0)
+                rules_n = counts[k] if k in counts else r.rules if (r := active.get(k)) is not None else 0
+                bad = refused.get(k, 0)
                 status: Status = "enforced" if not bad else ("partially_refused" if rules_n else "refused")
                 active[k] = OrderResult(k, status, rules_n, bad)
         waiting = self._waiting

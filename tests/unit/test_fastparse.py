@@ -417,6 +417,21 @@ def test_the_recogniser_takes_the_canonical_registry() -> None:
     body, indent = fastpolicy._frame(data)
     pattern, fixed = fastpolicy._item_pattern(indent)
     assert len(pattern.findall(data[body:].decode())) == 40  # every item by the regex (no gap reading)
+    # a reference equal to its order's id is that string (one object a decision, not two)
+    assert all(o.legal_basis.reference is o.id for o in got.policy.orders)
+
+
+@pytest.mark.parametrize("reader", ["recogniser", "item reader"])
+def test_a_reference_that_is_not_the_id_stays_its_own(reader: str) -> None:
+    text = scale_registry(3).replace("reference: d1}", "reference: ZZ-1}")
+    if reader == "item reader":  # quoted ids: not the recogniser's shape
+        text = text.replace("id: d1\n", "id: 'd1'\n").replace("id: d2\n", "id: 'd2'\n")
+    got = fastpolicy.parse(text.encode(), None, "p.yaml", signers=(), digest="d", max_depth=32,
+                           max_nodes=8_000_000, items=None).policy
+    assert got == parse_general(text.encode(), "p.yaml", digest="d")
+    assert [o.legal_basis.reference for o in got.orders] == ["d0", "ZZ-1", "d2"]
+    assert got.orders[0].legal_basis.reference is got.orders[0].id
+    assert got.orders[2].legal_basis.reference is got.orders[2].id
 
 
 @pytest.mark.parametrize("what, old, new", NEAR, ids=[n[0] for n in NEAR])

@@ -137,7 +137,8 @@ def test_random_sequences_equal_the_reference() -> None:
 def test_registries_re_issued_in_place_equal_the_reference() -> None:
     """A registry re-issued as the parser hands it over: the unchanged places are the same
     Order objects, a few places hold new ones (a decision replaced, re-tagged, refused, given
-    another id, turned into an unblock); each serial is prepared beside the one in force."""
+    another id, turned into an unblock, amended with a target the guards refuse: the same
+    rules, which its result must still count); each serial is prepared beside the one in force."""
     from dataclasses import replace as dc_replace
 
     rng = random.Random(2718)
@@ -158,6 +159,12 @@ def test_registries_re_issued_in_place_equal_the_reference() -> None:
         for serial in range(2, 8):
             orders = list(reg.orders)
             for i in rng.sample(range(len(orders)), rng.randint(0, 3)):
+                if rng.random() < 0.25 and "com" not in orders[i].targets.domains:
+                    t = orders[i].targets  # amended: a public suffix more, refused; the rules stay
+                    text = (f"{{domains: [{', '.join(repr(n) for n in (*t.domains, 'com'))}], "
+                            f"cidrs: [{', '.join(repr(str(c)) for c in t.cidrs)}]}}")
+                    orders[i] = policy(order(orders[i].id, text, action=orders[i].action)).orders[0]
+                    continue
                 oid = orders[i].id if rng.random() < 0.7 else f"n{serial}-{i}"
                 orders[i] = fresh(oid)
             reg = dc_replace(reg, serial=serial, orders=tuple(orders),
